@@ -1,0 +1,208 @@
+"""`mla-convert`: convert, evaluate and generate. A thin layer over the library functions."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MLAConvertError
+
+
+EPILOG = """examples:
+  mla-convert convert ./SmolLM2-135M ./smollm2-mla --kv-budget 0.5 --calibration ../shared/data/wikitext2_valid.txt
+  mla-convert convert ./SmolLM2-135M ./smollm2-exact --kv-budget 1.0        (exact: same logits as the source)
+  mla-convert eval ./smollm2-mla --data ../shared/data/wikitext2_valid.txt --reference ./SmolLM2-135M
+  mla-convert generate ./smollm2-mla "What is the capital of France?"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mla-convert",
+        description="Turn an MHA/GQA model (Llama, Mistral, Qwen2) into Multi-head Latent Attention with a latent "
+        "KV cache, then evaluate it and generate with it through transformers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint to MLA",
+        description="Convert SOURCE (a local folder, a hub id, or a .gguf file) into an MLA checkpoint in OUTPUT. "
+        "At --kv-budget 1.0 the result computes exactly what the source computes; below it, the latent and the "
+        "shared RoPE key are fitted to calibration activations (PCA), so the choice of --calibration matters. "
+        "OUTPUT is written atomically: on any error nothing is left behind.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    convert.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
+    convert.add_argument("output", metavar="OUTPUT", help="folder to write the MLA checkpoint to")
+    convert.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
+    size = convert.add_argument_group("cache size (give --kv-budget, or --kv-lora-rank with --qk-rope-head-dim)")
+    size.add_argument(
+        "--kv-budget",
+        type=float,
+        metavar="F",
+        help="fraction of the source's KV cache that remains, in (0, 1]; 1.0 is exact (default: 0.5)",
+    )
+    size.add_argument("--kv-lora-rank", type=int, metavar="R", help="latent size per token and layer")
+    size.add_argument(
+        "--qk-rope-head-dim",
+        type=int,
+        metavar="D",
+        help="size of the shared RoPE key (even); default: the source's head_dim",
+    )
+    convert.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="calibration text: a .txt/.jsonl/.parquet file or folder (its first 80%% is used), or a datasets name "
+        "NAME[:CONFIG]. Without it, calibration text is sampled from the source model itself (data-free)",
+    )
+    convert.add_argument("--calibration-tokens", type=int, default=32768, metavar="N", help="calibration tokens")
+    convert.add_argument(
+        "--init",
+        choices=("pca", "svd"),
+        default="pca",
+        help="pca: activation-aware (recommended); svd: weight-only, for comparison",
+    )
+    convert.add_argument("--seed", type=int, default=0, help="seed for data-free calibration sampling")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="saved dtype")
+    convert.add_argument("--device", default="cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity, and KL / top-1 agreement against a reference",
+        description="Held-out perplexity of MODEL on DATA; with --reference, also KL(reference || MODEL) and top-1 "
+        "agreement on the same tokens. By default the last 20%% of DATA is used, the part that calibration "
+        "never reads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="model folder (MLA or any supported source)")
+    evaluate.add_argument("--data", required=True, metavar="FILE_OR_DATASET", help="evaluation text")
+    evaluate.add_argument("--reference", metavar="SOURCE", help="the source model to compare against")
+    evaluate.add_argument("--reference-gguf-file", metavar="NAME", help="GGUF file name inside the reference folder")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence")
+    evaluate.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate text",
+        description="Generate a reply to PROMPT (through the chat template when the tokenizer has one).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    generate.add_argument("model", metavar="MODEL", help="model folder")
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--no-chat-template", action="store_true", help="feed PROMPT as plain text")
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .convert import ConversionOptions, convert
+
+    if args.kv_budget is not None and args.kv_lora_rank is not None:
+        raise MLAConvertError("give either --kv-budget or --kv-lora-rank, not both")
+    if args.kv_lora_rank is None and args.kv_budget is None:
+        args.kv_budget = 0.5
+    options = ConversionOptions(
+        kv_budget=args.kv_budget,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        init=args.init,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    report = convert(args.source, args.output, options, gguf_file=args.gguf_file, overwrite=args.overwrite)
+    cache = report["cache"]
+    print(f"wrote {Path(args.output).absolute()}")
+    print(
+        f"KV cache per token: {cache['mla_numbers_per_token']} numbers ({cache['mla_bytes_per_token']} bytes in "
+        f"{cache['dtype']}) vs. {cache['source_numbers_per_token']} for the source "
+        f"(budget {report['kv_budget']:.3f}); calibration: {report['calibration']['description']}"
+    )
+    verification = report["verification"]
+    print(
+        f"check against the source on {verification['tokens']} tokens: max relative logit error "
+        f"{verification['max_relative_logit_error']:.2e}, KL {verification['kl']:.4f}, "
+        f"top-1 agreement {verification['top1_agreement']:.3f}; took {report['seconds']} s"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .data import EVALUATION_PART, load_text, tokenize_into_sequences
+    from .evaluate import evaluate
+    from .sources import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise MLAConvertError(f"no tokenizer found in {args.model}")
+    reference = None
+    if args.reference:
+        reference, _ = load_model(args.reference, gguf_file=args.reference_gguf_file)
+    text, description = load_text(args.data, EVALUATION_PART)
+    sequences = tokenize_into_sequences(tokenizer, text, args.seq_len, args.max_tokens)
+    results = evaluate(model, sequences, reference=reference, batch_size=args.batch_size)
+    results = {"model": args.model, "reference": args.reference, "data": description, **results}
+    print(f"data: {description}, {results['tokens']} predicted tokens in sequences of {args.seq_len}")
+    print(f"perplexity: {results['perplexity']:.3f}")
+    if reference is not None:
+        ratio = results["perplexity"] / results["reference_perplexity"]
+        print(f"reference perplexity: {results['reference_perplexity']:.3f} (ratio {ratio:.3f})")
+        print(f"KL(reference || model): {results['kl']:.4f} nats/token, top-1 agreement: {results['top1_agreement']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .sources import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise MLAConvertError(f"no tokenizer found in {args.model}")
+    if tokenizer.chat_template and not args.no_chat_template:
+        messages = [{"role": "user", "content": args.prompt}]
+        input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **sampling,
+    )
+    print(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
+
+
+COMMANDS = {"convert": run_convert, "eval": run_eval, "generate": run_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except MLAConvertError as error:
+        print(f"mla-convert: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mla-convert: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

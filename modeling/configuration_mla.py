@@ -1,0 +1,145 @@
+"""Configuration of a Multi-head Latent Attention (MLA) decoder converted from an MHA/GQA model."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+# The cache layer type registered by `cache_mla.MLALatentCacheLayer`: one latent and one shared RoPE key per token.
+MLA_LATENT_LAYER_TYPE = "mla_latent"
+
+
+@strict
+class MLAConfig(PreTrainedConfig):
+    r"""
+    A Llama-family decoder (RMSNorm, gated MLP) whose attention is DeepSeek-V2/V3's Multi-head Latent Attention.
+
+    Field names follow DeepSeek-V3 where they exist. What a converted model needs on top:
+
+    - `kv_lora_ranks`: per-layer latent sizes; `kv_lora_rank` is their maximum (all layers equal when `None`).
+    - `head_dim`: the head size of the source model, over which the RoPE frequencies are defined
+      (`rope_parameters`, Llama-3 and YaRN scaling included).
+    - `rope_frequency_indices`: per layer, which source frequency each of the `qk_rope_head_dim / 2` pairs of the
+      shared RoPE key rotates with. `None` means pair `i` uses frequency `i`, i.e. plain RoPE of size
+      `qk_rope_head_dim` (then `head_dim` must equal `qk_rope_head_dim`).
+    - `softmax_scale`: the source's own attention scale (not `qk_head_dim ** -0.5`).
+    - `attention_bias` (query and joint down-projection, as Qwen2's q/k/v biases) and `attention_output_bias`
+      (`o_proj`, as Llama's `attention_bias` also sets).
+    - `attention_path`: `"auto"` decodes over the latent (absorbed) and lets prefill pick the cheaper form;
+      `"absorbed"` and `"expanded"` force one form (for checks and benchmarks).
+    """
+
+    model_type = "mla"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+
+    # Multi-head Latent Attention
+    kv_lora_rank: int = 512
+    kv_lora_ranks: list[int] | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    head_dim: int | None = None
+    rope_frequency_indices: list[list[int]] | None = None
+    softmax_scale: float | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool = False
+    attention_path: str = "auto"
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.kv_lora_ranks is None:
+            self.kv_lora_ranks = [self.kv_lora_rank] * self.num_hidden_layers
+        self.kv_lora_rank = max(self.kv_lora_ranks)
+        if self.head_dim is None:
+            self.head_dim = self.qk_rope_head_dim
+        if self.softmax_scale is None:
+            self.softmax_scale = self.qk_head_dim**-0.5
+        if self.layer_types is None:
+            self.layer_types = [MLA_LATENT_LAYER_TYPE] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_key_value_heads(self) -> int:
+        # One latent "head" shared by all query heads: what transformers' cache and mask utilities read.
+        return 1
+
+    def validate_architecture(self):
+        if len(self.kv_lora_ranks) != self.num_hidden_layers:
+            raise ValueError(
+                f"`kv_lora_ranks` has {len(self.kv_lora_ranks)} entries for {self.num_hidden_layers} layers."
+            )
+        if min(self.kv_lora_ranks) < 1:
+            raise ValueError(f"Every `kv_lora_ranks` entry must be at least 1, got {self.kv_lora_ranks}.")
+        if self.q_lora_rank is not None:
+            raise ValueError("A low-rank query (`q_lora_rank`) is not supported; set it to None.")
+        if self.qk_rope_head_dim % 2 != 0:
+            raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
+        if self.attention_path not in ("auto", "absorbed", "expanded"):
+            raise ValueError(
+                f"`attention_path` must be 'auto', 'absorbed' or 'expanded', got {self.attention_path!r}."
+            )
+        if self.rope_frequency_indices is None:
+            if self.head_dim != self.qk_rope_head_dim:
+                raise ValueError(
+                    "Without `rope_frequency_indices`, `head_dim` must equal `qk_rope_head_dim` "
+                    f"({self.head_dim} != {self.qk_rope_head_dim})."
+                )
+            return
+        if len(self.rope_frequency_indices) != self.num_hidden_layers:
+            raise ValueError(
+                f"`rope_frequency_indices` has {len(self.rope_frequency_indices)} entries "
+                f"for {self.num_hidden_layers} layers."
+            )
+        for layer_idx, indices in enumerate(self.rope_frequency_indices):
+            if len(indices) != self.qk_rope_head_dim // 2:
+                raise ValueError(
+                    f"Layer {layer_idx}: `rope_frequency_indices` needs {self.qk_rope_head_dim // 2} entries "
+                    f"(one per RoPE pair), got {len(indices)}."
+                )
+            if indices and not all(0 <= i < self.head_dim // 2 for i in indices):
+                raise ValueError(
+                    f"Layer {layer_idx}: `rope_frequency_indices` must lie in [0, {self.head_dim // 2})."
+                )
+
+    def validate_layer_type(self):
+        # The latent cache layer is not one of transformers' built-in layer types, so the base check would refuse it.
+        if self.layer_types is None:
+            return
+        if any(layer_type != MLA_LATENT_LAYER_TYPE for layer_type in self.layer_types):
+            raise ValueError(f"`layer_types` entries must all be {MLA_LATENT_LAYER_TYPE!r}, got {self.layer_types}.")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`num_hidden_layers` ({self.num_hidden_layers}) must equal the number of `layer_types` "
+                f"({len(self.layer_types)})."
+            )
+
+
+__all__ = ["MLAConfig", "MLA_LATENT_LAYER_TYPE"]

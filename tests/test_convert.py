@@ -1,0 +1,213 @@
+"""Conversion and serving on pico checkpoints: exactness, both attention forms, the latent cache, generation."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
+from mla_convert.convert import ConversionOptions, convert
+from mla_modeling import MLALatentCacheLayer
+
+from conftest import PICO_ARCHITECTURES
+
+
+ARCHITECTURES = list(PICO_ARCHITECTURES)
+
+
+def converted(tmp_path_factory, pico_folders, wikitext, name: str, budget: float):
+    output = tmp_path_factory.mktemp("converted") / f"{name}-{budget}"
+    options = ConversionOptions(
+        kv_budget=budget, calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=128
+    )
+    convert(str(pico_folders[name]), output, options)
+    return output
+
+
+@pytest.fixture(scope="session")
+def exact_folders(tmp_path_factory, pico_folders, wikitext):
+    return {name: converted(tmp_path_factory, pico_folders, wikitext, name, 1.0) for name in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def half_folders(tmp_path_factory, pico_folders, wikitext):
+    return {name: converted(tmp_path_factory, pico_folders, wikitext, name, 0.5) for name in ARCHITECTURES}
+
+
+def load(folder, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def token_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_full_budget_logits_equal_the_source(pico_folders, exact_folders, name):
+    source = load(pico_folders[name])
+    model = load(exact_folders[name])
+    assert type(model).__name__ == "MLAForCausalLM"
+    input_ids = token_ids(2, 200)
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        actual = model(input_ids).logits
+    assert relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_full_budget_greedy_generation_equals_the_source(pico_folders, exact_folders, name):
+    source = load(pico_folders[name])
+    model = load(exact_folders[name])
+    prompt = token_ids(1, 12, seed=3)
+    expected = source.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    actual = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_absorbed_and_expanded_forms_agree(half_folders, name, implementation):
+    model = load(half_folders[name], attn_implementation=implementation)
+    input_ids = token_ids(2, 40)
+    logits = {}
+    for path in ("expanded", "absorbed"):
+        model.config.attention_path = path
+        with torch.no_grad():
+            # prefill 30 tokens, then decode the rest one at a time over the cache
+            outputs = model(input_ids[:, :30], use_cache=True)
+            steps = [outputs.logits]
+            cache = outputs.past_key_values
+            for position in range(30, 40):
+                outputs = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+                steps.append(outputs.logits)
+        logits[path] = torch.cat(steps, dim=1)
+    assert relative_error(logits["absorbed"], logits["expanded"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_compressed_model_stays_close_to_the_source(pico_folders, half_folders, name):
+    """Not exact below full budget, but a working conversion keeps most next-token choices."""
+    source = load(pico_folders[name])
+    model = load(half_folders[name])
+    report = json.loads((half_folders[name] / "conversion.json").read_text())
+    assert report["kv_budget"] == pytest.approx(0.5, abs=0.01)
+    text_ids = torch.tensor([list(b"The quick brown fox jumps over the lazy dog near the river bank.")])
+    with torch.no_grad():
+        expected = source(text_ids).logits
+        actual = model(text_ids).logits
+    uniform_kl = torch.log(torch.tensor(258.0))
+    log_p = expected.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - actual.log_softmax(-1))).sum(-1).mean()
+    assert kl < 0.5 * uniform_kl
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_cache_holds_only_the_latent_and_rope_key(half_folders, name):
+    model = load(half_folders[name])
+    config = model.config
+    input_ids = token_ids(3, 17)
+    with torch.no_grad():
+        cache = model(input_ids, use_cache=True).past_key_values
+    assert len(cache.layers) == config.num_hidden_layers
+    for layer_idx, layer in enumerate(cache.layers):
+        assert isinstance(layer, MLALatentCacheLayer)
+        assert layer.latent.shape == (3, 1, 17, config.kv_lora_ranks[layer_idx])
+        assert layer.rope_key.shape == (3, 1, 17, config.qk_rope_head_dim)
+    cached_numbers = sum(layer.latent.numel() + layer.rope_key.numel() for layer in cache.layers)
+    per_token = sum(rank + config.qk_rope_head_dim for rank in config.kv_lora_ranks)
+    assert cached_numbers == 3 * 17 * per_token
+    report = json.loads((half_folders[name] / "conversion.json").read_text())
+    assert report["cache"]["mla_numbers_per_token"] == per_token
+    assert per_token <= 0.5 * report["cache"]["source_numbers_per_token"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_greedy_generation_with_cache_equals_recomputation(half_folders, name):
+    model = load(half_folders[name])
+    prompt = token_ids(2, 9, seed=5)
+    with_cache = model.generate(prompt, max_new_tokens=25, do_sample=False, eos_token_id=None)
+    without_cache = model.generate(prompt, max_new_tokens=25, do_sample=False, eos_token_id=None, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_beam_search_with_cache_equals_recomputation(half_folders):
+    model = load(half_folders["llama-gqa"])
+    prompt = token_ids(2, 8, seed=6)
+    kwargs = dict(max_new_tokens=15, num_beams=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_seeded_sampling_is_reproducible_and_matches_recomputation(half_folders):
+    model = load(half_folders["qwen2"])
+    prompt = token_ids(2, 8, seed=7)
+    runs = []
+    for use_cache in (True, True, False):
+        torch.manual_seed(123)
+        runs.append(model.generate(prompt, max_new_tokens=20, do_sample=True, top_k=0, eos_token_id=None, use_cache=use_cache))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_left_padded_batch_matches_each_prompt_alone(half_folders, implementation):
+    model = load(half_folders["llama-gqa"], attn_implementation=implementation)
+    pad = 257
+    short, long = [72, 101, 108, 108, 111], [84, 104, 101, 32, 113, 117, 105, 99, 107]
+    batch = torch.tensor([[pad] * (len(long) - len(short)) + short, long])
+    attention_mask = (torch.arange(len(long))[None, :] >= torch.tensor([[len(long) - len(short)], [0]])).long()
+    generated = model.generate(
+        batch, attention_mask=attention_mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=pad
+    )
+    for row, prompt in enumerate((short, long)):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert torch.equal(generated[row, -12:], alone[0, -12:])
+
+
+def test_assisted_decoding_crops_the_cache(half_folders, exact_folders):
+    """Assisted generation rolls rejected draft tokens back with `Cache.crop`."""
+    model = load(half_folders["llama-mha"])
+    assistant = load(exact_folders["llama-mha"])
+    prompt = token_ids(1, 10, seed=8)
+    plain = model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    assisted = model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, assistant_model=assistant)
+    assert torch.equal(assisted, plain)
+
+
+def test_data_free_calibration_samples_from_the_source(tmp_path, pico_folders):
+    output = tmp_path / "sampled"
+    report = convert(
+        str(pico_folders["llama-gqa"]),
+        output,
+        ConversionOptions(kv_budget=0.5, calibration_tokens=1024, calibration_seq_len=64),
+    )
+    assert report["calibration"]["kind"] == "sampled"
+    assert report["calibration"]["tokens"] >= 1024
+    saved = json.loads((output / "conversion.json").read_text())
+    assert saved["calibration"]["kind"] == "sampled"
+    assert load(output).config.kv_lora_ranks == report["kv_lora_ranks"]
+
+
+def test_explicit_ranks_are_honoured(tmp_path, pico_folders, wikitext):
+    output = tmp_path / "ranks"
+    options = ConversionOptions(
+        kv_budget=None, kv_lora_rank=20, qk_rope_head_dim=12, calibration=str(wikitext), calibration_tokens=2048
+    )
+    convert(str(pico_folders["mistral"]), output, options)
+    config = load(output).config
+    assert config.kv_lora_ranks == [20, 20]
+    assert config.qk_rope_head_dim == 12
+    assert all(len(indices) == 6 for indices in config.rope_frequency_indices)
+
+
+def test_bfloat16_conversion_loads_in_bfloat16(tmp_path, pico_folders):
+    output = tmp_path / "bf16"
+    convert(str(pico_folders["llama-gqa"]), output, ConversionOptions(kv_budget=1.0, dtype="bfloat16"))
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.dtype == torch.bfloat16
+    generated = model.generate(token_ids(1, 6), max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert generated.shape == (1, 11)

@@ -1,0 +1,86 @@
+"""Converted folders load through the plugin, and through `trust_remote_code` where the plugin is not installed."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM
+
+import mla_convert  # noqa: F401
+from mla_convert.convert import ConversionOptions, convert
+from mla_modeling import MLAConfig, MLAForCausalLM
+
+
+def test_per_layer_ranks_survive_save_and_load(tmp_path):
+    config = MLAConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        kv_lora_ranks=[24, 8, 16], qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=16,
+        rope_frequency_indices=[[0, 1, 2, 3], [7, 5, 3, 1], [0, 2, 4, 6]],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    model = MLAForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.kv_lora_ranks == [24, 8, 16]
+    assert loaded.config.rope_frequency_indices == [[0, 1, 2, 3], [7, 5, 3, 1], [0, 2, 4, 6]]
+    assert [layer.self_attn.kv_b_proj.in_features for layer in loaded.model.layers] == [24, 8, 16]
+    input_ids = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids).logits, model(input_ids).logits, atol=1e-6)
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(StrictDataclassError, match="kv_lora_ranks"):
+        MLAConfig(num_hidden_layers=2, kv_lora_ranks=[8, 8, 8])
+    with pytest.raises(StrictDataclassError, match="attention_path"):
+        MLAConfig(num_hidden_layers=2, attention_path="fast")
+
+
+def test_trust_remote_code_loads_without_the_plugin(tmp_path, pico_folders):
+    output = tmp_path / "converted"
+    convert(str(pico_folders["llama-gqa"]), output, ConversionOptions(kv_budget=1.0))
+    input_ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    source = AutoModelForCausalLM.from_pretrained(pico_folders["llama-gqa"]).eval()
+    with torch.no_grad():
+        expected = source(input_ids).logits
+    torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "expected.pt")
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("mla_convert", "mla_modeling"):
+                    raise ImportError("the plugin is not installed here")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(output)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "mla_modeling" not in sys.modules
+        with torch.no_grad():
+            logits = model(data["input_ids"]).logits
+        error = float((logits - data["expected"]).abs().max() / data["expected"].abs().max())
+        assert error < 1e-4, error
+        cache = model(data["input_ids"], use_cache=True).past_key_values
+        assert type(cache.layers[0]).__name__ == "MLALatentCacheLayer", cache.layers[0]
+        generated = model.generate(data["input_ids"], max_new_tokens=5, do_sample=False, eos_token_id=None)
+        assert generated.shape[1] == 29
+        print("remote code OK", error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code OK" in result.stdout
