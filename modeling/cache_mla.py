@@ -1,9 +1,11 @@
 """The latent KV cache of Multi-head Latent Attention.
 
 Each layer stores, per token, the joint latent `c` (`kv_lora_rank` numbers) and the shared RoPE key `k_pe`
-(`qk_rope_head_dim` numbers), and nothing per head. Both are kept 4-D, `[batch, 1, seq, dim]`, in the slots that
-transformers' cache layers call `keys` and `values`, so that crop (assisted decoding), beam reordering, batch
-selection and mask sizes all work on dim -2 as they do for any other cache.
+(`qk_rope_head_dim` numbers), and nothing per head. They live side by side in one buffer
+`[batch, 1, capacity, kv_lora_rank + qk_rope_head_dim]`, which absorbed decoding reads as the key of a
+multi-query attention (and its first `kv_lora_rank` columns as the value) without copying anything.
+`keys` and `values`, the names transformers' cache utilities read, are views of the two parts, so crop (assisted
+decoding), beam reordering, batch selection and mask sizes all work on dim -2 as for any other cache.
 """
 
 import torch
@@ -13,11 +15,38 @@ from .configuration_mla import MLA_LATENT_LAYER_TYPE
 
 
 class MLALatentCacheLayer(DynamicLayer):
-    """Dynamic cache layer holding `latent` `[batch, 1, seq, kv_lora_rank]` and `rope_key` `[batch, 1, seq, qk_rope_head_dim]`."""
+    """Growing cache layer: `latent` `[batch, 1, seq, kv_lora_rank]` and `rope_key` `[batch, 1, seq, qk_rope_head_dim]`.
+
+    Growth is amortised: the buffer is reallocated only when full, with `1 / growth_divisor` of slack, instead
+    of concatenating (and so copying the whole cache) at every decoding step.
+    """
 
     # Registers the class in transformers' layer-type mapping, so `DynamicCache(config=...)` (and so `generate()`)
     # builds it for every layer the config lists as `mla_latent`.
     _layer_type = MLA_LATENT_LAYER_TYPE
+    growth_divisor = 16
+    growth_granularity = 16
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.buffer: torch.Tensor | None = None
+        self.cumulative_length = 0
+        self.kv_lora_rank = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv_lora_rank = key_states.shape[-1]
+        width = key_states.shape[-1] + value_states.shape[-1]
+        # buffer: [batch, 1, capacity, kv_lora_rank + qk_rope_head_dim]
+        self.buffer = key_states.new_empty(key_states.shape[0], 1, 0, width)
+        self.cumulative_length = 0
+        self.is_initialized = True
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        joint = self.buffer[:, :, : self.cumulative_length]
+        self.keys = joint[..., : self.kv_lora_rank]
+        self.values = joint[..., self.kv_lora_rank :]
 
     @property
     def latent(self) -> torch.Tensor | None:
@@ -26,6 +55,79 @@ class MLALatentCacheLayer(DynamicLayer):
     @property
     def rope_key(self) -> torch.Tensor | None:
         return self.values
+
+    @property
+    def joint(self) -> torch.Tensor:
+        """`[batch, 1, seq, kv_lora_rank + qk_rope_head_dim]`: the latent and the RoPE key of every cached token."""
+        return self.buffer[:, :, : self.cumulative_length]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffer is None else self.buffer.shape[-2]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.cumulative_length
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            slack = -(-end // self.growth_divisor)
+            capacity = -(-(end + slack) // self.growth_granularity) * self.growth_granularity
+            grown = self.buffer.new_empty(*self.buffer.shape[:2], capacity, self.buffer.shape[-1])
+            grown[:, :, :start] = self.buffer[:, :, :start]
+            self.buffer = grown
+        self.buffer[:, :, start:end, : self.kv_lora_rank] = key_states
+        self.buffer[:, :, start:end, self.kv_lora_rank :] = value_states
+        self.cumulative_length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.buffer = None
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        # The tail stays allocated and is overwritten by the next update.
+        self.cumulative_length = max(self.cumulative_length + tokens_to_remove, 0)
+        self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self.buffer = self.buffer.index_select(0, beam_idx.to(self.buffer.device))
+            self._refresh_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.buffer = self.joint.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.buffer = self.buffer[indices, ...]
+            self._refresh_views()
+
+    def offload(self):
+        if self.is_initialized:
+            self.buffer = self.buffer.to("cpu", non_blocking=True)
+            self._refresh_views()
+
+    def prefetch(self):
+        if self.is_initialized and self.buffer.device != self.device:
+            self.buffer = self.buffer.to(self.device, non_blocking=True)
+            self._refresh_views()
 
 
 class MLAStaticLatentCacheLayer(StaticLayer):
@@ -33,6 +135,24 @@ class MLAStaticLatentCacheLayer(StaticLayer):
 
     _layer_type = MLA_LATENT_LAYER_TYPE
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        # buffer: [batch, 1, max_cache_len, kv_lora_rank + qk_rope_head_dim]; keys and values are views of it
+        self.buffer = torch.zeros(
+            (self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim + self.v_head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.keys = self.buffer[..., : self.k_head_dim]
+        self.values = self.buffer[..., self.k_head_dim :]
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.buffer)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
     @property
     def latent(self) -> torch.Tensor | None:
         return self.keys
@@ -40,6 +160,15 @@ class MLAStaticLatentCacheLayer(StaticLayer):
     @property
     def rope_key(self) -> torch.Tensor | None:
         return self.values
+
+    @property
+    def joint(self) -> torch.Tensor:
+        return self.buffer
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # In place: the buffer's address is what compiled graphs hold on to.
+        if self.is_initialized:
+            self.buffer.copy_(self.buffer.index_select(0, beam_idx.to(self.buffer.device)))
 
 
 __all__ = ["MLALatentCacheLayer", "MLAStaticLatentCacheLayer"]

@@ -224,13 +224,18 @@ class MLAAttention(nn.Module):
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin)
 
+        joint = None
         if past_key_values is not None:
             # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
             latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
+            # The latent cache keeps both side by side: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]
+            joint = getattr(past_key_values.layers[self.layer_idx], "joint", None)
 
         kv_length = latent.shape[-2]
         if self._use_absorbed(query_length, kv_length, attention_mask):
-            attn_output, attn_weights = self._absorbed_attention(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)
+            if joint is None:
+                joint = torch.cat((latent, k_pe), dim=-1)
+            attn_output, attn_weights = self._absorbed_attention(q_nope, q_pe, joint, attention_mask, **kwargs)
         else:
             attn_output, attn_weights = self._expanded_attention(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)
 
@@ -270,9 +275,12 @@ class MLAAttention(nn.Module):
             attn_output = attn_output[..., : self.v_head_dim]
         return attn_output, attn_weights
 
-    def _absorbed_attention(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
+    def _absorbed_attention(self, q_nope, q_pe, joint, attention_mask, **kwargs):
+        """`joint`: `[batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]`, the cached latent and RoPE key."""
         batch_size, num_heads, query_length, _ = q_nope.shape
-        kv_length = latent.shape[-2]
+        kv_length = joint.shape[-2]
+        # The latent doubles as the value: [batch, 1, kv_len, kv_lora_rank]
+        latent = joint[..., : self.kv_lora_rank]
         # w_kv_b: [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
         w_kv_b = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = torch.split(w_kv_b, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
@@ -281,13 +289,12 @@ class MLAAttention(nn.Module):
         q_latent = torch.matmul(q_nope, w_uk)
         # Heads become query rows of one multi-query attention over the cache: [batch, 1, heads * seq, r + d_r]
         query_states = torch.cat((q_latent, q_pe), dim=-1).reshape(batch_size, 1, num_heads * query_length, -1)
-        # key_states: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]; the latent is also the value
-        key_states = torch.cat((latent, k_pe), dim=-1)
 
         if attention_mask is None and query_length > 1:
-            # No mask means plain causal attention without padding; the head rows need it spelled out.
-            positions = torch.arange(query_length, device=latent.device) + (kv_length - query_length)
-            attention_mask = positions[:, None] >= torch.arange(kv_length, device=latent.device)[None, :]
+            # No mask means causal attention without padding, aligned top-left as sdpa's `is_causal` reads it (a
+            # static cache's prefill sees keys up to `max_cache_len`); the head rows need it spelled out.
+            positions = torch.arange(query_length, device=joint.device)
+            attention_mask = positions[:, None] >= torch.arange(kv_length, device=joint.device)[None, :]
             attention_mask = attention_mask[None, None]
         if attention_mask is not None:
             # [batch, 1, seq, kv_len] -> [batch, 1, heads * seq, kv_len], rows ordered head-major as the query
@@ -301,7 +308,7 @@ class MLAAttention(nn.Module):
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
-            key_states,
+            joint,
             latent,
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,

