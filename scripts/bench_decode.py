@@ -1,0 +1,225 @@
+"""Decode speed and memory: the source model and its MLA conversions, side by side in one run.
+
+    python scripts/bench_decode.py runs/smollm2 --budgets 0.5 0.25 --contexts 512 2048 4096 --batch-sizes 1 8
+
+For every model, context and batch size: prefill one row (timed), repeat its cache across the batch with the
+cache's own batch method, then time `--steps` greedy decoding steps (prefill excluded). Reports prefill time,
+time per decoding step, tokens/s, peak memory during decoding (RSS on CPU, `max_memory_allocated` on CUDA) and
+the bytes the cache holds and has allocated, as ratios against the source; writes JSON and a PNG of tokens/s
+against context. Speed does not depend on the weights' values, so conversions here are weight-only (`--init svd`)
+unless `--calibration` is given. `--long` adds an 8k context.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM
+
+import mla_convert  # noqa: F401
+from mla_convert.convert import ConversionOptions, convert
+
+
+class PeakMemory:
+    """Peak process memory over a region: CUDA's allocator statistics, or RSS sampled by a thread on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """Bytes the cache holds for its tokens, and bytes it has allocated (growth room included)."""
+    used = allocated = 0
+    for layer in cache.layers:
+        used += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        buffer = getattr(layer, "buffer", None)
+        allocated += buffer.numel() * buffer.element_size() if buffer is not None else (
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        )
+    return used, allocated
+
+
+@torch.inference_mode()
+def measure(model, context: int, batch_size: int, steps: int, device: torch.device, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
+    synchronize(device)
+    started = time.perf_counter()
+    outputs = model(prompt, use_cache=True, logits_to_keep=1)
+    synchronize(device)
+    prefill_seconds = time.perf_counter() - started
+
+    cache = outputs.past_key_values
+    cache.batch_repeat_interleave(batch_size)
+    next_tokens = outputs.logits[:, -1].argmax(-1, keepdim=True).repeat(batch_size, 1)
+    step_seconds = []
+    with PeakMemory(device) as memory:
+        for step in range(steps + 1):
+            synchronize(device)
+            started = time.perf_counter()
+            outputs = model(next_tokens, past_key_values=cache, use_cache=True)
+            synchronize(device)
+            if step > 0:  # the first step warms up
+                step_seconds.append(time.perf_counter() - started)
+            next_tokens = outputs.logits[:, -1].argmax(-1, keepdim=True)
+    used, allocated = cache_bytes(cache)
+    step = statistics.median(step_seconds)
+    return {
+        "context": context,
+        "batch_size": batch_size,
+        "prefill_seconds": prefill_seconds,
+        "decode_seconds_per_step": step,
+        "tokens_per_second": batch_size / step,
+        "peak_memory_bytes": memory.peak,
+        "cache_bytes": used,
+        "cache_allocated_bytes": allocated,
+    }
+
+
+@torch.inference_mode()
+def same_greedy_tokens(model, device: torch.device, length: int = 64, new_tokens: int = 24) -> bool:
+    """The fast (absorbed) decode must choose the tokens the reference (expanded) form chooses."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
+    outputs = {}
+    for path in ("auto", "expanded"):
+        model.config.attention_path = path
+        outputs[path] = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    model.config.attention_path = "auto"
+    return bool(torch.equal(outputs["auto"], outputs["expanded"]))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len({row["batch_size"] for row in rows}), figsize=(11, 4), squeeze=False)
+    for axis, batch_size in zip(axes[0], sorted({row["batch_size"] for row in rows})):
+        for name in dict.fromkeys(row["model"] for row in rows):
+            points = [row for row in rows if row["model"] == name and row["batch_size"] == batch_size]
+            axis.plot([p["context"] for p in points], [p["tokens_per_second"] for p in points], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel("decode tokens/s")
+        axis.set_title(f"batch {batch_size}")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="source model folder (e.g. from scripts/fetch_smollm2.py)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--long", action="store_true", help="also measure an 8k context")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=16, help="timed decoding steps per measurement")
+    parser.add_argument("--calibration", help="calibrate conversions on this text (default: weight-only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--json", default="runs/bench_decode.json")
+    parser.add_argument("--plot", default="runs/bench_decode.png")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    contexts = args.contexts + ([8192] if args.long else [])
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = {"source": args.source}
+        for budget in args.budgets:
+            folders[f"mla {budget:g}"] = Path(scratch) / f"mla-{budget}"
+            options = ConversionOptions(
+                kv_budget=budget, init="pca" if args.calibration else "svd", calibration=args.calibration
+            )
+            convert(args.source, folders[f"mla {budget:g}"], options)
+        models = {
+            name: AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, attn_implementation=args.attn_implementation
+            ).to(device).eval()
+            for name, folder in folders.items()
+        }
+
+    checks = {name: same_greedy_tokens(model, device) for name, model in models.items() if name != "source"}
+    rows = []
+    for context in contexts:
+        for batch_size in args.batch_sizes:
+            for name, model in models.items():
+                row = {"model": name, **measure(model, context, batch_size, args.steps, device)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    print(f"\ndevice {device}, {args.dtype}, attention {args.attn_implementation}, {args.steps} decoding steps per cell")
+    print("greedy tokens of the fast path equal the expanded path's: " + ", ".join(f"{k}: {v}" for k, v in checks.items()))
+    print("\n| model | context | batch | prefill s | decode ms/step | tokens/s | vs source | peak memory MB | cache MB (allocated) | cache vs source |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["model"] == "source" and r["context"] == row["context"] and r["batch_size"] == row["batch_size"])
+        print(
+            f"| {row['model']} | {row['context']} | {row['batch_size']} | {row['prefill_seconds']:.2f} | "
+            f"{1000 * row['decode_seconds_per_step']:.1f} | {row['tokens_per_second']:.1f} | "
+            f"{row['tokens_per_second'] / base['tokens_per_second']:.2f}x | {row['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{row['cache_bytes'] / 2**20:.1f} ({row['cache_allocated_bytes'] / 2**20:.1f}) | "
+            f"{row['cache_bytes'] / base['cache_bytes']:.3f} |"
+        )
+    per_token = {}
+    for name in models:
+        row = next(r for r in rows if r["model"] == name)
+        per_token[name] = row["cache_bytes"] / (row["batch_size"] * (row["context"] + args.steps + 1))
+    print("\ncache bytes per token: " + ", ".join(f"{k}: {v:.0f}" for k, v in per_token.items()))
+    print("largest context in the same memory, vs source: " + ", ".join(
+        f"{k}: {per_token['source'] / v:.2f}x" for k, v in per_token.items() if k != "source"))
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "device": str(device), "dtype": args.dtype, "attn_implementation": args.attn_implementation,
+        "steps": args.steps, "fast_path_matches_expanded": checks, "cache_bytes_per_token": per_token, "rows": rows,
+    }, indent=2) + "\n")
+    plot(rows, Path(args.plot))
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

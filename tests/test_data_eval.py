@@ -1,0 +1,292 @@
+"""Fast tests of text loading, splitting, tokenization, sampling and evaluation, on a tiny random Llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mla_convert import data
+from mla_convert.data import (
+    CALIBRATION_PART,
+    EVALUATION_PART,
+    TextPart,
+    load_text,
+    sample_from_model,
+    tokenize_into_sequences,
+)
+from mla_convert.errors import MLAConvertError
+from mla_convert.evaluate import evaluate
+
+
+# The project's offline text lives beside the repository and is read in place, never copied into it.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKITEXT = SHARED_DATA / "wikitext2_valid.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+VOCAB_SIZE = 300
+
+requires_shared_data = pytest.mark.skipif(
+    not (WIKITEXT.is_file() and SHAKESPEARE.is_file()), reason=f"project text not found in {SHARED_DATA}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A 300-token byte-level BPE trained on a little Shakespeare: real enough merges, built in well under a second."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([SHAKESPEARE.read_text(encoding="utf-8")[:50_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(seed: int, tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(0, tokenizer)
+
+
+# --- parts and descriptions -------------------------------------------------------------------------------------
+
+
+def test_describe():
+    assert CALIBRATION_PART.describe() == "first 80%"
+    assert EVALUATION_PART.describe() == "last 20%"
+    assert TextPart(0.2, 0.4).describe() == "20%-40%"
+    assert TextPart(0.0, 1.0).describe() == "all"
+    assert TextPart(0.0, 0.125).describe() == "first 12.5%"
+
+
+@pytest.mark.parametrize("start,end", [(0.5, 0.5), (0.8, 0.2), (-0.1, 0.5), (0.0, 1.5)])
+def test_invalid_part(start, end):
+    with pytest.raises(MLAConvertError, match="invalid text part"):
+        TextPart(start, end)
+
+
+@requires_shared_data
+def test_calibration_and_evaluation_parts_split_a_text_exactly():
+    whole = WIKITEXT.read_text(encoding="utf-8")
+    calibration, calibration_desc = load_text(str(WIKITEXT), CALIBRATION_PART)
+    evaluation, evaluation_desc = load_text(str(WIKITEXT), EVALUATION_PART)
+    # Together they are the whole text, in order: no overlap and nothing lost.
+    assert calibration + evaluation == whole
+    # Cut at a line boundary near 80% of the characters.
+    assert calibration.endswith("\n")
+    assert abs(len(calibration) / len(whole) - 0.8) < 0.01
+    cut = len(calibration)
+    assert calibration_desc == f"wikitext2_valid.txt, first 80% (chars 0-{cut})"
+    assert evaluation_desc == f"wikitext2_valid.txt, last 20% (chars {cut}-{len(whole)})"
+
+
+@requires_shared_data
+def test_adjacent_parts_tile_the_text():
+    whole = SHAKESPEARE.read_text(encoding="utf-8")
+    cuts = [0.0, 0.2, 0.4, 0.9, 1.0]
+    pieces = [load_text(str(SHAKESPEARE), TextPart(a, b))[0] for a, b in zip(cuts, cuts[1:])]
+    assert "".join(pieces) == whole
+
+
+@requires_shared_data
+def test_max_chars_keeps_the_start_of_the_part():
+    evaluation, _ = load_text(str(WIKITEXT), EVALUATION_PART)
+    capped, description = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=10_000)
+    assert len(capped) <= 10_000 and evaluation.startswith(capped) and capped.endswith("\n")
+    assert description.startswith("wikitext2_valid.txt, last 20% (chars ")
+
+
+def test_records_are_split_by_index(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": f"record {i}"}) + "\n" for i in range(10)))
+    calibration, calibration_desc = load_text(str(path), CALIBRATION_PART)
+    evaluation, evaluation_desc = load_text(str(path), EVALUATION_PART)
+    assert calibration.split("\n\n") == [f"record {i}" for i in range(8)]
+    assert evaluation.split("\n\n") == ["record 8", "record 9"]
+    assert calibration_desc.startswith("records.jsonl, first 80% (records 0-8 of 10")
+    assert evaluation_desc.startswith("records.jsonl, last 20% (records 8-10 of 10")
+
+
+def test_json_parquet_and_folder_sources(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([{"body": "alpha"}, {"body": "beta"}]))
+    rows = {"body": ["gamma", "delta", "epsilon", "zeta", "eta"], "n": list(range(5))}
+    pq.write_table(pa.table(rows), folder / "b.parquet")
+    text, _ = load_text(str(folder), TextPart(0.0, 1.0), text_column="body")
+    assert text == "alpha\n\nbeta\n\ngamma\n\ndelta\n\nepsilon\n\nzeta\n\neta"
+    text, _ = load_text(str(folder / "b.parquet"), EVALUATION_PART, text_column="body")
+    assert text == "eta"
+    # Two records have no last 20%.
+    with pytest.raises(MLAConvertError, match=r"no text in a.json, last 20% \(records 2-2 of 2"):
+        load_text(str(folder / "a.json"), EVALUATION_PART, text_column="body")
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MLAConvertError, match="not found"):
+        load_text(str(tmp_path / "nope.txt"), EVALUATION_PART)
+    with pytest.raises(MLAConvertError, match="not found"):
+        load_text("./no/such/folder", EVALUATION_PART)
+
+
+def test_missing_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"content": "a", "id": 1}) + "\n" + json.dumps({"content": "b", "id": 2}) + "\n")
+    with pytest.raises(MLAConvertError, match=r"no 'text' column; available columns: \['content', 'id'\]"):
+        load_text(str(path), CALIBRATION_PART)
+
+
+def test_missing_parquet_column(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"content": ["a", "b"]}), path)
+    with pytest.raises(MLAConvertError, match=r"no 'text' column; available columns: \['content'\]"):
+        load_text(str(path), CALIBRATION_PART)
+
+
+def test_empty_text(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("  \n\n")
+    with pytest.raises(MLAConvertError, match="no text in empty.txt, first 80%"):
+        load_text(str(path), CALIBRATION_PART)
+
+
+# --- tokenization -------------------------------------------------------------------------------------------------
+
+
+@requires_shared_data
+def test_tokenize_into_sequences(tokenizer, monkeypatch):
+    text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
+    sequences = tokenize_into_sequences(tokenizer, text, seq_len=64, max_tokens=1000)
+    assert sequences.shape == (15, 64) and sequences.dtype == torch.long
+    # Without a limit: every whole window of the text, no special tokens added.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    everything = tokenize_into_sequences(tokenizer, text, seq_len=64, max_tokens=None)
+    assert everything.shape == (len(ids) // 64, 64)
+    assert tokenizer.bos_token_id not in everything
+
+    # Tokenization stops at the chunk that reaches max_tokens instead of tokenizing the whole text.
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 1_000)
+    calls = []
+    counting = lambda *args, **kwargs: calls.append(1) or tokenizer(*args, **kwargs)  # noqa: E731
+    assert tokenize_into_sequences(counting, text, seq_len=64, max_tokens=256).shape == (4, 64)
+    assert 1 <= len(calls) < 10
+
+
+def test_too_little_text(tokenizer):
+    with pytest.raises(MLAConvertError, match="fewer than one sequence of 512"):
+        tokenize_into_sequences(tokenizer, "Too short.", seq_len=512, max_tokens=None)
+    with pytest.raises(MLAConvertError, match="max_tokens"):
+        tokenize_into_sequences(tokenizer, "Some text " * 100, seq_len=64, max_tokens=10)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sequences(tokenizer):
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} not found")
+    text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
+    return tokenize_into_sequences(tokenizer, text, seq_len=32, max_tokens=32 * 6)
+
+
+def test_evaluate_against_itself(model, sequences):
+    results = evaluate(model, sequences, reference=model, batch_size=4, progress=False)
+    assert results["tokens"] == 6 * 31
+    assert results["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert results["top1_agreement"] == 1.0
+    assert results["perplexity"] == pytest.approx(results["reference_perplexity"])
+    # An untrained model is close to uniform over the vocabulary.
+    assert 0.5 * VOCAB_SIZE < results["perplexity"] < 2 * VOCAB_SIZE
+    assert evaluate(model, sequences, progress=False).keys() == {"perplexity", "nll", "tokens"}
+
+
+def test_evaluate_against_another_model(model, tokenizer, sequences):
+    other = tiny_llama(1, tokenizer)
+    results = evaluate(model, sequences, reference=other, batch_size=4, progress=False)
+    assert results["kl"] > 0
+    assert results["top1_agreement"] < 1.0
+    # Batching must not change the result.
+    one_by_one = evaluate(model, sequences, reference=other, batch_size=1, progress=False)
+    assert one_by_one["kl"] == pytest.approx(results["kl"], rel=1e-5)
+    assert one_by_one["perplexity"] == pytest.approx(results["perplexity"], rel=1e-5)
+
+
+def test_evaluate_rejects_foreign_token_ids(model):
+    with pytest.raises(MLAConvertError, match="outside the model's vocabulary"):
+        evaluate(model, torch.full((1, 8), VOCAB_SIZE), progress=False)
+
+
+# --- data-free calibration ----------------------------------------------------------------------------------------
+
+
+def test_sample_from_model(model, tokenizer):
+    torch.manual_seed(1234)
+    expected_next = torch.rand(1)
+    torch.manual_seed(1234)
+    first = sample_from_model(model, tokenizer, num_tokens=100, seq_len=20, seed=7, batch_size=2, progress=False)
+    # The caller's random stream is not consumed by sampling.
+    assert torch.equal(torch.rand(1), expected_next)
+    assert first.shape == (5, 20) and first.dtype == torch.long
+    assert (first[:, 0] == tokenizer.bos_token_id).all()
+    assert ((first >= 0) & (first < VOCAB_SIZE)).all()
+    again = sample_from_model(model, tokenizer, num_tokens=100, seq_len=20, seed=7, batch_size=2, progress=False)
+    assert torch.equal(first, again)
+    other = sample_from_model(model, tokenizer, num_tokens=100, seq_len=20, seed=8, batch_size=2, progress=False)
+    assert not torch.equal(first, other)
+    # A partial last row is rounded up to a whole one.
+    assert sample_from_model(model, tokenizer, 41, 20, seed=7, batch_size=4, progress=False).shape == (3, 20)
+
+
+def test_hub_dataset_is_streamed_by_record_index(monkeypatch):
+    """The hub path, with `datasets.load_dataset` replaced by a local stand-in: tests never touch the network."""
+    import datasets
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        assert (name, config, split, streaming) == ("someone/corpus", "en", "train", True)
+        rows = {"text": [f"doc {i}" for i in range(10)], "id": list(range(10))}
+        dataset = datasets.Dataset.from_dict(rows).to_iterable_dataset()
+        dataset.info.splits = datasets.SplitDict({"train": datasets.SplitInfo(name="train", num_examples=10)})
+        return dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    text, description = load_text("someone/corpus:en", EVALUATION_PART)
+    assert text == "doc 8\n\ndoc 9"
+    assert description == "someone/corpus:en@train, last 20% (records 8-10 of 10, 12 chars)"
+    text, description = load_text("someone/corpus:en@train", CALIBRATION_PART, max_chars=20)
+    assert text == "doc 0\n\ndoc 1\n\ndoc 2"
+    assert description.endswith("(records 0-8 of 10, first 19 of its chars)")
+    with pytest.raises(MLAConvertError, match=r"no 'body' column; available columns: \['id', 'text'\]"):
+        load_text("someone/corpus:en", EVALUATION_PART, text_column="body")

