@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from mla_modeling import MLAConfig, MLAForCausalLM
 
 from .decompose import SourceAttention, decompose_layer, weight_only_moment
 from .errors import MLAConvertError
+from .folders import check_output, save_atomically
 from .sources import load_source, load_source_config
 
 
@@ -315,33 +314,6 @@ def verification_ids(vocab_size: int, calibration: torch.LongTensor | None, seed
 
 
 # ---------------------------------------------------------------------------------------------------- save
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise MLAConvertError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise MLAConvertError(f"output folder {output} exists and is not empty (pass --overwrite to replace it)")
-    if not output.parent.exists():
-        raise MLAConvertError(f"the folder that should hold the output does not exist: {output.parent}")
-
-
-def save_atomically(output: Path, write) -> None:
-    """Builds the folder beside `output` and renames it into place, so a failure leaves `output` as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        write(staging)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_converted(model: MLAForCausalLM, tokenizer, report: dict, output: Path) -> None:

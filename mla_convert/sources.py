@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from transformers import (
 )
 
 from .errors import MLAConvertError
+from .folders import save_atomically
 
 
 logger = logging.getLogger(__name__)
@@ -239,24 +238,13 @@ def export_float_checkpoint(
     if out_dir.exists() and not overwrite:
         raise MLAConvertError(f"{out_dir} already exists: remove it, choose another folder, or pass overwrite=True")
     model, tokenizer = load_source(source, gguf_file, dtype=dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary, shareable folder
+
+    def write(folder: Path) -> None:
         # save_pretrained also writes generation_config.json for generative models.
-        model.save_pretrained(tmp_dir)
+        model.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp_dir)
-        old_dir = None
-        if out_dir.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside first, delete it once swapped.
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old_dir / out_dir.name)
-        os.replace(tmp_dir, out_dir)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(folder)
+
+    save_atomically(out_dir, write)
     return out_dir
 
