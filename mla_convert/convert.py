@@ -257,11 +257,21 @@ def mla_config(source_config: PreTrainedConfig, model: PreTrainedModel, plan: Ra
         qk_rope_head_dim=plan.qk_rope_head_dim,
         v_head_dim=shape.head_dim,
         head_dim=shape.head_dim,
-        rope_frequency_indices=[layer.rope_frequency_indices for layer in layers],
+        rope_frequency_indices=rope_tables(layers, plan.qk_rope_head_dim, shape.head_dim),
         softmax_scale=float(attention.scaling),
         attention_bias=attention.q_proj.bias is not None or attention.k_proj.bias is not None,
         attention_output_bias=attention.o_proj.bias is not None,
     )
+
+
+def rope_tables(layers: list, qk_rope_head_dim: int, head_dim: int) -> list[list[int]] | None:
+    """Per-layer RoPE frequency tables, or None when every layer uses the plain table (DeepSeek-V3's own layout),
+    which spares decoding a gather of the RoPE tables in every layer at every step."""
+    tables = [layer.rope_frequency_indices for layer in layers]
+    plain = list(range(qk_rope_head_dim // 2))
+    if qk_rope_head_dim == head_dim and all(table == plain for table in tables):
+        return None
+    return tables
 
 
 def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> MLAForCausalLM:
