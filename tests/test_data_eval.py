@@ -20,23 +20,17 @@ from mla_convert.data import (
 from mla_convert.errors import MLAConvertError
 from mla_convert.evaluate import evaluate
 
+from conftest import SHARED_DATA, WIKITEXT  # the project's text, read in place beside the repository
 
-# The project's offline text lives beside the repository and is read in place, never copied into it.
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKITEXT = SHARED_DATA / "wikitext2_valid.txt"
+
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 VOCAB_SIZE = 300
-
-requires_shared_data = pytest.mark.skipif(
-    not (WIKITEXT.is_file() and SHAKESPEARE.is_file()), reason=f"project text not found in {SHARED_DATA}"
-)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A 300-token byte-level BPE trained on a little Shakespeare: real enough merges, built in well under a second."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found")
+    assert SHAKESPEARE.is_file(), f"the shared text is missing: {SHAKESPEARE}"
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -88,7 +82,6 @@ def test_invalid_part(start, end):
         TextPart(start, end)
 
 
-@requires_shared_data
 def test_calibration_and_evaluation_parts_split_a_text_exactly():
     whole = WIKITEXT.read_text(encoding="utf-8")
     calibration, calibration_desc = load_text(str(WIKITEXT), CALIBRATION_PART)
@@ -103,7 +96,6 @@ def test_calibration_and_evaluation_parts_split_a_text_exactly():
     assert evaluation_desc == f"wikitext2_valid.txt, last 20% (chars {cut}-{len(whole)})"
 
 
-@requires_shared_data
 def test_adjacent_parts_tile_the_text():
     whole = SHAKESPEARE.read_text(encoding="utf-8")
     cuts = [0.0, 0.2, 0.4, 0.9, 1.0]
@@ -111,7 +103,6 @@ def test_adjacent_parts_tile_the_text():
     assert "".join(pieces) == whole
 
 
-@requires_shared_data
 def test_max_chars_keeps_the_start_of_the_part():
     evaluation, _ = load_text(str(WIKITEXT), EVALUATION_PART)
     capped, description = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=10_000)
@@ -185,7 +176,6 @@ def test_empty_text(tmp_path):
 # --- tokenization -------------------------------------------------------------------------------------------------
 
 
-@requires_shared_data
 def test_tokenize_into_sequences(tokenizer, monkeypatch):
     text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
     sequences = tokenize_into_sequences(tokenizer, text, seq_len=64, max_tokens=1000)
@@ -216,8 +206,6 @@ def test_too_little_text(tokenizer):
 
 @pytest.fixture(scope="module")
 def sequences(tokenizer):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not found")
     text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
     return tokenize_into_sequences(tokenizer, text, seq_len=32, max_tokens=32 * 6)
 
