@@ -1,7 +1,6 @@
 """Fast tests of text loading, splitting, tokenization, sampling and evaluation, on a tiny random Llama."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
