@@ -189,13 +189,11 @@ class MLAAttention(nn.Module):
         if path != "auto":
             return path == "absorbed"
         rank, heads = self.kv_lora_rank, self.num_heads
+        up_projection = heads * rank * (self.qk_nope_head_dim + self.v_head_dim)
+        pairs = query_length * kv_length * heads
         # Multiply-adds of each form for this call: expansion of every cached token vs. queries moved to latent space.
-        expanded = kv_length * rank * heads * (self.qk_nope_head_dim + self.v_head_dim) + query_length * kv_length * heads * (
-            self.qk_head_dim + self.v_head_dim
-        )
-        absorbed = query_length * heads * rank * (self.qk_nope_head_dim + self.v_head_dim) + query_length * kv_length * heads * (
-            2 * rank + self.qk_rope_head_dim
-        )
+        expanded = kv_length * up_projection + pairs * (self.qk_head_dim + self.v_head_dim)
+        absorbed = query_length * up_projection + pairs * (2 * rank + self.qk_rope_head_dim)
         return absorbed <= expanded
 
     def forward(
