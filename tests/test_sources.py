@@ -4,8 +4,9 @@ import json
 import os
 
 import pytest
+from conftest import build_pico
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mla_convert.errors import MLAConvertError
 from mla_convert.sources import (
@@ -20,17 +21,9 @@ from mla_convert.sources import (
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    """A pico Llama GQA source saved without a tokenizer."""
     folder = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    build_pico("llama-gqa").save_pretrained(folder)
     return folder
 
 
