@@ -131,6 +131,38 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def latent_attention_forward(
+    query: torch.Tensor,
+    joint: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-query attention of `query` `[batch, 1, rows, r + d_r]` over `joint` `[batch, 1, kv_len, r + d_r]`.
+
+    Plain matmuls, for absorbed decoding on CPU: sdpa there has no fused kernel for a value (`value`, the latent,
+    `[batch, 1, kv_len, r]`) narrower than the key, and its math fallback rescales the whole cached key at every
+    step. `attention_mask` may be boolean (sdpa's, True = attend) or additive (eager's); it broadcasts over the rows.
+    Returns the output `[batch, 1, rows, r]` and the probabilities `[batch, 1, rows, kv_len]`.
+    """
+    # scores: [batch, 1, rows, kv_len]
+    scores = torch.matmul(query, joint.transpose(2, 3))
+    if scaling != 1.0:
+        scores = scores * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probabilities, value), probabilities
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place changes bump a tensor's version; inference tensors have none (nor change outside inference mode)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class MLAAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2), full-rank queries.
 
@@ -138,6 +170,12 @@ class MLAAttention(nn.Module):
     - expanded: up-project the cached latent into per-head keys and values, then run the attention backend;
     - absorbed: move each head's query into latent space (`W_uk_h^T q_nope_h`) and attend over `[latent ; k_pe]`
       as multi-query attention, reading nothing but the cache; `W_uv_h` is applied to the latent-sized output.
+
+    For inference (eval mode, no gradient to the parameters) the absorbed form can use weights folded from the
+    parameters once instead of applying `W_uk` and `W_uv` at every step (see `_use_folded`): one projection from
+    the hidden states to every head's latent query, its RoPE part and the new token's latent and RoPE key, and one
+    from the latent-sized attention output to the hidden states. The folded weights are derived buffers, never saved,
+    and are refolded when the parameters change.
     """
 
     def __init__(self, config: MLAConfig, layer_idx: int):
@@ -172,6 +210,19 @@ class MLAAttention(nn.Module):
             rope_index = rope_gather_index(config.rope_frequency_indices[layer_idx])
         self.register_buffer("rope_index", rope_index, persistent=False)
 
+        # Folding pays where it saves multiply-adds per token (it replaces two products by one), which depends on the
+        # shapes: a latent wider than the NoPE head makes the folded query projection larger than `q_proj`.
+        heads, rank, hidden = self.num_heads, self.kv_lora_rank, config.hidden_size
+        unfolded_query = heads * self.qk_head_dim * hidden + heads * self.qk_nope_head_dim * rank
+        self.fold_query = heads * (rank + self.qk_rope_head_dim) * hidden < unfolded_query
+        self.fold_output = hidden * heads * rank < heads * rank * self.v_head_dim + hidden * heads * self.v_head_dim
+        # The folded weights (`_fold`): [(heads + 1) * (r + d_r), hidden], [(heads + 1) * (r + d_r)] and
+        # [hidden, heads * r]; None until the first absorbed call that may use them.
+        self.register_buffer("folded_q_weight", None, persistent=False)
+        self.register_buffer("folded_q_bias", None, persistent=False)
+        self.register_buffer("folded_o_weight", None, persistent=False)
+        self._folded_key = self._folded_from = None
+
     def _rope_tables(
         self, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +247,100 @@ class MLAAttention(nn.Module):
         absorbed = query_length * up_projection + pairs * (2 * rank + self.qk_rope_head_dim)
         return absorbed <= expanded
 
+    # ------------------------------------------------------------------------------------------ folded weights
+
+    def _fold_sources(self) -> list[torch.Tensor] | None:
+        """The parameters the folded weights derive from, or None where there is no plain weight to fold."""
+        # Read from the module dictionaries: this runs at every decoding step, and attribute lookup through
+        # `nn.Module.__getattr__` would cost more than the rest of the check.
+        projections = [self._modules[name] for name in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+        if any(type(projection) is not nn.Linear for projection in projections):
+            # Wrapped or quantized projections (adapters, ...)
+            return None
+        parameters = [projection._parameters for projection in projections]
+        sources = [p[name] for p in parameters for name in ("weight", "bias") if p[name] is not None]
+        # Offloaded weights (on the meta device until a hook brings them in)
+        return None if any(p.is_meta for p in sources) else sources
+
+    def _use_folded(self) -> bool:
+        """Whether this call may use the folded weights; folds them first when missing or stale."""
+        if self.training or not (self.fold_query or self.fold_output):
+            return False
+        sources = self._fold_sources()
+        if sources is None or (torch.is_grad_enabled() and any(p.requires_grad for p in sources)):
+            # Gradients must reach the parameters themselves.
+            return False
+        if torch.compiler.is_compiling():
+            # Compiled graphs cannot compare data pointers: they use what the last eager call folded (an eager
+            # prefill over the same cache folds before compiled decoding starts).
+            return True
+        # The folded weights are current while every source keeps its storage and its version (in-place changes
+        # such as optimizer steps and `load_state_dict` bump it; changes through `.data` do not and are not seen).
+        key = [(p.data_ptr(), _version(p)) for p in sources]
+        if key != self._folded_key:
+            self._fold()
+            self._folded_key = key
+            # Keeps the sources' storage alive, so that a new tensor cannot reuse a recorded address.
+            self._folded_from = [p.detach() for p in sources]
+        return True
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        heads, rank, rope = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        dtype = self.kv_b_proj.weight.dtype
+        # Folded in float64 (float32 on MPS, which has none) and rounded once to the parameters' dtype.
+        compute = torch.float32 if self.kv_b_proj.weight.device.type == "mps" else torch.float64
+        w_kv_b = self.kv_b_proj.weight.to(compute).view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
+        # w_uk: [heads, qk_nope_head_dim, kv_lora_rank]; w_uv: [heads, v_head_dim, kv_lora_rank]
+        w_uk, w_uv = torch.split(w_kv_b, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+        self.folded_q_weight = self.folded_q_bias = self.folded_o_weight = None
+        if self.fold_query:
+            hidden = self.q_proj.in_features
+            w_q = self.q_proj.weight.to(compute).view(heads, self.qk_head_dim, hidden)
+            w_q_nope, w_q_pe = torch.split(w_q, [self.qk_nope_head_dim, rope], dim=1)
+            # Per head, W_uk^T W_q_nope: [heads, kv_lora_rank, qk_nope] @ [heads, qk_nope, hidden]
+            w_q_latent = torch.bmm(w_uk.transpose(1, 2), w_q_nope)
+            # [heads, kv_lora_rank + qk_rope_head_dim, hidden]: the softmax scale goes into the query
+            w_query = torch.cat((w_q_latent, w_q_pe), dim=1) * self.scaling
+            # The joint down-projection is one more "head" of the same layout, [latent ; k_pe]:
+            # [(heads + 1) * (kv_lora_rank + qk_rope_head_dim), hidden]
+            w_kv_a = self.kv_a_proj_with_mqa.weight.to(compute)
+            self.folded_q_weight = torch.cat((w_query.reshape(-1, hidden), w_kv_a)).to(dtype)
+            q_bias, kv_a_bias = self.q_proj.bias, self.kv_a_proj_with_mqa.bias
+            if q_bias is not None or kv_a_bias is not None:
+                query_bias = w_query.new_zeros(heads, rank + rope)
+                if q_bias is not None:
+                    q_bias = q_bias.to(compute).view(heads, self.qk_head_dim)
+                    b_q_nope, b_q_pe = torch.split(q_bias, [self.qk_nope_head_dim, rope], dim=1)
+                    # [heads, kv_lora_rank, qk_nope] @ [heads, qk_nope, 1] -> [heads, kv_lora_rank]
+                    b_q_latent = torch.bmm(w_uk.transpose(1, 2), b_q_nope.unsqueeze(-1)).squeeze(-1)
+                    query_bias = torch.cat((b_q_latent, b_q_pe), dim=1) * self.scaling
+                kv_a_bias = w_kv_a.new_zeros(rank + rope) if kv_a_bias is None else kv_a_bias.to(compute)
+                self.folded_q_bias = torch.cat((query_bias.reshape(-1), kv_a_bias)).to(dtype)
+        if self.fold_output:
+            hidden = self.o_proj.out_features
+            w_o = self.o_proj.weight.to(compute).view(hidden, heads, self.v_head_dim)
+            # o_proj after W_uv, per head: [hidden, v_head_dim] @ [v_head_dim, kv_lora_rank] -> [hidden, heads * r]
+            self.folded_o_weight = torch.einsum("ohv,hvr->ohr", w_o, w_uv).reshape(hidden, heads * rank).to(dtype)
+
+    def _drop_folded(self) -> None:
+        self.folded_q_weight = self.folded_q_bias = self.folded_o_weight = None
+        self._folded_key = self._folded_from = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            # Training changes the parameters at every step: free the folded copies, fold again in eval mode.
+            self._drop_folded()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`, ...: fold again from the moved or cast parameters rather than converting stale copies.
+        self._drop_folded()
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------------------------------ forward
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -204,8 +349,23 @@ class MLAAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, query_length, _ = hidden_states.shape
+        query_length = hidden_states.shape[1]
+        kv_length = query_length
+        if past_key_values is not None:
+            kv_length = past_key_values.get_mask_sizes(query_length, self.layer_idx)[0]
+        cos, sin = self._rope_tables(position_embeddings)
+        absorbed = self._use_absorbed(query_length, kv_length, attention_mask)
+        # A cache means decoding follows: fold already in this (eager) call, so that compiled decoding steps find the
+        # folded weights.
+        use_folded = (absorbed or past_key_values is not None) and self._use_folded()
+        if absorbed:
+            return self._absorbed_attention(
+                hidden_states, cos, sin, attention_mask, past_key_values, use_folded, **kwargs
+            )
+        return self._expanded_attention(hidden_states, cos, sin, attention_mask, past_key_values, **kwargs)
 
+    def _expanded_attention(self, hidden_states, cos, sin, attention_mask, past_key_values, **kwargs):
+        batch_size, query_length, _ = hidden_states.shape
         # query_states: [batch, heads, seq, qk_head_dim]
         query_states = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.qk_head_dim)
         query_states = query_states.transpose(1, 2)
@@ -217,33 +377,13 @@ class MLAAttention(nn.Module):
         # latent: [batch, 1, seq, kv_lora_rank]; k_pe: [batch, 1, seq, qk_rope_head_dim]
         latent = latent.unsqueeze(1)
         k_pe = k_pe.unsqueeze(1)
-
-        cos, sin = self._rope_tables(position_embeddings)
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin)
-
-        joint = None
         if past_key_values is not None:
             # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
             latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
-            # The latent cache keeps both side by side: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]
-            joint = getattr(past_key_values.layers[self.layer_idx], "joint", None)
 
         kv_length = latent.shape[-2]
-        if self._use_absorbed(query_length, kv_length, attention_mask):
-            if joint is None:
-                joint = torch.cat((latent, k_pe), dim=-1)
-            attn_output, attn_weights = self._absorbed_attention(q_nope, q_pe, joint, attention_mask, **kwargs)
-        else:
-            attn_output, attn_weights = self._expanded_attention(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)
-
-        # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]
-        attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
-        return attn_output, attn_weights
-
-    def _expanded_attention(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
-        batch_size, _, kv_length, _ = latent.shape
         # kv: [batch, kv_len, heads * (qk_nope_head_dim + v_head_dim)] -> [batch, heads, kv_len, qk_nope + v]
         kv = self.kv_b_proj(latent.squeeze(1))
         kv = kv.view(batch_size, kv_length, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
@@ -253,9 +393,13 @@ class MLAAttention(nn.Module):
         query_states = torch.cat((q_nope, q_pe), dim=-1)
 
         implementation = self.config._attn_implementation or "eager"
-        pad_value = "flash" in implementation and self.v_head_dim != self.qk_head_dim
+        # Flash kernels want equal query/key and value sizes; so does CPU sdpa's fused kernel, without which it falls
+        # back to the math kernel (several times slower on long prompts).
+        pad_value = self.v_head_dim != self.qk_head_dim and (
+            "flash" in implementation
+            or (implementation == "sdpa" and query_states.device.type == "cpu" and self.v_head_dim < self.qk_head_dim)
+        )
         if pad_value:
-            # Flash kernels want equal query/key and value sizes.
             value_states = nn.functional.pad(value_states, [0, self.qk_head_dim - self.v_head_dim])
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -271,57 +415,139 @@ class MLAAttention(nn.Module):
         )
         if pad_value:
             attn_output = attn_output[..., : self.v_head_dim]
-        return attn_output, attn_weights
+        # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]
+        attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
 
-    def _absorbed_attention(self, q_nope, q_pe, joint, attention_mask, **kwargs):
-        """`joint`: `[batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]`, the cached latent and RoPE key."""
-        batch_size, num_heads, query_length, _ = q_nope.shape
-        kv_length = joint.shape[-2]
-        # The latent doubles as the value: [batch, 1, kv_len, kv_lora_rank]
-        latent = joint[..., : self.kv_lora_rank]
+    def _absorbed_attention(self, hidden_states, cos, sin, attention_mask, past_key_values, use_folded, **kwargs):
+        batch_size, query_length, _ = hidden_states.shape
+        heads, rank = self.num_heads, self.kv_lora_rank
         # w_kv_b: [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
-        w_kv_b = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_kv_b = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
         w_uk, w_uv = torch.split(w_kv_b, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        # cos, sin: [batch, seq, 1, qk_rope_head_dim], shared by the heads and the RoPE key
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
 
-        # q_latent: [batch, heads, seq, kv_lora_rank]
-        q_latent = torch.matmul(q_nope, w_uk)
-        # Heads become query rows of one multi-query attention over the cache: [batch, 1, heads * seq, r + d_r]
-        query_states = torch.cat((q_latent, q_pe), dim=-1).reshape(batch_size, 1, num_heads * query_length, -1)
+        if use_folded and self.folded_q_weight is not None:
+            # projected: [batch, seq, heads + 1, kv_lora_rank + qk_rope_head_dim]: every head's scaled query in latent
+            # space with its RoPE part, then the new token's [latent ; k_pe]; one RoPE, in place, for all of them
+            projected = nn.functional.linear(hidden_states, self.folded_q_weight, self.folded_q_bias)
+            projected = projected.view(batch_size, query_length, heads + 1, rank + self.qk_rope_head_dim)
+            rope_part = projected[..., rank:]
+            rotated = rotate_half(rope_part)
+            rope_part.mul_(cos).addcmul_(rotated, sin)
+            query_states = projected[:, :, :heads]
+            latent, k_pe = projected[:, :, heads, :rank], projected[:, :, heads, rank:]
+            scaling = 1.0
+        else:
+            # q: [batch, seq, heads, qk_head_dim]
+            q = self.q_proj(hidden_states).view(batch_size, query_length, heads, self.qk_head_dim)
+            q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            compressed = self.kv_a_proj_with_mqa(hidden_states)
+            # latent: [batch, seq, kv_lora_rank]; k_pe: [batch, seq, qk_rope_head_dim]
+            latent, k_pe = torch.split(compressed, [rank, self.qk_rope_head_dim], dim=-1)
+            q_pe = (q_pe * cos) + (rotate_half(q_pe) * sin)
+            k_pe = (k_pe * cos.squeeze(2)) + (rotate_half(k_pe) * sin.squeeze(2))
+            # Heads as the batch, so W_uk is read once: [heads, batch * seq, qk_nope] @ [heads, qk_nope, r]
+            q_nope = q_nope.reshape(batch_size * query_length, heads, self.qk_nope_head_dim)
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)
+            # query_states: [batch, seq, heads, kv_lora_rank + qk_rope_head_dim]
+            q_latent = q_latent.transpose(0, 1).view(batch_size, query_length, heads, rank)
+            query_states = torch.cat((q_latent, q_pe), dim=-1)
+            scaling = self.scaling
 
+        # latent: [batch, 1, seq, kv_lora_rank]; k_pe: [batch, 1, seq, qk_rope_head_dim]
+        latent, k_pe = latent.unsqueeze(1), k_pe.unsqueeze(1)
+        joint = None
+        if past_key_values is not None:
+            # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
+            latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
+            # The latent cache keeps both side by side: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]
+            joint = getattr(past_key_values.layers[self.layer_idx], "joint", None)
+        if joint is None:
+            joint = torch.cat((latent, k_pe), dim=-1)
+        # attn_output: [batch * seq, heads, kv_lora_rank]
+        attn_output, attn_weights = self._latent_attention(
+            query_states, joint, latent, attention_mask, scaling, **kwargs
+        )
+
+        if use_folded and self.folded_o_weight is not None:
+            # [batch, seq, heads * kv_lora_rank] -> [batch, seq, hidden]: W_uv is folded into the output projection
+            attn_output = attn_output.reshape(batch_size, query_length, heads * rank)
+            return nn.functional.linear(attn_output, self.folded_o_weight, self.o_proj.bias), attn_weights
+        # [heads, batch * seq, kv_lora_rank] @ [heads, kv_lora_rank, v_head_dim] -> [heads, batch * seq, v_head_dim]
+        attn_output = torch.bmm(attn_output.transpose(0, 1), w_uv.transpose(1, 2))
+        # [batch, seq, heads * v_head_dim]
+        attn_output = attn_output.transpose(0, 1).reshape(batch_size, query_length, heads * self.v_head_dim)
+        return self.o_proj(attn_output), attn_weights
+
+    def _latent_attention(self, query_states, joint, latent, attention_mask, scaling, **kwargs):
+        """Multi-query attention of every head's `query_states` `[batch, seq, heads, r + d_r]` over `joint`.
+
+        Returns `[batch * seq, heads, kv_lora_rank]` and the attention weights, if any, `[batch, heads, seq, kv_len]`.
+        """
+        batch_size, query_length, heads, width = query_states.shape
+        kv_length = joint.shape[-2]
+        implementation = self.config._attn_implementation or "eager"
+        dropout = 0.0 if not self.training else self.attention_dropout
+        cpu_sdpa = implementation == "sdpa" and joint.device.type == "cpu"
+
+        if cpu_sdpa and query_length > 1:
+            # Prefill on CPU: the heads as sdpa's heads sharing one key, so that causality needs no mask (and a mask
+            # broadcasts over the heads), and the whole joint row as the value, as wide as the key: CPU sdpa has a
+            # fused kernel only for equal sizes, and its math fallback materialises every score.
+            shared = joint.expand(-1, heads, -1, -1)
+            # [batch, heads, seq, r + d_r] -> [batch, seq, heads, r + d_r]
+            attn_output, attn_weights = sdpa_attention_forward(
+                self,
+                query_states.transpose(1, 2),
+                shared,
+                shared,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+            return attn_output[..., : self.kv_lora_rank].reshape(-1, heads, self.kv_lora_rank), attn_weights
+
+        # Heads become query rows of one multi-query attention over the cache, query-major:
+        # [batch, 1, seq * heads, r + d_r] (a view when decoding one token)
+        query_states = query_states.reshape(batch_size, 1, query_length * heads, width)
         if attention_mask is None and query_length > 1:
             # No mask means causal attention without padding, aligned top-left as sdpa's `is_causal` reads it (a
             # static cache's prefill sees keys up to `max_cache_len`); the head rows need it spelled out.
             positions = torch.arange(query_length, device=joint.device)
             attention_mask = positions[:, None] >= torch.arange(kv_length, device=joint.device)[None, :]
             attention_mask = attention_mask[None, None]
-        if attention_mask is not None:
-            # [batch, 1, seq, kv_len] -> [batch, 1, heads * seq, kv_len], rows ordered head-major as the query
-            attention_mask = attention_mask.repeat(1, 1, num_heads, 1)
+        if attention_mask is not None and query_length > 1:
+            # [batch, 1, seq, kv_len] -> [batch, 1, seq * heads, kv_len], each query's row once per head (a single
+            # query's row broadcasts over the heads as it is)
+            attention_mask = attention_mask.repeat_interleave(heads, dim=2)
 
-        implementation = self.config._attn_implementation or "eager"
-        if implementation in ("eager", "sdpa"):
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if dropout == 0.0 and (implementation == "eager" or cpu_sdpa):
+            attn_output, attn_weights = latent_attention_forward(query_states, joint, latent, attention_mask, scaling)
+            attn_weights = attn_weights if implementation == "eager" else None
         else:
-            attention_interface = sdpa_attention_forward
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            joint,
-            latent,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            is_causal=False,
-            **kwargs,
-        )
-        # attn_output: [batch, heads * seq, 1, kv_lora_rank] -> [batch, heads, seq, kv_lora_rank]
-        attn_output = attn_output.reshape(batch_size, num_heads, query_length, self.kv_lora_rank)
-        # [batch, heads, seq, kv_lora_rank] @ [heads, kv_lora_rank, v_head_dim] -> [batch, heads, seq, v_head_dim]
-        attn_output = torch.matmul(attn_output, w_uv.transpose(1, 2))
+            if implementation in ("eager", "sdpa"):
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+            else:
+                attention_interface = sdpa_attention_forward
+            attn_output, attn_weights = attention_interface(
+                self,
+                query_states,
+                joint,
+                latent,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=False,
+                **kwargs,
+            )
         if attn_weights is not None:
-            attn_weights = attn_weights.reshape(batch_size, num_heads, query_length, kv_length)
-        # [batch, seq, heads, v_head_dim], as the backends return
-        return attn_output.transpose(1, 2), attn_weights
+            # [batch, 1, seq * heads, kv_len] -> [batch, heads, seq, kv_len]
+            attn_weights = attn_weights.view(batch_size, query_length, heads, kv_length).transpose(1, 2)
+        # [batch, 1, seq * heads, kv_lora_rank] (or [batch, seq * heads, 1, kv_lora_rank], as sdpa returns it)
+        return attn_output.reshape(-1, heads, self.kv_lora_rank), attn_weights
 
 
 class MLADecoderLayer(GradientCheckpointingLayer):
