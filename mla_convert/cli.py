@@ -11,6 +11,7 @@ from .errors import MLAConvertError
 EPILOG = """examples:
   mla-convert convert ./SmolLM2-135M ./smollm2-mla --kv-budget 0.5 --calibration ../shared/data/wikitext2_valid.txt
   mla-convert convert ./SmolLM2-135M ./smollm2-exact --kv-budget 1.0        (exact: same logits as the source)
+  mla-convert gqa ./SmolLM2-135M ./smollm2-gqa --kv-budget 0.3333          (GQA baseline: 1 of 3 KV heads)
   mla-convert eval ./smollm2-mla --data ../shared/data/wikitext2_valid.txt --reference ./SmolLM2-135M
   mla-convert heal ./smollm2-mla ./smollm2-mla-healed --teacher ./SmolLM2-135M --data ../shared/data/wikitext2_valid.txt
   mla-convert generate ./smollm2-mla "What is the capital of France?"
@@ -70,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="saved dtype")
     convert.add_argument("--device", default="cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+
+    gqa = commands.add_parser(
+        "gqa",
+        help="pool KV heads: the GQA baseline that MLA is compared against",
+        description="Make the baseline for MLA at equal KV-cache size: SOURCE with fewer KV heads, each the mean of "
+        "a group of adjacent KV heads (k_proj and v_proj, weights and biases), as in the GQA paper (Ainslie et al. "
+        "2023, without its uptraining). Query heads and o_proj are unchanged. At --kv-budget F the KV cache per "
+        "token is the same as `mla-convert convert --kv-budget F`, so `mla-convert eval` of both against SOURCE "
+        "compares the two methods at equal cache size. Only budgets N / (source KV heads) exist, for N dividing "
+        "both the query and the KV head counts; a wrong value is answered with the valid ones. OUTPUT is an "
+        "ordinary model folder of SOURCE's architecture (loads with AutoModelForCausalLM, no mla-convert needed) "
+        "in float32, with the tokenizer and conversion.json; it is written atomically.",
+    )
+    gqa.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
+    gqa.add_argument("output", metavar="OUTPUT", help="folder to write the pooled checkpoint to")
+    heads = gqa.add_mutually_exclusive_group(required=True)
+    heads.add_argument("--num-kv-heads", type=int, metavar="N", help="KV heads after pooling")
+    heads.add_argument(
+        "--kv-budget",
+        type=float,
+        metavar="F",
+        help="fraction of the source's KV cache that remains (N / source KV heads, e.g. 0.5 for half the heads)",
+    )
+    gqa.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
+    gqa.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
 
     evaluate = commands.add_parser(
         "eval",
@@ -152,6 +178,27 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
+def run_gqa(args: argparse.Namespace) -> None:
+    from .gqa import convert_to_gqa
+
+    report = convert_to_gqa(
+        args.source,
+        args.output,
+        num_kv_heads=args.num_kv_heads,
+        kv_budget=args.kv_budget,
+        gguf_file=args.gguf_file,
+        overwrite=args.overwrite,
+    )
+    cache = report["cache"]
+    print(f"wrote {Path(args.output).absolute()}")
+    print(
+        f"KV heads: {report['num_kv_heads_before']} -> {report['num_kv_heads_after']} (groups of "
+        f"{report['heads_pooled_per_kv_head']} mean-pooled); KV cache per token: {cache['gqa_numbers_per_token']} "
+        f"numbers ({cache['gqa_bytes_per_token']} bytes in {cache['dtype']}) vs. {cache['source_numbers_per_token']} "
+        f"for the source (budget {report['kv_budget']:.3f})"
+    )
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .data import EVALUATION_PART, load_text, tokenize_into_sequences
     from .evaluate import evaluate
@@ -208,7 +255,7 @@ def run_heal(args: argparse.Namespace) -> None:
     heal_command(args)
 
 
-COMMANDS = {"convert": run_convert, "eval": run_eval, "heal": run_heal, "generate": run_generate}
+COMMANDS = {"convert": run_convert, "gqa": run_gqa, "eval": run_eval, "heal": run_heal, "generate": run_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
