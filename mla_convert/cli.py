@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert a checkpoint to MLA",
         description="Convert SOURCE (a local folder, a hub id, or a .gguf file) into an MLA checkpoint in OUTPUT. "
-        "At --kv-budget 1.0 the result computes exactly what the source computes; below it, the latent and the "
-        "shared RoPE key are fitted to calibration activations (PCA), so the choice of --calibration matters. "
-        "OUTPUT is written atomically: on any error nothing is left behind.",
+        "At --kv-budget 1.0 the result computes exactly what the source computes. Below it, the shared RoPE key and "
+        "the latent are chosen from calibration activations (closed form: RoRoPE and a joint PCA), then every "
+        "layer is refined by a few gradient steps to reproduce its source layer's attention output, so the choice "
+        "of --calibration matters. OUTPUT is written atomically: on any error nothing is left behind.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     convert.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
@@ -52,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--qk-rope-head-dim",
         type=int,
         metavar="D",
-        help="size of the shared RoPE key (even); default: the source's head_dim",
+        help="size of the shared RoPE key (even); default with --kv-budget: a third of the budget, at most the "
+        "source's head_dim; with --kv-lora-rank: the source's head_dim",
+    )
+    size.add_argument(
+        "--rank-allocation",
+        choices=("uniform", "spectrum"),
+        default="spectrum",
+        help="uniform: the same latent size in every layer; spectrum: latent sizes per layer where the calibration "
+        "spectra need them (the total cache stays exactly the same; the config carries the per-layer sizes)",
     )
     convert.add_argument(
         "--calibration",
@@ -61,11 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
         "NAME[:CONFIG]. Without it, calibration text is sampled from the source model itself (data-free)",
     )
     convert.add_argument("--calibration-tokens", type=int, default=32768, metavar="N", help="calibration tokens")
-    convert.add_argument(
+    method = convert.add_argument_group("method (the defaults are the best measured; the rest are for comparison)")
+    method.add_argument(
         "--init",
         choices=("pca", "svd"),
         default="pca",
-        help="pca: activation-aware (recommended); svd: weight-only, for comparison",
+        help="pca: joint PCA of [K_nope ; V] on calibration activations, in the metric the layer's output feels; "
+        "svd: weight-only SVD",
+    )
+    method.add_argument(
+        "--rope-strategy",
+        choices=("rorope", "freqfold", "partial"),
+        default="rorope",
+        help="which key components keep RoPE in the shared key. rorope: PCA of the key heads per frequency, keeping "
+        "the components whose loss of RoPE would cost the most attention-score error; freqfold: the same over pairs "
+        "of adjacent frequencies; partial: no mixing, MHA2MLA's 2-norm rule",
+    )
+    method.add_argument(
+        "--key-scale",
+        default="search",
+        metavar="search|A",
+        help="weight of the keys against the values in the joint latent, as a multiple of the weight that balances "
+        "their energies: 'search' tries 0.5, 1, 2 and 4 per layer and keeps the one that reproduces the source "
+        "layer's attention output best on calibration data",
+    )
+    method.add_argument(
+        "--refine-steps",
+        type=int,
+        default=100,
+        metavar="N",
+        help="after the closed-form start, Adam steps per layer fitting each layer's attention output to the "
+        "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off",
+    )
+    method.add_argument("--refine-lr", type=float, default=3e-4, metavar="LR", help="learning rate of refinement")
+    method.add_argument(
+        "--refine-tokens",
+        type=int,
+        default=32768,
+        metavar="N",
+        help="calibration tokens whose attention inputs are kept for refinement (bfloat16, hidden_size x layers x "
+        "2 bytes each: lower it for large models)",
     )
     convert.add_argument("--seed", type=int, default=0, help="seed for data-free calibration sampling")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="saved dtype")
@@ -142,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_key_scale(value: str) -> str | float:
+    if value == "search":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {value!r}") from None
+
+
 def run_convert(args: argparse.Namespace) -> None:
     from .convert import ConversionOptions, convert
 
@@ -154,6 +207,12 @@ def run_convert(args: argparse.Namespace) -> None:
         kv_lora_rank=args.kv_lora_rank,
         qk_rope_head_dim=args.qk_rope_head_dim,
         init=args.init,
+        rope_strategy=args.rope_strategy,
+        key_scale=parse_key_scale(args.key_scale),
+        rank_allocation=args.rank_allocation,
+        refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr,
+        refine_tokens=args.refine_tokens,
         calibration=args.calibration,
         calibration_tokens=args.calibration_tokens,
         seed=args.seed,
@@ -174,6 +233,14 @@ def run_convert(args: argparse.Namespace) -> None:
         f"{verification['max_relative_logit_error']:.2e}, KL {verification['kl']:.4f}, "
         f"top-1 agreement {verification['top1_agreement']:.3f}; took {report['seconds']} s"
     )
+    refined = [layer for layer in report["layers"] if "refine_error_before" in layer]
+    if refined:
+        before = sum(layer["refine_error_before"] for layer in refined) / len(refined)
+        after = sum(layer["refine_error_after"] for layer in refined) / len(refined)
+        print(
+            f"refinement ({report['refine_steps']} steps per layer): mean relative attention-output error on held-out "
+            f"calibration windows {before:.4f} -> {after:.4f}"
+        )
     for note in report["notes"]:
         print(f"note: {note}")
 

@@ -4,7 +4,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,14 +13,18 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from mla_modeling import MLAConfig, MLAForCausalLM
 
-from .decompose import SourceAttention, decompose_layer, weight_only_moment
+from .decompose import ROPE_STRATEGIES, DecomposeOptions, SourceAttention, decompose_layer, weight_only_moment
 from .errors import MLAConvertError
 from .folders import check_output, save_atomically
+from .refine import AttentionTargets, RefineOptions, refine_all
 from .sources import load_source, load_source_config
 
 
 EXACT_RELATIVE_TOLERANCE = 1e-4
 INIT_METHODS = ("pca", "svd")
+RANK_ALLOCATIONS = ("uniform", "spectrum")
+# Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
+KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -31,9 +35,18 @@ class ConversionOptions:
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
     init: str = "pca"
+    rope_strategy: str = "rorope"
+    # "search": per layer, the multiplier of the K/V balance with the least attention-output error on calibration
+    # data; a number: that multiplier for every layer
+    key_scale: str | float = "search"
+    rank_allocation: str = "spectrum"
     calibration: str | None = None
     calibration_tokens: int = 32768
     calibration_seq_len: int = 512
+    refine_steps: int = 100
+    refine_lr: float = 3e-4
+    # calibration tokens whose attention inputs are kept (in bfloat16) for refinement and the key-scale search
+    refine_tokens: int = 32768
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -108,7 +121,9 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
             return RankPlan([all_rope] * shape.num_layers, all_rope, full, exact=True)
         rope_dim = options.qk_rope_head_dim
         if rope_dim is None:
-            rope_dim = shape.head_dim if total >= shape.head_dim + 16 else max(2, 2 * (total // 4))
+            # A third of the cache for the RoPE key, at most one head's worth: measured best on SmolLM2 at budgets
+            # 0.5 and 0.25 among a sixth, a third and a half.
+            rope_dim = max(2, min(shape.head_dim, 2 * round(total / 6)))
         rank = total - rope_dim
     if rope_dim % 2 or not 2 <= rope_dim <= all_rope:
         raise MLAConvertError(
@@ -128,15 +143,52 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
     return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=exact)
 
 
+def allocate_ranks(spectra: list[torch.Tensor], total_rank: int, min_rank: int = 1) -> list[int]:
+    """Latent sizes per layer that add up to `total_rank`, spent where the calibration spectra need them.
+
+    `spectra[l]`: layer `l`'s weighted `[k_nope ; v]` eigenvalues, descending. Each further dimension of layer `l`
+    removes `spectra[l][k] / sum(spectra[l])` of that layer's relative reconstruction error; the dimensions with the
+    largest removals win, which minimises the summed relative error of all layers (the spectra are descending, so
+    the winners are a prefix of every layer's). Every layer keeps at least `min_rank`.
+    """
+    num_layers = len(spectra)
+    max_ranks = [len(spectrum) for spectrum in spectra]
+    if not num_layers * min_rank <= total_rank <= sum(max_ranks):
+        raise MLAConvertError(
+            f"cannot spread a latent of {total_rank} over {num_layers} layers with {min_rank} to "
+            f"{min(max_ranks)} per layer"
+        )
+    relative = [spectrum.double() / spectrum.double().sum().clamp_min(1e-30) for spectrum in spectra]
+    # listed dimension by dimension, so that the stable sort spreads ties (flat or zero spectra) evenly over layers
+    gains = [
+        (float(relative[layer_idx][k]), layer_idx)
+        for k in range(min_rank, max(max_ranks))
+        for layer_idx in range(num_layers)
+        if k < max_ranks[layer_idx]
+    ]
+    gains.sort(key=lambda item: -item[0])
+    ranks = [min_rank] * num_layers
+    for _, layer_idx in gains[: total_rank - num_layers * min_rank]:
+        ranks[layer_idx] += 1
+    return ranks
+
+
 # ---------------------------------------------------------------------------------------------------- calibrate
 
 
 @torch.no_grad()
-def collect_input_moments(model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4) -> torch.Tensor:
-    """`E[[x; 1] [x; 1]^T]` of every attention layer's input, accumulated batch by batch: `[layers, hidden + 1, hidden + 1]`."""
+def collect_input_moments(
+    model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4, keep_sequences: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`E[[x; 1] [x; 1]^T]` of every attention layer's input, accumulated batch by batch: `[layers, hidden + 1, hidden + 1]`.
+
+    Also returns the attention inputs of the first `keep_sequences` sequences, per layer `[keep, seq, hidden]` (on
+    the CPU, in bfloat16 to halve their memory), for layer-wise refinement; an empty list when `keep_sequences` is 0.
+    """
     layers = model.model.layers
     hidden = model.config.hidden_size
     moments = torch.zeros(len(layers), hidden + 1, hidden + 1, dtype=torch.float64)
+    kept: list[list[torch.Tensor]] = [[] for _ in layers]
     count = 0
 
     def make_hook(layer_idx: int):
@@ -147,6 +199,9 @@ def collect_input_moments(model: PreTrainedModel, sequences: torch.LongTensor, b
             x = torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), dim=1)
             # float32 within a batch, float64 across batches: fast, and the sum over many batches stays accurate
             moments[layer_idx] += (x.T @ x).cpu().to(torch.float64)
+            still_needed = keep_sequences - sum(len(part) for part in kept[layer_idx])
+            if still_needed > 0:
+                kept[layer_idx].append(hidden_states[:still_needed].detach().to("cpu", torch.bfloat16))
 
         return hook
 
@@ -161,7 +216,8 @@ def collect_input_moments(model: PreTrainedModel, sequences: torch.LongTensor, b
     finally:
         for handle in handles:
             handle.remove()
-    return moments / max(count, 1)
+    layer_inputs = [torch.cat(parts) for parts in kept] if keep_sequences > 0 else []
+    return moments / max(count, 1), layer_inputs
 
 
 def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
@@ -209,7 +265,17 @@ def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape)
     )
 
 
-def decompose_all(model: PreTrainedModel, shape: SourceShape, moments: torch.Tensor, plan: RankPlan) -> list:
+def decompose_all(
+    model: PreTrainedModel,
+    shape: SourceShape,
+    moments: torch.Tensor,
+    plan: RankPlan,
+    options: DecomposeOptions,
+    key_scales: list[float] | None = None,
+    progress: bool = True,
+) -> list:
+    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
+    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
     # The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
     # hundredfold when another process competes for the cores.
     threads = torch.get_num_threads()
@@ -221,8 +287,11 @@ def decompose_all(model: PreTrainedModel, shape: SourceShape, moments: torch.Ten
                 moments[layer_idx],
                 plan.kv_lora_ranks[layer_idx],
                 plan.qk_rope_head_dim,
+                inv_freq=inv_freq,
+                options=options,
+                key_scale=None if key_scales is None else key_scales[layer_idx],
             )
-            for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer")
+            for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer", disable=not progress)
         ]
     finally:
         torch.set_num_threads(threads)
@@ -344,6 +413,128 @@ def save_converted(model: MLAForCausalLM, tokenizer, report: dict, output: Path)
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
+def check_options(options: ConversionOptions) -> None:
+    """Rejects bad options with the valid range, before anything is loaded."""
+
+    def one_of(flag: str, value, valid) -> None:
+        if value not in valid:
+            raise MLAConvertError(f"{flag} must be one of {', '.join(valid)}, got {value!r}")
+
+    one_of("--init", options.init, INIT_METHODS)
+    one_of("--rope-strategy", options.rope_strategy, ROPE_STRATEGIES)
+    one_of("--rank-allocation", options.rank_allocation, RANK_ALLOCATIONS)
+    one_of("--dtype", options.dtype, ("float32", "bfloat16", "float16"))
+    if options.key_scale != "search" and not (isinstance(options.key_scale, (int, float)) and options.key_scale > 0):
+        raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {options.key_scale!r}")
+    for flag, value in (
+        ("--calibration-tokens", options.calibration_tokens),
+        ("--calibration-seq-len", options.calibration_seq_len),
+        ("--refine-tokens", options.refine_tokens),
+    ):
+        if value < 1:
+            raise MLAConvertError(f"{flag} must be positive, got {value}")
+    if options.refine_steps < 0:
+        raise MLAConvertError(f"--refine-steps must be 0 (off) or positive, got {options.refine_steps}")
+    if not options.refine_lr > 0:
+        raise MLAConvertError(f"--refine-lr must be positive, got {options.refine_lr}")
+
+
+def choose_key_scales(
+    source_model: PreTrainedModel,
+    source_config: PreTrainedConfig,
+    shape: SourceShape,
+    moments: torch.Tensor,
+    plan: RankPlan,
+    decompose_options: DecomposeOptions,
+    layer_inputs: list[torch.Tensor],
+) -> tuple[list[float], list]:
+    """Per layer, the multiplier of the K/V balance (from `KEY_SCALE_GRID`) whose conversion reproduces the source
+    layer's attention output best on calibration windows. Returns the multipliers and the winning layers."""
+    targets = AttentionTargets(source_model, layer_inputs)
+    candidates, errors = [], []
+    for factor in tqdm(KEY_SCALE_GRID, desc="searching K/V balance", unit="scale"):
+        layers = decompose_all(source_model, shape, moments, plan, decompose_options, [factor] * shape.num_layers, False)
+        model = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
+        candidates.append(layers)
+        errors.append(targets.errors(model.to(targets.device)))
+        del model
+    best = [min(range(len(KEY_SCALE_GRID)), key=lambda c: errors[c][layer_idx]) for layer_idx in range(shape.num_layers)]
+    return [KEY_SCALE_GRID[c] for c in best], [candidates[c][layer_idx] for layer_idx, c in enumerate(best)]
+
+
+@dataclass
+class Calibration:
+    """What a conversion learns from calibration text: the sequences, a description for the report, every attention
+    layer's input moment `[layers, hidden + 1, hidden + 1]`, and the recorded attention inputs of the first
+    sequences (per layer `[sequences, seq, hidden]`, bfloat16) for the key-scale search and refinement."""
+
+    sequences: torch.LongTensor | None
+    info: dict
+    moments: torch.Tensor
+    layer_inputs: list[torch.Tensor]
+
+
+def calibrate(
+    source_model: PreTrainedModel, tokenizer, shape: SourceShape, plan: RankPlan, options: ConversionOptions
+) -> Calibration:
+    """Reads calibration text (or samples it) and records what the chosen options need of it: nothing for the exact
+    form, only the inputs to refine for weight-only SVD."""
+    refine_steps = 0 if plan.exact else options.refine_steps
+    search = not plan.exact and options.init == "pca" and options.key_scale == "search"
+    if plan.exact or (options.init == "svd" and refine_steps == 0):
+        description = "not needed" if plan.exact else "not needed (weight-only SVD)"
+        info = {"kind": "none", "description": description, "tokens": 0}
+        return Calibration(None, info, weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1), [])
+    sequences, info = calibration_sequences(source_model, tokenizer, options)
+    keep = math.ceil(options.refine_tokens / sequences.shape[1]) if refine_steps > 0 or search else 0
+    moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
+    if options.init == "svd":
+        info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
+        moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
+    return Calibration(sequences, info, moments, layer_inputs)
+
+
+def build_mla(
+    source_model: PreTrainedModel,
+    source_config: PreTrainedConfig,
+    plan: RankPlan,
+    calibration: Calibration,
+    options: ConversionOptions,
+    progress: bool = True,
+) -> tuple[MLAForCausalLM, RankPlan, list, list[dict]]:
+    """decompose -> assemble -> refine: the MLA model for `plan` (float32, on the source's device), the plan with
+    its final per-layer ranks, the decomposed layers and per-layer refinement stats."""
+    shape = SourceShape.from_config(source_config)
+    moments, layer_inputs = calibration.moments, calibration.layer_inputs
+
+    # decompose: latent sizes per layer, then the K/V balance per layer, then the weights
+    decompose_options = DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy)
+    key_scales = [1.0 if options.key_scale == "search" else float(options.key_scale)] * shape.num_layers
+    if options.rank_allocation == "spectrum" and not plan.exact:
+        # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
+        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, False)
+        uniform = plan.kv_lora_ranks[0]
+        ranks = allocate_ranks([layer.spectrum for layer in layers], sum(plan.kv_lora_ranks), max(1, uniform // 4))
+        plan = replace(plan, kv_lora_ranks=ranks)
+    if not plan.exact and options.init == "pca" and options.key_scale == "search":
+        key_scales, layers = choose_key_scales(
+            source_model, source_config, shape, moments, plan, decompose_options, layer_inputs
+        )
+    else:
+        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, progress)
+
+    # assemble
+    config = mla_config(source_config, source_model, plan, layers)
+    model = assemble(source_model, config, layers).to(next(source_model.parameters()).device)
+
+    # refine: fit each layer to its source layer on the recorded calibration activations
+    refine_stats = [{} for _ in layers]
+    if not plan.exact and options.refine_steps > 0:
+        refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+        refine_stats = refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
+    return model, plan, layers, refine_stats
+
+
 def convert(
     source: str,
     output: str | os.PathLike,
@@ -354,12 +545,7 @@ def convert(
     """Converts `source` (folder, hub id or GGUF) to an MLA checkpoint in `output`; returns the conversion report."""
     options = options or ConversionOptions()
     output = Path(output).absolute()
-    if options.init not in INIT_METHODS:
-        raise MLAConvertError(f"--init must be one of {', '.join(INIT_METHODS)}, got {options.init!r}")
-    if options.dtype not in ("float32", "bfloat16", "float16"):
-        raise MLAConvertError(f"--dtype must be float32, bfloat16 or float16, got {options.dtype!r}")
-    if options.calibration_tokens < 1:
-        raise MLAConvertError(f"--calibration-tokens must be positive, got {options.calibration_tokens}")
+    check_options(options)
     check_output(output, overwrite)
     started = time.perf_counter()
 
@@ -369,22 +555,10 @@ def convert(
     plan = plan_ranks(shape, options)
     source_model, tokenizer = load_source(source, gguf_file, dtype=torch.float32, device=options.device)
 
-    # calibrate: the exact form needs no data, and weight-only SVD ignores it
-    sequences, calibration_info = None, {"kind": "none", "description": "not needed", "tokens": 0}
-    if not plan.exact and options.init == "pca":
-        sequences, calibration_info = calibration_sequences(source_model, tokenizer, options)
-        moments = collect_input_moments(source_model, sequences)
-    else:
-        if options.init == "svd":
-            calibration_info["description"] = "weight-only SVD"
-        moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
-
-    # decompose
-    layers = decompose_all(source_model, shape, moments, plan)
-
-    # assemble
-    config = mla_config(source_config, source_model, plan, layers)
-    model = assemble(source_model, config, layers).to(options.device)
+    calibration = calibrate(source_model, tokenizer, shape, plan, options)
+    model, plan, layers, refine_stats = build_mla(source_model, source_config, plan, calibration, options)
+    sequences, info = calibration.sequences, calibration.info
+    del calibration
 
     # verify (in float32, before any cast)
     verification = compare_logits(source_model, model, verification_ids(source_config.vocab_size, sequences, options.seed))
@@ -396,8 +570,25 @@ def convert(
     model.config.dtype = getattr(torch, options.dtype)
 
     # save
+    report = conversion_report(source, gguf_file, source_config, options, plan, layers, refine_stats, info)
+    report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
+    save_converted(model, tokenizer, report, output)
+    return report
+
+
+def conversion_report(
+    source: str,
+    gguf_file: str | None,
+    source_config: PreTrainedConfig,
+    options: ConversionOptions,
+    plan: RankPlan,
+    layers: list,
+    refine_stats: list[dict],
+    calibration_info: dict | None = None,
+) -> dict:
+    shape = SourceShape.from_config(source_config)
     bytes_per_number = torch.finfo(getattr(torch, options.dtype)).bits // 8
-    report = {
+    return {
         "source": str(source),
         "gguf_file": gguf_file,
         "source_model_type": source_config.model_type,
@@ -406,8 +597,10 @@ def convert(
         "exact": plan.exact,
         "kv_lora_ranks": plan.kv_lora_ranks,
         "qk_rope_head_dim": plan.qk_rope_head_dim,
-        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_nope_head_dim": layers[0].qk_nope_head_dim,
         "init": options.init,
+        "rope_strategy": options.rope_strategy,
+        "rank_allocation": options.rank_allocation,
         "calibration": calibration_info,
         "cache": {
             "source_numbers_per_token_per_layer": shape.cache_per_layer,
@@ -418,13 +611,13 @@ def convert(
             "mla_bytes_per_token": sum(plan.cache_per_layer) * bytes_per_number,
             "dtype": options.dtype,
         },
-        "layers": [dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats) for i, layer in enumerate(layers)],
-        "verification": verification,
+        "refine_steps": 0 if plan.exact else options.refine_steps,
+        "layers": [
+            dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])
+            for i, layer in enumerate(layers)
+        ],
         "notes": conversion_notes(source_config),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    save_converted(model, tokenizer, report, output)
-    return report
 
 
 def conversion_notes(source_config: PreTrainedConfig) -> list[str]:

@@ -33,25 +33,44 @@ class SourceAttention:
         return self.q_weight.shape[1]
 
 
+ROPE_STRATEGIES = ("rorope", "freqfold", "partial")
+
+
 @dataclass
 class RopePlacement:
-    """Which mixed key components keep RoPE (RoRoPE, MLA.md §3)."""
+    """Which key components keep RoPE in the shared key (MLA.md §3), and how they mix the source's key slices.
 
-    # mix[i]: [kv_heads, kv_heads], row j is the j-th principal mix of the kv heads at frequency i
-    mix: torch.Tensor  # [head_dim / 2, kv_heads, kv_heads]
-    # energy[i, j]: calibration energy of component j at frequency i, descending in j
-    energy: torch.Tensor  # [head_dim / 2, kv_heads]
-    # kept[p] = (component j, frequency i) of RoPE pair p of the shared key
-    kept: list[tuple[int, int]]
+    The source key's 2-D slices are grouped by frequency: one frequency per group (RoRoPE, partial RoPE) or several
+    adjacent ones (FreqFold). Within group `b`, slot `s = f * kv_heads + g` is kv head `g` at the group's `f`-th
+    frequency; a component is an orthonormal mix of the slots, the same for both coordinates of the slices.
+    """
+
+    # groups[b]: the source frequencies of group b, each group the same size
+    groups: list[list[int]]
+    # mix[b, j]: component j of group b as a unit vector over the group's slots
+    mix: torch.Tensor  # [groups, slots, slots]
+    # energy[b, j]: calibration energy E|k_j|^2 of component j of group b, descending in j
+    energy: torch.Tensor  # [groups, slots]
+    # error[b, j]: expected squared attention-score error if component j of group b loses RoPE
+    error: torch.Tensor  # [groups, slots]
+    # kept[p] = (component j, group b, frequency) of RoPE pair p of the shared key; it rotates with `frequency`
+    kept: list[tuple[int, int, int]]
 
     @property
     def frequency_indices(self) -> list[int]:
-        return [frequency for _, frequency in self.kept]
+        return [frequency for _, _, frequency in self.kept]
 
     @property
     def rope_energy_kept(self) -> float:
         total = float(self.energy.sum())
-        kept = sum(float(self.energy[i, j]) for j, i in self.kept)
+        kept = sum(float(self.energy[b, j]) for j, b, _ in self.kept)
+        return kept / total if total > 0 else 1.0
+
+    @property
+    def score_error_kept(self) -> float:
+        """Of the score error that losing RoPE everywhere would cause, the part the kept components avoid."""
+        total = float(self.error.sum())
+        kept = sum(float(self.error[b, j]) for j, b, _ in self.kept)
         return kept / total if total > 0 else 1.0
 
 
@@ -68,6 +87,8 @@ class MLAAttentionWeights:
     o_bias: torch.Tensor | None
     qk_nope_head_dim: int
     rope_frequency_indices: list[int]
+    # eigenvalues of the weighted `[k_nope ; v]` moment, descending: what each further latent dimension would keep
+    spectrum: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
 
 
@@ -88,42 +109,115 @@ def weight_only_moment(hidden_size: int) -> torch.Tensor:
     return moment
 
 
+def slot_moments(moment: torch.Tensor, num_slots_per_frequency: int, head_dim: int, groups: list[list[int]]) -> torch.Tensor:
+    """Rotation-invariant moments between the 2-D slices of a group's slots: `[groups, slots, slots]`.
+
+    `moment` is `[n * head_dim, n * head_dim]` over `n` heads (kv heads for keys); entry `(s, s')` is
+    `E[k_s . k_s']`, the sum over both coordinates of the slices (what an orthogonal mix acting alike on both sees).
+    """
+    half = head_dim // 2
+    n = num_slots_per_frequency
+    blocks = moment.view(n, head_dim, n, head_dim)
+    # frequencies: [groups, per_group] -> dims of the slots' first coordinate, slot order (f, g)
+    frequencies = torch.tensor(groups)
+    per_group = frequencies.shape[1]
+    first = frequencies[:, :, None].expand(-1, -1, n).reshape(len(groups), -1)
+    heads = torch.arange(n).repeat(per_group)[None].expand(len(groups), -1)
+    result = []
+    for b in range(len(groups)):
+        g, d = heads[b], first[b]
+        result.append(blocks[g[:, None], d[:, None], g[None, :], d[None, :]] + blocks[g[:, None], d[:, None] + half, g[None, :], d[None, :] + half])
+    return torch.stack(result)
+
+
+def rope_loss_factor(inv_freq: torch.Tensor, context: int) -> torch.Tensor:
+    """`E[1 - cos(theta * delta)]` per frequency: the part of a component's attention score that is lost when it is
+    no longer rotated (for isotropic queries and keys), averaged over the query-key distances `delta` of causal
+    attention in windows of `context` tokens. Distance `delta` occurs `context - delta` times, and attention
+    decays with distance, here as `1 / (1 + delta)`. Near 0 for frequencies whose wavelength is much longer than
+    the context, near 1 for fast ones."""
+    delta = torch.arange(context, dtype=torch.float64)
+    weight = (context - delta) / (1 + delta)
+    weight = weight / weight.sum()
+    return ((1 - torch.cos(inv_freq.to(torch.float64)[:, None] * delta[None, :])) * weight).sum(-1)
+
+
 def rope_placement(
     key_moment: torch.Tensor,
+    query_moment: torch.Tensor,
     num_kv_heads: int,
     head_dim: int,
     qk_rope_head_dim: int,
-    query_energy: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    strategy: str = "rorope",
+    context: int = 2048,
+    fold: int = 2,
 ) -> RopePlacement:
-    """PCA of the pre-RoPE keys across kv heads, per frequency; keep the strongest components rotated.
+    """Chooses the components of the key that keep RoPE, `qk_rope_head_dim / 2` of them.
 
-    `key_moment` is `E[k k^T]` over calibration tokens, `[kv_heads * head_dim, kv_heads * head_dim]`.
-    Each frequency keeps `qk_rope_head_dim // head_dim` components; the remaining pairs go to the frequencies whose
-    next component carries the most energy.
+    `key_moment` is `E[k k^T]` `[kv_heads * head_dim, kv_heads * head_dim]` and `query_moment` `E[q_h q_h^T]`
+    `[heads, head_dim, head_dim]` over calibration tokens (pre-RoPE); `inv_freq` the source's RoPE frequencies
+    `[head_dim / 2]` (without them every frequency counts as fast).
+
+    - `rorope`: per frequency, a PCA of the key slices across kv heads, weighed by the query energy that reads each
+      head; the components whose loss of RoPE would cost the most attention-score error keep it (the error of a
+      component is `sum_h E|q_h,j|^2 E|k_j|^2 E[1 - cos(theta delta)]`), however many that makes per frequency.
+    - `freqfold`: the same over groups of `fold` adjacent frequencies, each kept component rotating with the
+      group's frequency that carries most of it: more energy per kept component, at the price of rotating
+      slightly wrong.
+    - `partial`: no mixing; each kv head's slice at each frequency is a component, and those with the largest
+      `sum_h |q_h^(i)| |k_g^(i)|` (MHA2MLA's 2-norm rule, RMS norms) keep RoPE.
     """
+    if strategy not in ROPE_STRATEGIES:
+        raise ValueError(f"unknown RoPE strategy {strategy!r}; choose one of {', '.join(ROPE_STRATEGIES)}")
     half = head_dim // 2
     num_pairs = qk_rope_head_dim // 2
-    # per-dim blocks: [kv_heads, head_dim, kv_heads, head_dim] -> energy across heads of both dims of pair i
-    blocks = key_moment.view(num_kv_heads, head_dim, num_kv_heads, head_dim)
-    dims = torch.arange(half)
-    # moments: [half, kv_heads, kv_heads]
-    moments = blocks[:, dims, :, dims] + blocks[:, dims + half, :, dims + half]
-    if query_energy is not None:
-        # A key component matters as much as the queries that read it: weigh each kv head by its heads' query energy.
-        weights = query_energy.clamp_min(0).sqrt()
-        moments = weights[:, :, None] * moments * weights[:, None, :]
-    eigenvalues, eigenvectors = torch.linalg.eigh(moments)
-    # descending order; mix[i, j] is component j's unit vector over kv heads
-    energy = eigenvalues.flip(-1).clamp_min(0.0)
-    mix = eigenvectors.flip(-1).transpose(1, 2).contiguous()
+    heads = query_moment.shape[0]
+    group_size = heads // num_kv_heads
+    if strategy == "freqfold" and num_pairs < num_kv_heads * half and half % fold == 0:
+        groups = [list(range(start, start + fold)) for start in range(0, half, fold)]
+    else:
+        groups = [[i] for i in range(half)]
+    per_group = len(groups[0])
+    slots = per_group * num_kv_heads
 
-    per_frequency, remainder = divmod(num_pairs, half)
-    kept = [(j, i) for j in range(per_frequency) for i in range(half)]
-    if remainder:
-        next_energy = energy[:, per_frequency]
-        frequencies = torch.argsort(next_energy, descending=True)[:remainder].sort().values
-        kept += [(per_frequency, int(i)) for i in frequencies]
-    return RopePlacement(mix=mix, energy=energy, kept=kept)
+    # key: [groups, slots, slots]; query energy per slot, summed over the heads of its kv group: [groups, slots, slots]
+    key = slot_moments(key_moment, num_kv_heads, head_dim, groups)
+    # query_blocks[g]: [group_size * head_dim ... ] -> per kv group, the summed query moment of its heads
+    group_query = query_moment.view(num_kv_heads, group_size, head_dim, head_dim).sum(1)
+    query = torch.zeros_like(key)
+    for g in range(num_kv_heads):
+        # the query moment of group g's heads sits on the slots of kv head g only (queries read their own group)
+        own = torch.zeros(num_kv_heads * head_dim, num_kv_heads * head_dim, dtype=key.dtype)
+        own[g * head_dim : (g + 1) * head_dim, g * head_dim : (g + 1) * head_dim] = group_query[g]
+        query += slot_moments(own, num_kv_heads, head_dim, groups)
+
+    if strategy == "partial":
+        mix = torch.eye(slots, dtype=key.dtype).expand(len(groups), -1, -1).clone()
+    else:
+        # Weighted PCA: a key direction matters as much as the queries that read it.
+        weights = torch.diagonal(query, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        weighted = weights[:, :, None] * key * weights[:, None, :]
+        _, eigenvectors = torch.linalg.eigh(weighted)
+        mix = eigenvectors.flip(-1).transpose(1, 2).contiguous()
+    # per component: E|k_j|^2 and sum_h E|q_h,j|^2
+    energy = torch.einsum("bjs,bst,bjt->bj", mix, key, mix).clamp_min(0.0)
+    query_energy = torch.einsum("bjs,bst,bjt->bj", mix, query, mix).clamp_min(0.0)
+    if strategy == "partial":
+        error = query_energy.sqrt() * energy.sqrt()
+    else:
+        loss = torch.ones(half, dtype=key.dtype) if inv_freq is None else rope_loss_factor(inv_freq, context)
+        # a group's components rotate together, with the group's mean loss factor
+        group_loss = torch.stack([loss[group].mean() for group in groups])
+        error = query_energy * energy * group_loss[:, None]
+    order = torch.argsort(error.flatten(), descending=True, stable=True)[:num_pairs]
+    kept = []
+    for index in sorted(int(i) for i in order):
+        b, j = divmod(index, slots)
+        # the frequency the component rotates with: the one of its group that carries most of it
+        share = mix[b, j].pow(2).view(per_group, num_kv_heads).sum(-1)
+        kept.append((j, b, groups[b][int(share.argmax())]))
+    return RopePlacement(groups=groups, mix=mix, energy=energy, error=error, kept=kept)
 
 
 def split_rope(
@@ -145,30 +239,41 @@ def split_rope(
     k = augment(source.k_weight, source.k_bias).view(kv_heads, head_dim, -1)
     num_pairs = len(placement.kept)
     rope_dim = 2 * num_pairs
+    groups = torch.tensor(placement.groups)
+    per_group = groups.shape[1]
+    slot_heads = torch.arange(kv_heads).repeat(per_group)
+    head_groups = torch.arange(heads) // group_size
 
     k_pe = q.new_zeros(rope_dim, q.shape[-1])
     q_pe = q.new_zeros(heads, rope_dim, q.shape[-1])
-    kept_mask = torch.zeros(half, kv_heads, dtype=torch.bool)
-    groups = torch.arange(heads) // group_size
-    for pair, (component, frequency) in enumerate(placement.kept):
-        kept_mask[frequency, component] = True
-        # u: [kv_heads], the component's mix of the kv heads at this frequency
-        u = placement.mix[frequency, component]
-        for offset, dim in ((0, frequency), (num_pairs, frequency + half)):
-            k_pe[pair + offset] = torch.einsum("g,gx->x", u, k[:, dim])
-            q_pe[:, pair + offset] = u[groups, None] * q[:, dim]
+    kept_mask = torch.zeros(len(placement.groups), kv_heads * per_group, dtype=torch.bool)
+    for pair, (component, b, _) in enumerate(placement.kept):
+        kept_mask[b, component] = True
+        # u: [per_group, kv_heads], the component's mix of the group's slots
+        u = placement.mix[b, component].view(per_group, kv_heads)
+        for offset, coordinate in ((0, 0), (num_pairs, half)):
+            dims = groups[b] + coordinate
+            # k_pe = sum over slots (f, g) of u[f, g] k[g, dim f]
+            k_pe[pair + offset] = torch.einsum("fg,gfx->x", u, k[:, dims])
+            # head h reads the slots of its own kv group: sum over f of u[f, g(h)] q[h, dim f]
+            q_pe[:, pair + offset] = torch.einsum("fh,hfx->hx", u[:, head_groups], q[:, dims])
 
     if bool(kept_mask.all()):
         q_nope = q.new_zeros(0, q.shape[-1])
         k_nope = q.new_zeros(0, q.shape[-1])
         return q_nope, q_pe.reshape(heads * rope_dim, -1), k_pe, k_nope, 0
 
-    # Projector onto the components that lose RoPE, per frequency: [half, kv_heads, kv_heads]
+    # Projector onto the components that lose RoPE, per group: [groups, slots, slots]
     dropped = (~kept_mask).to(q.dtype)
-    projector = torch.einsum("ijg,ij,ijh->igh", placement.mix, dropped, placement.mix)
-    # k_nope[g, dim] = sum_h projector[dim % half][g, h] k[h, dim]: [kv_heads, head_dim, hidden + 1]
-    per_dim = torch.cat((projector, projector), dim=0)
-    k_nope = torch.einsum("dgh,hdx->gdx", per_dim, k)
+    projector = torch.einsum("bjs,bj,bjt->bst", placement.mix, dropped, placement.mix)
+    # k_nope at slot s = sum over slots t of projector[s, t] k_t, for both coordinates: [kv_heads, head_dim, hidden + 1]
+    k_nope = torch.zeros_like(k)
+    for b in range(len(placement.groups)):
+        for coordinate in (0, half):
+            dims = groups[b] + coordinate
+            # slices: [slots, hidden + 1], slot order (f, g)
+            slices = k[slot_heads, dims.repeat_interleave(kv_heads)]
+            k_nope[slot_heads, dims.repeat_interleave(kv_heads)] = projector[b] @ slices
     return q.reshape(heads * head_dim, -1), q_pe.reshape(heads * rope_dim, -1), k_pe, k_nope.reshape(kv_heads * head_dim, -1), head_dim
 
 
@@ -191,15 +296,17 @@ def joint_latent(
     kv_lora_rank: int,
     key_metric: torch.Tensor | None = None,
     value_metric: torch.Tensor | None = None,
-    key_scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    key_scale_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Activation-aware PCA of `z = [k_nope ; v]` (MLA.md §4), in the metric that the layer's output feels.
 
     `k_nope` `[nk, hidden + 1]` and `v` `[nv, hidden + 1]` are augmented weights; `input_moment` is `E[[x;1][x;1]^T]`.
     `key_metric` / `value_metric` (`[nk, nk]` / `[nv, nv]` square-root factors, identity when None) weigh the
     reconstruction error: the query moment for keys (an error `dk` costs `E[(q . dk)^2]`), `o_proj`'s Gram for
-    values. `key_scale` (`a`) balances the two blocks; by default it equalises their weighted energies.
-    Returns augmented `down` `[rank, hidden + 1]`, `up_k` `[nk, rank]`, `up_v` `[nv, rank]` and error stats.
+    values. The key block is scaled by `a` = `key_scale_factor` x the scale that equalises the two blocks'
+    weighted energies.
+    Returns augmented `down` `[rank, hidden + 1]`, `up_k` `[nk, rank]`, `up_v` `[nv, rank]`, the weighted
+    spectrum `[nk + nv]` (descending) and error stats.
     """
     num_k, num_v = k_nope.shape[0], v.shape[0]
     dtype = v.dtype
@@ -215,8 +322,7 @@ def joint_latent(
     value_metric = torch.eye(num_v, dtype=dtype) if value_metric is None else value_metric
     k_energy = float((key_metric @ moment[:num_k, :num_k] @ key_metric.T).trace())
     v_energy = float((value_metric @ moment[num_k:, num_k:] @ value_metric.T).trace())
-    if key_scale is None:
-        key_scale = (v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0
+    key_scale = key_scale_factor * ((v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0)
     # transform: weighted z = transform @ z
     transform = torch.block_diag(key_scale * key_metric, value_metric)
 
@@ -232,14 +338,23 @@ def joint_latent(
     residual_moment = residual @ moment @ residual.T
     raw_k, raw_v = float(moment[:num_k, :num_k].trace()), float(moment[num_k:, num_k:].trace())
     stats = {
+        "key_scale_factor": key_scale_factor,
         "key_scale": key_scale,
         "k_nope_rel_error": float(residual_moment[:num_k, :num_k].trace()) / raw_k if raw_k > 0 else 0.0,
         "v_rel_error": float(residual_moment[num_k:, num_k:].trace()) / raw_v if raw_v > 0 else 0.0,
     }
-    return down, up[:num_k], up[num_k:], stats
+    return down, up[:num_k], up[num_k:], eigenvalues.flip(-1).clamp_min(0.0), stats
 
 
-def output_metrics(source: SourceAttention, input_moment: torch.Tensor, qk_nope_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_moments(source: SourceAttention, input_moment: torch.Tensor) -> torch.Tensor:
+    """`E[q_h q_h^T]` of every query head over calibration tokens (pre-RoPE): `[heads, head_dim, head_dim]`."""
+    q = augment(source.q_weight, source.q_bias).view(source.num_heads, source.head_dim, -1)
+    return torch.einsum("hdx,xy,hey->hde", q, input_moment, q)
+
+
+def output_metrics(
+    source: SourceAttention, query_moment: torch.Tensor, qk_nope_head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Square-root metrics in which latent errors are measured, per kv group.
 
     Keys: an error `dk` in group g's NoPE key shifts head h's score by `q_h . dk`, so its cost is
@@ -248,24 +363,24 @@ def output_metrics(source: SourceAttention, input_moment: torch.Tensor, qk_nope_
     """
     heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
     group_size = heads // kv_heads
-    q = augment(source.q_weight, source.q_bias).view(heads, head_dim, -1)
-    # query_moment: [heads, head_dim, head_dim]
-    query_moment = torch.einsum("hdx,xy,hey->hde", q, input_moment, q)
-    query_moment = query_moment.view(kv_heads, group_size, head_dim, head_dim).sum(1)
+    group_query = query_moment.view(kv_heads, group_size, head_dim, head_dim).sum(1)
     o = source.o_weight.view(source.o_weight.shape[0], heads, head_dim)
     output_gram = torch.einsum("ohd,ohe->hde", o, o).view(kv_heads, group_size, head_dim, head_dim).sum(1)
-    key_metric = block_diagonal_metric(query_moment) if qk_nope_head_dim else torch.zeros(0, 0, dtype=q.dtype)
+    key_metric = block_diagonal_metric(group_query) if qk_nope_head_dim else torch.zeros(0, 0, dtype=o.dtype)
     return key_metric, block_diagonal_metric(output_gram)
 
 
-def group_query_energy(source: SourceAttention, input_moment: torch.Tensor) -> torch.Tensor:
-    """`E[|q^(i)|^2]` summed over the query heads of each kv group, per frequency: `[head_dim / 2, kv_heads]`."""
-    heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
-    q = augment(source.q_weight, source.q_bias).view(heads, head_dim, -1)
-    # per_dim: [heads, head_dim], E[q_h[dim]^2]
-    per_dim = torch.einsum("hdx,xy,hdy->hd", q, input_moment, q)
-    per_frequency = per_dim[:, : head_dim // 2] + per_dim[:, head_dim // 2 :]
-    return per_frequency.view(kv_heads, heads // kv_heads, head_dim // 2).sum(1).T.contiguous()
+@dataclass
+class DecomposeOptions:
+    """How one layer is decomposed (the `mla-convert convert` options of the same names)."""
+
+    # "pca": activation-aware, in the metric the layer's output feels; "svd": weight-only
+    init: str = "pca"
+    rope_strategy: str = "rorope"
+    # context over which losing RoPE is judged (query-key distances up to this)
+    rope_context: int = 2048
+    # multiplier on the K/V balance of the joint latent (1.0: equal weighted energies)
+    key_scale: float = 1.0
 
 
 def decompose_layer(
@@ -273,20 +388,40 @@ def decompose_layer(
     input_moment: torch.Tensor,
     kv_lora_rank: int,
     qk_rope_head_dim: int,
-    weighted: bool = True,
+    inv_freq: torch.Tensor | None = None,
+    options: DecomposeOptions | None = None,
+    key_scale: float | None = None,
 ) -> MLAAttentionWeights:
-    """Source attention + calibration moment -> MLA weights for one layer."""
+    """Source attention + calibration moment -> MLA weights for one layer (`key_scale`: this layer's K/V balance
+    multiplier, overriding `options.key_scale`)."""
+    options = options or DecomposeOptions()
+    weighted = options.init == "pca"
     heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
     group_size = heads // kv_heads
     k_aug = augment(source.k_weight, source.k_bias)
     key_moment = k_aug @ input_moment @ k_aug.T
-    query_energy = group_query_energy(source, input_moment) if weighted else None
-    placement = rope_placement(key_moment, kv_heads, head_dim, qk_rope_head_dim, query_energy)
+    query_moment = query_moments(source, input_moment)
+    if not weighted:
+        # Weight-only: every query direction counts alike.
+        query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
+    placement = rope_placement(
+        key_moment,
+        query_moment,
+        kv_heads,
+        head_dim,
+        qk_rope_head_dim,
+        inv_freq=inv_freq,
+        strategy=options.rope_strategy,
+        context=options.rope_context,
+    )
     q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(source, placement)
 
     v_aug = augment(source.v_weight, source.v_bias)
-    key_metric, value_metric = output_metrics(source, input_moment, qk_nope_head_dim) if weighted else (None, None)
-    down, up_k, up_v, stats = joint_latent(k_nope, v_aug, input_moment, kv_lora_rank, key_metric, value_metric)
+    key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
+    key_scale = options.key_scale if key_scale is None else key_scale
+    down, up_k, up_v, spectrum, stats = joint_latent(
+        k_nope, v_aug, input_moment, kv_lora_rank, key_metric, value_metric, key_scale_factor=key_scale
+    )
 
     # q_proj rows per head: [q_nope (dn) ; q_pe (D)]
     width = source.hidden_size + 1
@@ -304,6 +439,7 @@ def decompose_layer(
     q_weight, q_bias = split_augmented(q_weight, has_q_bias)
     kv_a_weight, kv_a_bias = split_augmented(torch.cat((down, k_pe), dim=0), has_kv_bias)
     stats["rope_energy_kept"] = placement.rope_energy_kept
+    stats["rope_score_error_kept"] = placement.score_error_kept
     return MLAAttentionWeights(
         q_weight=q_weight,
         q_bias=q_bias,
@@ -314,5 +450,6 @@ def decompose_layer(
         o_bias=source.o_bias,
         qk_nope_head_dim=qk_nope_head_dim,
         rope_frequency_indices=placement.frequency_indices,
+        spectrum=spectrum,
         stats=stats,
     )

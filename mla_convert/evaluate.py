@@ -22,11 +22,30 @@ def _next_token_logits(model: PreTrainedModel, input_ids: torch.LongTensor) -> t
     return logits[:, :-1].float()
 
 
+class ReferenceLogProbs:
+    """A reference model's next-token log-probabilities on fixed sequences, computed once and kept in float16, so
+    that many models can be compared with it (a benchmark's conversions) without running it again each time."""
+
+    def __init__(self, reference: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4, progress: bool = True):
+        self.sequences = sequences
+        self.batch_size = batch_size
+        self.vocab_size = _vocab_size(reference)
+        was_training = reference.training
+        reference.eval()
+        self.batches = []
+        try:
+            with torch.no_grad():
+                for batch in tqdm(sequences.split(batch_size), desc="Reference", unit="batch", disable=not progress):
+                    self.batches.append(_next_token_logits(reference, batch).log_softmax(dim=-1).to(torch.float16).cpu())
+        finally:
+            reference.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
     sequences: torch.LongTensor,
-    reference: PreTrainedModel | None = None,
+    reference: "PreTrainedModel | ReferenceLogProbs | None" = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, float | int]:
@@ -49,13 +68,17 @@ def evaluate(
             f"token ids range over {sequences.min().item()}..{sequences.max().item()}, outside the model's vocabulary "
             f"of {vocab_size}: the text was tokenized with another tokenizer"
         )
-    if reference is not None and _vocab_size(reference) != vocab_size:
+    cached = isinstance(reference, ReferenceLogProbs)
+    if cached and (reference.sequences is not sequences or reference.batch_size != batch_size):
+        raise MLAConvertError("the cached reference was computed on other sequences or batches")
+    reference_vocab_size = reference.vocab_size if cached else (_vocab_size(reference) if reference is not None else 0)
+    if reference is not None and reference_vocab_size != vocab_size:
         raise MLAConvertError(
-            f"the reference model has a vocabulary of {_vocab_size(reference)} tokens and the model {vocab_size}: "
+            f"the reference model has a vocabulary of {reference_vocab_size} tokens and the model {vocab_size}: "
             "they must share a tokenizer"
         )
 
-    models = [model] if reference is None else [model, reference]
+    models = [model] if reference is None or cached else [model, reference]
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
@@ -64,14 +87,17 @@ def evaluate(
     agree = tokens = 0
     try:
         with tqdm(total=sequences.numel(), desc="Evaluating", unit="tok", disable=not progress) as bar:
-            for batch in sequences.split(batch_size):
+            for index, batch in enumerate(sequences.split(batch_size)):
                 logits = _next_token_logits(model, batch)
                 targets = batch[:, 1:].to(logits.device)
                 log_probs = logits.log_softmax(dim=-1)
                 del logits
                 nll_sum += -log_probs.gather(-1, targets.unsqueeze(-1)).sum().double().item()
                 if reference is not None:
-                    ref_log_probs = _next_token_logits(reference, batch).to(log_probs.device).log_softmax(dim=-1)
+                    if cached:
+                        ref_log_probs = reference.batches[index].to(log_probs.device, torch.float32)
+                    else:
+                        ref_log_probs = _next_token_logits(reference, batch).to(log_probs.device).log_softmax(dim=-1)
                     ref_nll_sum += -ref_log_probs.gather(-1, targets.unsqueeze(-1)).sum().double().item()
                     # kl_div(input, target) is KL(target || input): the reference is the distribution to match.
                     kl_sum += F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="sum").double().item()

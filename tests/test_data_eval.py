@@ -17,7 +17,7 @@ from mla_convert.data import (
     tokenize_into_sequences,
 )
 from mla_convert.errors import MLAConvertError
-from mla_convert.evaluate import evaluate
+from mla_convert.evaluate import ReferenceLogProbs, evaluate
 
 from conftest import SHARED_DATA, WIKITEXT  # the project's text, read in place beside the repository
 
@@ -229,6 +229,17 @@ def test_evaluate_against_another_model(model, tokenizer, sequences):
     one_by_one = evaluate(model, sequences, reference=other, batch_size=1, progress=False)
     assert one_by_one["kl"] == pytest.approx(results["kl"], rel=1e-5)
     assert one_by_one["perplexity"] == pytest.approx(results["perplexity"], rel=1e-5)
+
+
+def test_cached_reference_gives_what_the_reference_model_gives(model, tokenizer, sequences):
+    other = tiny_llama(1, tokenizer)
+    cached = ReferenceLogProbs(other, sequences, batch_size=4, progress=False)
+    direct = evaluate(model, sequences, reference=other, batch_size=4, progress=False)
+    results = evaluate(model, sequences, reference=cached, batch_size=4, progress=False)
+    for key in ("kl", "reference_perplexity", "perplexity", "top1_agreement"):
+        assert results[key] == pytest.approx(direct[key], rel=1e-3), key
+    with pytest.raises(MLAConvertError, match="other sequences or batches"):
+        evaluate(model, sequences, reference=cached, batch_size=2, progress=False)
 
 
 def test_evaluate_rejects_foreign_token_ids(model):

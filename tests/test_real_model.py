@@ -63,7 +63,10 @@ def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tok
     answer = tokenizer.decode(chat(tokenizer, model, QUESTION), skip_special_tokens=True)
     assert "Paris" in answer, answer
 
-    # Calibrated on the first 80% of the text, evaluated on the last 20%: perplexity within 1.75x of the source's.
+    # Calibrated on the first 80% of the text, evaluated on the last 20%, with the default options (refinement
+    # included): perplexity within 1.3x of the source's (issue 3's target at half the cache).
     results = evaluate(model, held_out, reference=source, progress=False)
-    assert results["perplexity"] <= 1.75 * results["reference_perplexity"], results
-    assert results["top1_agreement"] > 0.6, results
+    assert results["perplexity"] <= 1.3 * results["reference_perplexity"], results
+    assert results["top1_agreement"] > 0.7, results
+    before = sum(layer["refine_error_before"] for layer in report["layers"])
+    assert sum(layer["refine_error_after"] for layer in report["layers"]) < 0.8 * before

@@ -1,0 +1,219 @@
+"""The conversion options that trade quality per KV byte: where RoPE goes, the K/V balance, per-layer latent sizes,
+and layer-wise refinement. Each against the source model, on pico checkpoints."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
+from mla_convert.convert import KEY_SCALE_GRID, ConversionOptions, allocate_ranks, convert
+from mla_convert.data import EVALUATION_PART, load_text
+from mla_convert.decompose import SourceAttention, rope_placement, split_rope
+from mla_convert.errors import MLAConvertError
+from mla_convert.evaluate import evaluate
+from mla_convert.refine import attention_outputs, position_embeddings
+
+from conftest import byte_tokenizer
+
+
+STRATEGIES = ("rorope", "freqfold", "partial")
+
+
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def held_out_ids(wikitext, length: int = 128, rows: int = 4) -> torch.LongTensor:
+    text, _ = load_text(str(wikitext), EVALUATION_PART)
+    ids = byte_tokenizer()(text[: 4 * length * rows], add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[: length * rows]).view(rows, length)
+
+
+def options(wikitext, **overrides) -> ConversionOptions:
+    values = dict(calibration=str(wikitext), calibration_tokens=2048, calibration_seq_len=128, refine_tokens=2048)
+    values.update(overrides)
+    return ConversionOptions(**values)
+
+
+# ---------------------------------------------------------------------------------------------------- full budget
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_option_is_exact_at_full_budget(tmp_path, pico_folders, wikitext, strategy):
+    """Full budget keeps every key dimension rotated and the latent as wide as V: whatever the options, the
+    converted model computes what the source computes."""
+    output = tmp_path / strategy
+    settings = options(wikitext, kv_budget=1.0, rope_strategy=strategy, rank_allocation="spectrum", refine_steps=20)
+    report = convert(str(pico_folders["qwen2"]), output, settings)
+    assert report["exact"] and report["refine_steps"] == 0
+    source, model = load(pico_folders["qwen2"]), load(output)
+    input_ids = held_out_ids(wikitext, rows=2)
+    with torch.no_grad():
+        expected, actual = source(input_ids).logits, model(input_ids).logits
+    assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE placement
+
+
+def random_source(num_heads=4, num_kv_heads=2, head_dim=16, hidden=32, seed=0) -> SourceAttention:
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(rows, cols):
+        return torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+
+    return SourceAttention(
+        q_weight=weight(num_heads * head_dim, hidden),
+        k_weight=weight(num_kv_heads * head_dim, hidden),
+        v_weight=weight(num_kv_heads * head_dim, hidden),
+        o_weight=weight(hidden, num_heads * head_dim),
+        q_bias=None, k_bias=None, v_bias=None, o_bias=None,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )
+
+
+def moments(source: SourceAttention, input_moment: torch.Tensor):
+    k = torch.cat((source.k_weight, torch.zeros(source.k_weight.shape[0], 1, dtype=torch.float64)), dim=1)
+    q = torch.cat((source.q_weight, torch.zeros(source.q_weight.shape[0], 1, dtype=torch.float64)), dim=1)
+    q = q.view(source.num_heads, source.head_dim, -1)
+    return k @ input_moment @ k.T, torch.einsum("hdx,xy,hey->hde", q, input_moment, q)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_split_rope_reproduces_every_unrotated_score(strategy):
+    """Before rotation, the kept components (shared key) and the rest (NoPE key) add up to the source's scores:
+    the mix is orthonormal and folded into the query, for every strategy and RoPE size."""
+    source = random_source()
+    x = torch.randn(50, source.hidden_size + 1, dtype=torch.float64)
+    x[:, -1] = 1
+    key_moment, query_moment = moments(source, x.T @ x / len(x))
+    for rope_dim in (2, 8, 16, 30):
+        placement = rope_placement(key_moment, query_moment, 2, 16, rope_dim, strategy=strategy)
+        assert len(placement.kept) == rope_dim // 2
+        q_nope, q_pe, k_pe, k_nope, nope_dim = split_rope(source, placement)
+        # per head: [tokens, dims]
+        q = (x[:, :-1] @ source.q_weight.T).view(50, 4, 16)
+        k = (x[:, :-1] @ source.k_weight.T).view(50, 2, 16)
+        scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(2, dim=1))
+        qn, qp = (x @ q_nope.T).view(50, 4, nope_dim), (x @ q_pe.T).view(50, 4, rope_dim)
+        kn, kp = (x @ k_nope.T).view(50, 2, nope_dim).repeat_interleave(2, dim=1), x @ k_pe.T
+        split = torch.einsum("thd,shd->hts", qn, kn) + torch.einsum("thd,sd->hts", qp, kp)
+        torch.testing.assert_close(split, scores, rtol=1e-9, atol=1e-9)
+
+
+def test_rorope_keeps_rope_where_losing_it_costs_score_error():
+    """A slow frequency barely rotates over the context, so its key energy is no reason to keep its RoPE: the
+    score-error rule spends the shared key on fast frequencies, the energy rule (no frequencies) does not."""
+    source = random_source(num_kv_heads=1, num_heads=2)
+    key_moment = torch.eye(16, dtype=torch.float64)
+    # the slowest frequency (pair 7: dims 7 and 15) carries ten times the energy of the others
+    key_moment[7, 7] = key_moment[15, 15] = 10.0
+    query_moment = torch.eye(16, dtype=torch.float64).expand(2, -1, -1)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    by_energy = rope_placement(key_moment, query_moment, 1, 16, 4, inv_freq=None)
+    by_error = rope_placement(key_moment, query_moment, 1, 16, 4, inv_freq=inv_freq, context=64)
+    assert 7 in by_energy.frequency_indices
+    assert by_error.frequency_indices == [0, 1]
+
+
+def test_partial_rope_keeps_whole_heads_and_freqfold_rotates_within_its_group():
+    source = random_source()
+    x = torch.randn(60, source.hidden_size + 1, dtype=torch.float64)
+    key_moment, query_moment = moments(source, x.T @ x / len(x))
+    partial = rope_placement(key_moment, query_moment, 2, 16, 8, strategy="partial")
+    assert torch.equal(partial.mix, torch.eye(2, dtype=torch.float64).expand_as(partial.mix))
+    folded = rope_placement(key_moment, query_moment, 2, 16, 8, strategy="freqfold")
+    assert all(len(group) == 2 for group in folded.groups)
+    for _, group, frequency in folded.kept:
+        assert frequency in folded.groups[group]
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+
+
+def test_allocate_ranks_spends_the_exact_total_where_the_spectrum_is_flat():
+    sharp = torch.tensor([100.0] + [0.01] * 31)
+    flat = torch.ones(32)
+    ranks = allocate_ranks([sharp, flat, sharp], total_rank=48, min_rank=4)
+    assert sum(ranks) == 48 and min(ranks) >= 4
+    assert ranks[1] > ranks[0] and ranks[0] == ranks[2]
+    with pytest.raises(MLAConvertError, match="cannot spread"):
+        allocate_ranks([sharp, flat], total_rank=70)
+
+
+def test_spectrum_allocation_keeps_the_total_cache_and_round_trips(tmp_path, pico_folders, wikitext):
+    output = tmp_path / "spectrum"
+    report = convert(
+        str(pico_folders["llama-mha"]), output, options(wikitext, kv_budget=0.3, rank_allocation="spectrum")
+    )
+    # llama-mha: 4 kv heads x head_dim 16 x (K, V) = 128 numbers per token and layer
+    ranks, rope_dim = report["kv_lora_ranks"], report["qk_rope_head_dim"]
+    assert sum(rank + rope_dim for rank in ranks) == 2 * round(0.3 * 128)
+    assert len(set(ranks)) > 1
+    assert json.loads((output / "conversion.json").read_text())["kv_lora_ranks"] == ranks
+    model = load(output)
+    assert model.config.kv_lora_ranks == ranks
+    input_ids = held_out_ids(wikitext, length=20, rows=2)
+    with torch.no_grad():
+        cache = model(input_ids, use_cache=True).past_key_values
+    assert [layer.latent.shape[-1] for layer in cache.layers] == ranks
+    generated = model.generate(input_ids[:1, :8], max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(generated, model.generate(input_ids[:1, :8], max_new_tokens=8, do_sample=False,
+                                                 eos_token_id=None, use_cache=False))
+
+
+# ---------------------------------------------------------------------------------------------------- search, refine
+
+
+def test_key_scale_search_picks_per_layer_from_the_grid(tmp_path, pico_folders, wikitext):
+    searched = convert(str(pico_folders["llama-gqa"]), tmp_path / "search", options(wikitext, refine_steps=0))
+    assert all(layer["key_scale_factor"] in KEY_SCALE_GRID for layer in searched["layers"])
+    fixed = convert(str(pico_folders["llama-gqa"]), tmp_path / "fixed", options(wikitext, refine_steps=0, key_scale=2.0))
+    assert all(layer["key_scale_factor"] == 2.0 for layer in fixed["layers"])
+
+
+def test_refinement_fits_each_layer_to_its_source_layer(tmp_path, pico_folders, wikitext):
+    # What refinement promises, layer by layer, on calibration windows held out of its training. Random pico weights
+    # carry too little structure for the end-to-end gain to show reliably; tests/test_real_model.py holds SmolLM2,
+    # refined by default, to its perplexity target.
+    settings = options(wikitext, kv_budget=0.25, refine_steps=100, refine_lr=3e-3, calibration_tokens=4096,
+                       refine_tokens=4096)
+    report = convert(str(pico_folders["llama-gqa"]), tmp_path / "refined", settings)
+    assert report["refine_steps"] == 100
+    for layer in report["layers"]:
+        assert layer["refine_error_after"] <= layer["refine_error_before"]
+        assert layer["refine_error_after"] < 0.9 * layer["refine_error_before"], report["layers"]
+    unrefined = convert(str(pico_folders["llama-gqa"]), tmp_path / "closed-form", options(wikitext, refine_steps=0))
+    assert unrefined["refine_steps"] == 0
+    assert all("refine_error_after" not in layer for layer in unrefined["layers"])
+
+
+def test_refinement_targets_causal_attention(pico_folders):
+    # Eager attention reads a missing mask as bidirectional: the targets must be causal whatever the implementation.
+    source = load(pico_folders["llama-gqa"])
+    inputs = torch.randn(2, 12, source.config.hidden_size)
+    rope = position_embeddings(source, inputs)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        source.set_attn_implementation(implementation)
+        outputs[implementation] = attention_outputs(source.model.layers[0].self_attn, inputs, rope, batch_size=2)
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-5)
+    source.set_attn_implementation("eager")
+    changed = inputs.clone()
+    changed[:, -1] += 1.0
+    later = attention_outputs(source.model.layers[0].self_attn, changed, rope, batch_size=2)
+    torch.testing.assert_close(later[:, :-1], outputs["sdpa"][:, :-1])
+
+
+def test_bad_quality_options_are_refused(tmp_path, pico_folders, wikitext):
+    for overrides, fragment in (
+        ({"rope_strategy": "spiral"}, "--rope-strategy must be one of rorope, freqfold, partial"),
+        ({"rank_allocation": "random"}, "--rank-allocation must be one of uniform, spectrum"),
+        ({"key_scale": -1.0}, "--key-scale must be 'search' or a positive number"),
+        ({"refine_steps": -5}, "--refine-steps must be 0 (off) or positive"),
+    ):
+        with pytest.raises(MLAConvertError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            convert(str(pico_folders["llama-gqa"]), tmp_path / "bad", options(wikitext, **overrides))
+        assert not (tmp_path / "bad").exists()
