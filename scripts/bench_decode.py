@@ -171,8 +171,12 @@ def main() -> None:
         folders = {"source": args.source}
         for budget in args.budgets:
             folders[f"mla {budget:g}"] = Path(scratch) / f"mla-{budget}"
+            # Weight-only and unrefined unless --calibration is given: the same shapes, no calibration to wait for.
             options = ConversionOptions(
-                kv_budget=budget, init="pca" if args.calibration else "svd", calibration=args.calibration
+                kv_budget=budget,
+                init="pca" if args.calibration else "svd",
+                refine_steps=ConversionOptions.refine_steps if args.calibration else 0,
+                calibration=args.calibration,
             )
             convert(args.source, folders[f"mla {budget:g}"], options)
         models = {

@@ -1,88 +1,228 @@
-"""Quality per KV byte: convert a source at several budgets, evaluate each on held-out text against the source.
+"""Quality per KV byte: MLA conversions of a source at several budgets, each way of converting, and the GQA baseline,
+evaluated on held-out text against the source. No fine-tuning: refinement counts, healing does not.
 
-    python scripts/bench_quality.py runs/smollm2 --budgets 1.0 0.5 0.25 --calibration ../shared/data/wikitext2_valid.txt
+    python scripts/fetch_smollm2.py runs/smollm2
+    python scripts/bench_quality.py runs/smollm2                      (under 30 minutes on 2 CPU cores)
+    python scripts/bench_quality.py runs/smollm2 --quick              (defaults only, at 0.5 and 0.25)
 
-Calibration reads the first 80% of the text, evaluation the last 20%. Prints a markdown table and writes JSON.
-`--calibration sampled` uses data-free calibration (text sampled from the source).
+Calibration reads the first 80% of --calibration (32k tokens by default), evaluation the last 20% of --eval-data
+(8k tokens in windows of 512): the two never overlap when they are the same file. Calibration runs once per
+kind (text, and data-free: sampled from the source) and size, and is shared by every conversion, so each row's
+time is its own decomposition and refinement; the calibration times are printed once.
+
+Rows:
+- `default`: the options `mla-convert convert` uses by default, at every budget;
+- `closed form`: the defaults without refinement (`--refine-steps 0`), at every budget: what refinement buys;
+- `rope strategy`: each --rope-strategy, and weight-only SVD (--init svd), closed form at K/V balance 1, at the
+  comparison budgets;
+- `rank allocation`: the other --rank-allocation, closed form, at the comparison budgets;
+- `data-free`: the defaults with calibration sampled from the source, at the first comparison budget;
+- `calibration tokens`: closed form at K/V balance 1 with 4k..32k calibration tokens, at the first comparison budget;
+- `gqa`: the source with mean-pooled KV heads (`mla-convert gqa`), at every budget it can reach.
+
+Prints a markdown table, writes JSON and a PNG of perplexity against KV bytes per token.
 """
 
 import argparse
+import copy
 import json
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.convert import ConversionOptions, convert
+from mla_convert.convert import ConversionOptions, SourceShape, build_mla, calibrate, plan_ranks
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
-from mla_convert.evaluate import evaluate
+from mla_convert.evaluate import ReferenceLogProbs, evaluate
+from mla_convert.gqa import pool_kv_heads, valid_gqa_head_counts
+from mla_convert.refine import RefineOptions, refine_all
+
+
+DEFAULT_BUDGETS = (0.75, 0.5, 1 / 3, 0.25, 0.17)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="source model folder (e.g. from scripts/fetch_smollm2.py)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
+    parser.add_argument("--compare-budgets", type=float, nargs="+", default=[0.25, 0.5],
+                        help="budgets at which the other ways of converting are compared with the defaults")
+    parser.add_argument("--calibration", default="../shared/data/wikitext2_valid.txt")
+    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--token-sweep", type=int, nargs="*", default=[4096, 8192, 16384, 32768],
+                        help="calibration token counts to compare (closed form, at the first comparison budget)")
+    parser.add_argument("--eval-data", default="../shared/data/wikitext2_valid.txt")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="only the defaults at the comparison budgets")
+    parser.add_argument("--json", default="runs/bench_quality.json")
+    parser.add_argument("--plot", default="runs/bench_quality.png")
+    return parser.parse_args()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tokenizer = AutoTokenizer.from_pretrained(args.source)
+        self.source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
+        self.shape = SourceShape.from_config(self.source.config)
+        text, self.split = load_text(args.eval_data, EVALUATION_PART)
+        self.held_out = tokenize_into_sequences(self.tokenizer, text, args.seq_len, args.eval_tokens)
+        self.reference = ReferenceLogProbs(self.source, self.held_out)
+        self.calibrations = {}
+        self.rows = []
+
+    def calibration(self, kind: str, tokens: int):
+        """Calibration shared by every conversion of the same kind and size (recorded inputs for refinement too)."""
+        key = (kind, tokens)
+        if key not in self.calibrations:
+            options = self.options(calibration=None if kind == "data-free" else self.args.calibration,
+                                   calibration_tokens=tokens, refine_tokens=tokens)
+            plan = plan_ranks(self.shape, replace(options, kv_budget=0.5))
+            started = time.perf_counter()
+            calibration = calibrate(self.source, self.tokenizer, self.shape, plan, options)
+            seconds = time.perf_counter() - started
+            print(f"calibration ({kind}, {tokens} tokens): {calibration.info['description']}, {seconds:.0f} s", flush=True)
+            self.calibrations[key] = (calibration, seconds)
+        return self.calibrations[key]
+
+    def options(self, **overrides) -> ConversionOptions:
+        values = dict(calibration=self.args.calibration, calibration_tokens=self.args.calibration_tokens,
+                      refine_tokens=self.args.calibration_tokens)
+        values.update(overrides)
+        return ConversionOptions(**values)
+
+    def score(self, model) -> dict:
+        results = evaluate(model, self.held_out, reference=self.reference, progress=False)
+        results["ratio"] = results["perplexity"] / results["reference_perplexity"]
+        return results
+
+    def mla(self, group: str, budget: float, kind: str = "text", tokens: int | None = None, **overrides) -> None:
+        """One conversion; with refinement in its options, also scored before it (as the `closed form` row)."""
+        tokens = tokens or self.args.calibration_tokens
+        calibration, calibration_seconds = self.calibration(kind, tokens)
+        options = self.options(kv_budget=budget, calibration_tokens=tokens, refine_tokens=tokens, **overrides)
+        plan = plan_ranks(self.shape, options)
+        started = time.perf_counter()
+        closed = replace(options, refine_steps=0)
+        model, plan, _, _ = build_mla(self.source, self.source.config, plan, calibration, closed, False)
+        seconds = time.perf_counter() - started
+        label = ", ".join(f"{key}={value}" for key, value in overrides.items()) or "defaults"
+        extra = {
+            "kv_lora_ranks": plan.kv_lora_ranks,
+            "qk_rope_head_dim": plan.qk_rope_head_dim,
+            "kv_numbers_per_token": sum(plan.cache_per_layer),
+            "calibration_seconds": round(calibration_seconds, 1),
+        }
+        if options.refine_steps == 0:
+            self.add(group, budget, label, kind, tokens, self.score(model), {**extra, "build_seconds": round(seconds, 1)})
+            return
+        if group == "default":
+            self.add("closed form", budget, "refine_steps=0", kind, tokens, self.score(model),
+                     {**extra, "build_seconds": round(seconds, 1)})
+        started = time.perf_counter()
+        refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+        refine_stats = refine_all(self.source, model, calibration.layer_inputs, refine_options, options.seed, False)
+        seconds += time.perf_counter() - started
+        self.add(group, budget, label, kind, tokens, self.score(model), {
+            **extra,
+            "build_seconds": round(seconds, 1),
+            "refined_layers_kept": sum(bool(stat.get("refine_kept")) for stat in refine_stats),
+        })
+
+    def gqa(self, num_kv_heads: int) -> None:
+        model = pool_kv_heads(copy.deepcopy(self.source), num_kv_heads)
+        budget = num_kv_heads / self.shape.num_kv_heads
+        numbers = 2 * num_kv_heads * self.shape.head_dim * self.shape.num_layers
+        self.add("gqa", budget, f"{num_kv_heads} KV heads, mean-pooled", "none", 0, self.score(model),
+                 {"kv_numbers_per_token": numbers, "build_seconds": 0.0, "calibration_seconds": 0.0})
+
+    def add(self, group, budget, label, kind, tokens, results, extra) -> None:
+        row = {"group": group, "budget": budget, "method": label, "calibration": kind, "calibration_tokens": tokens,
+               **extra, **results}
+        row["kv_bytes_per_token_fp32"] = 4 * row["kv_numbers_per_token"]
+        self.rows.append(row)
+        print(f"{group:18s} {budget:.3f} {label:40s} {kind:9s} {tokens:6d}  ppl {row['perplexity']:8.2f}  "
+              f"ratio {row['ratio']:.3f}  KL {row['kl']:.3f}  top-1 {row['top1_agreement']:.3f}  "
+              f"{row['build_seconds']:.0f} s", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="source model folder (e.g. from scripts/fetch_smollm2.py)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25])
-    parser.add_argument("--calibration", nargs="+", default=["../shared/data/wikitext2_valid.txt"],
-                        help="calibration text(s); 'sampled' for data-free")
-    parser.add_argument("--calibration-tokens", type=int, default=32768)
-    parser.add_argument("--init", nargs="+", default=["pca"], choices=("pca", "svd"))
-    parser.add_argument("--eval-data", default="../shared/data/wikitext2_valid.txt")
-    parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--json", default="runs/bench_quality.json")
-    args = parser.parse_args()
+    args = parse_args()
+    started = time.perf_counter()
+    bench = Bench(args)
+    budgets = args.compare_budgets if args.quick else args.budgets
+    for budget in budgets:
+        bench.mla("default", budget)
+    if not args.quick:
+        for count in valid_gqa_head_counts(bench.source.config):
+            if count < bench.shape.num_kv_heads:
+                bench.gqa(count)
+        for budget in args.compare_budgets:
+            for strategy in ("rorope", "freqfold", "partial"):
+                bench.mla("rope strategy", budget, refine_steps=0, key_scale=1.0, rope_strategy=strategy)
+            bench.mla("rope strategy", budget, refine_steps=0, key_scale=1.0, init="svd")
+            other = "uniform" if ConversionOptions.rank_allocation == "spectrum" else "spectrum"
+            bench.mla("rank allocation", budget, refine_steps=0, rank_allocation=other)
+        first = args.compare_budgets[0]
+        bench.mla("data-free", first, kind="data-free")
+        for tokens in sorted(args.token_sweep):
+            bench.mla("calibration tokens", first, tokens=tokens, refine_steps=0, key_scale=1.0)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.source)
-    source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
-    text, split = load_text(args.eval_data, EVALUATION_PART)
-    held_out = tokenize_into_sequences(tokenizer, text, args.seq_len, args.eval_tokens)
-
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for calibration in args.calibration:
-            for init in args.init:
-                for budget in args.budgets:
-                    options = ConversionOptions(
-                        kv_budget=budget,
-                        init=init,
-                        calibration=None if calibration == "sampled" else calibration,
-                        calibration_tokens=args.calibration_tokens,
-                    )
-                    output = Path(scratch) / f"mla-{budget}"
-                    started = time.perf_counter()
-                    report = convert(args.source, output, options, overwrite=True)
-                    seconds = time.perf_counter() - started
-                    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-                    results = evaluate(model, held_out, reference=source)
-                    rows.append({
-                        "budget": budget,
-                        "init": init,
-                        "calibration": report["calibration"]["description"],
-                        "kv_lora_rank": report["kv_lora_ranks"][0],
-                        "qk_rope_head_dim": report["qk_rope_head_dim"],
-                        "kv_bytes_per_token": report["cache"]["mla_bytes_per_token"],
-                        "source_kv_bytes_per_token": report["cache"]["source_bytes_per_token"],
-                        "conversion_seconds": round(seconds, 1),
-                        **results,
-                    })
-                    print(json.dumps(rows[-1]), flush=True)
-
-    print(f"\nheld-out: {split}, {rows[0]['tokens']} predicted tokens, sequences of {args.seq_len}\n")
-    print("| KV budget | init | calibration | rank + rope | KV bytes/token (fp32) | perplexity | ratio | KL | top-1 | convert s |")
+    print(f"\nheld-out: {bench.split}, {bench.held_out.numel()} tokens in windows of {args.seq_len} "
+          f"({bench.rows[0]['tokens']} predicted); source perplexity {bench.rows[0]['reference_perplexity']:.2f}; "
+          f"KV bytes per token in float32 (the source: {4 * bench.shape.cache_per_layer * bench.shape.num_layers})\n")
+    print("| group | KV budget | method | calibration | KV bytes/token | perplexity | ratio to source | KL | top-1 | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['budget']:.2f} | {row['init']} | {row['calibration']} | {row['kv_lora_rank']} + "
-            f"{row['qk_rope_head_dim']} | {row['kv_bytes_per_token']} / {row['source_kv_bytes_per_token']} | "
-            f"{row['perplexity']:.2f} | {row['perplexity'] / row['reference_perplexity']:.3f} | {row['kl']:.3f} | "
-            f"{row['top1_agreement']:.3f} | {row['conversion_seconds']} |"
-        )
-    print(f"| source | | | | {rows[0]['source_kv_bytes_per_token']} | {rows[0]['reference_perplexity']:.2f} | 1.000 | 0 | 1 | |")
+    for row in bench.rows:
+        calibration = "none" if row["calibration"] == "none" else f"{row['calibration']}, {row['calibration_tokens'] // 1024}k"
+        print(f"| {row['group']} | {row['budget']:.3f} | {row['method']} | {calibration} | {row['kv_bytes_per_token_fp32']:,} | "
+              f"{row['perplexity']:.2f} | {row['ratio']:.3f} | {row['kl']:.3f} | {row['top1_agreement']:.3f} | "
+              f"{row['build_seconds']:.0f} |")
+    calibration_seconds = {f"{kind}, {tokens}": round(seconds, 1) for (kind, tokens), (_, seconds) in bench.calibrations.items()}
+    print(f"\ncalibration seconds (shared by the rows): {calibration_seconds}; bench took {time.perf_counter() - started:.0f} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"held_out": split, "seq_len": args.seq_len, "rows": rows}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({
+        "held_out": bench.split, "seq_len": args.seq_len, "calibration_seconds": calibration_seconds,
+        "source_kv_bytes_per_token_fp32": 4 * bench.shape.cache_per_layer * bench.shape.num_layers,
+        "rows": bench.rows,
+    }, indent=2) + "\n")
+    plot(bench, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+
+
+def plot(bench: Bench, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    source_bytes = 4 * bench.shape.cache_per_layer * bench.shape.num_layers
+    reference = bench.rows[0]["reference_perplexity"]
+    axis.scatter([source_bytes], [reference], color="black", marker="*", s=120, label="source", zorder=3)
+    series = {}
+    for row in bench.rows:
+        if row["group"] in ("default", "closed form", "gqa", "data-free") or (row["group"] == "rope strategy"):
+            method = row["method"].replace("refine_steps=0, key_scale=1.0, ", "")
+            name = row["group"] if row["group"] != "rope strategy" else f"closed form at K/V balance 1, {method}"
+            series.setdefault(name, []).append((row["kv_bytes_per_token_fp32"], row["perplexity"]))
+    for name, points in series.items():
+        points.sort()
+        style = "o-" if name in ("default", "closed form") else ("s" if name == "gqa" else "x--")
+        axis.plot([x for x, _ in points], [y for _, y in points], style, label=name)
+    axis.set_xlabel("KV cache bytes per token (float32)")
+    axis.set_ylabel("held-out perplexity (log scale)")
+    axis.set_yscale("log")
+    axis.set_title(f"{Path(bench.args.source).name}: perplexity against KV cache size (no fine-tuning)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
