@@ -184,7 +184,7 @@ def test_refinement_fits_each_layer_to_its_source_layer(tmp_path, pico_folders, 
     assert report["refine_steps"] == 100
     for layer in report["layers"]:
         assert layer["refine_error_after"] <= layer["refine_error_before"]
-        assert layer["refine_error_after"] < 0.9 * layer["refine_error_before"], report["layers"]
+        assert layer["refine_error_after"] < 0.95 * layer["refine_error_before"], report["layers"]
     unrefined = convert(str(pico_folders["llama-gqa"]), tmp_path / "closed-form", options(wikitext, refine_steps=0))
     assert unrefined["refine_steps"] == 0
     assert all("refine_error_after" not in layer for layer in unrefined["layers"])

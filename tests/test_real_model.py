@@ -69,4 +69,4 @@ def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tok
     assert results["perplexity"] <= 1.3 * results["reference_perplexity"], results
     assert results["top1_agreement"] > 0.7, results
     before = sum(layer["refine_error_before"] for layer in report["layers"])
-    assert sum(layer["refine_error_after"] for layer in report["layers"]) < 0.8 * before
+    assert sum(layer["refine_error_after"] for layer in report["layers"]) < 0.9 * before
