@@ -462,6 +462,22 @@ def choose_key_scales(
     return [KEY_SCALE_GRID[c] for c in best], [candidates[c][layer_idx] for layer_idx, c in enumerate(best)]
 
 
+def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
+    return not plan.exact and options.init == "pca" and options.key_scale == "search"
+
+
+def refine(
+    source_model: PreTrainedModel,
+    model: MLAForCausalLM,
+    layer_inputs: list[torch.Tensor],
+    options: ConversionOptions,
+    progress: bool = True,
+) -> list[dict]:
+    """Fits each MLA layer of `model` to its source layer on the recorded calibration inputs (`--refine-steps`)."""
+    refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+    return refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
+
+
 @dataclass
 class Calibration:
     """What a conversion learns from calibration text: the sequences, a description for the report, every attention
@@ -480,7 +496,7 @@ def calibrate(
     """Reads calibration text (or samples it) and records what the chosen options need of it: nothing for the exact
     form, only the inputs to refine for weight-only SVD."""
     refine_steps = 0 if plan.exact else options.refine_steps
-    search = not plan.exact and options.init == "pca" and options.key_scale == "search"
+    search = searches_key_scale(plan, options)
     if plan.exact or (options.init == "svd" and refine_steps == 0):
         description = "not needed" if plan.exact else "not needed (weight-only SVD)"
         info = {"kind": "none", "description": description, "tokens": 0}
@@ -516,7 +532,7 @@ def build_mla(
         uniform = plan.kv_lora_ranks[0]
         ranks = allocate_ranks([layer.spectrum for layer in layers], sum(plan.kv_lora_ranks), max(1, uniform // 4))
         plan = replace(plan, kv_lora_ranks=ranks)
-    if not plan.exact and options.init == "pca" and options.key_scale == "search":
+    if searches_key_scale(plan, options):
         key_scales, layers = choose_key_scales(
             source_model, source_config, shape, moments, plan, decompose_options, layer_inputs
         )
@@ -530,8 +546,7 @@ def build_mla(
     # refine: fit each layer to its source layer on the recorded calibration activations
     refine_stats = [{} for _ in layers]
     if not plan.exact and options.refine_steps > 0:
-        refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
-        refine_stats = refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
+        refine_stats = refine(source_model, model, layer_inputs, options, progress)
     return model, plan, layers, refine_stats
 
 

@@ -183,14 +183,10 @@ def rope_placement(
 
     # key: [groups, slots, slots]; query energy per slot, summed over the heads of its kv group: [groups, slots, slots]
     key = slot_moments(key_moment, num_kv_heads, head_dim, groups)
-    # query_blocks[g]: [group_size * head_dim ... ] -> per kv group, the summed query moment of its heads
+    # group_query: [kv_heads, head_dim, head_dim], the summed query moment of each kv group's heads; it sits on the
+    # slots of its own kv head only (queries read their own group), hence block-diagonal over kv heads
     group_query = query_moment.view(num_kv_heads, group_size, head_dim, head_dim).sum(1)
-    query = torch.zeros_like(key)
-    for g in range(num_kv_heads):
-        # the query moment of group g's heads sits on the slots of kv head g only (queries read their own group)
-        own = torch.zeros(num_kv_heads * head_dim, num_kv_heads * head_dim, dtype=key.dtype)
-        own[g * head_dim : (g + 1) * head_dim, g * head_dim : (g + 1) * head_dim] = group_query[g]
-        query += slot_moments(own, num_kv_heads, head_dim, groups)
+    query = slot_moments(torch.block_diag(*group_query), num_kv_heads, head_dim, groups)
 
     if strategy == "partial":
         mix = torch.eye(slots, dtype=key.dtype).expand(len(groups), -1, -1).clone()
@@ -400,8 +396,9 @@ def decompose_layer(
     group_size = heads // kv_heads
     k_aug = augment(source.k_weight, source.k_bias)
     key_moment = k_aug @ input_moment @ k_aug.T
-    query_moment = query_moments(source, input_moment)
-    if not weighted:
+    if weighted:
+        query_moment = query_moments(source, input_moment)
+    else:
         # Weight-only: every query direction counts alike.
         query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
     placement = rope_placement(

@@ -35,10 +35,11 @@ def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def windows(inputs: torch.Tensor, window: int) -> torch.Tensor:
-    """Recorded attention inputs `[sequences, seq, hidden]` -> float32 windows `[sequences * (seq // w), w, hidden]`."""
+    """Recorded attention inputs `[sequences, seq, hidden]` -> windows `[sequences * (seq // w), w, hidden]`, in the
+    recorded dtype (the caller casts what it uses)."""
     window = min(window, inputs.shape[1])
     usable = inputs.shape[1] // window * window
-    return inputs[:, :usable].reshape(-1, window, inputs.shape[-1]).float()
+    return inputs[:, :usable].reshape(-1, window, inputs.shape[-1])
 
 
 @contextmanager
@@ -88,7 +89,7 @@ class AttentionTargets:
     def __init__(self, source_model: nn.Module, layer_inputs: list[torch.Tensor], window: int = 256, count: int = 8):
         self.device = next(source_model.parameters()).device
         # per layer: [count, window, hidden]
-        self.inputs = [windows(inputs, window)[:count].to(self.device) for inputs in layer_inputs]
+        self.inputs = [windows(inputs, window)[:count].to(self.device, torch.float32) for inputs in layer_inputs]
         with torch.no_grad(), attention_implementation([source_model], self.device):
             rope = position_embeddings(source_model, self.inputs[0])
             self.targets = [
@@ -184,15 +185,19 @@ def refine_all(
     generator = torch.Generator().manual_seed(seed)
     stats = []
     with attention_implementation([source_model, model], device):
+        rope = source_rope = None
         for layer_idx in tqdm(range(len(layer_inputs)), desc="refining", unit="layer", disable=not progress):
-            inputs = windows(layer_inputs[layer_idx], options.window).to(device)
+            inputs = windows(layer_inputs[layer_idx], options.window).to(device, torch.float32)
+            if rope is None:
+                # The same positions in every layer: the RoPE tables once.
+                source_rope, rope = position_embeddings(source_model, inputs), position_embeddings(model, inputs)
             stats.append(
                 refine_layer(
                     source_model.model.layers[layer_idx].self_attn,
                     model.model.layers[layer_idx].self_attn,
                     inputs,
-                    position_embeddings(source_model, inputs),
-                    position_embeddings(model, inputs),
+                    source_rope,
+                    rope,
                     options,
                     generator,
                 )

@@ -34,11 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.convert import ConversionOptions, SourceShape, build_mla, calibrate, plan_ranks
+from mla_convert.convert import ConversionOptions, SourceShape, build_mla, calibrate, plan_ranks, refine
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import ReferenceLogProbs, evaluate
 from mla_convert.gqa import pool_kv_heads, valid_gqa_head_counts
-from mla_convert.refine import RefineOptions, refine_all
 
 
 DEFAULT_BUDGETS = (0.75, 0.5, 1 / 3, 0.25, 0.17)
@@ -124,8 +123,7 @@ class Bench:
             self.add("closed form", budget, "refine_steps=0", kind, tokens, self.score(model),
                      {**extra, "build_seconds": round(seconds, 1)})
         started = time.perf_counter()
-        refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
-        refine_stats = refine_all(self.source, model, calibration.layer_inputs, refine_options, options.seed, False)
+        refine_stats = refine(self.source, model, calibration.layer_inputs, options, False)
         seconds += time.perf_counter() - started
         self.add(group, budget, label, kind, tokens, self.score(model), {
             **extra,
