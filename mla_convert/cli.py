@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank-allocation",
         choices=("uniform", "spectrum"),
         default="spectrum",
-        help="uniform: the same latent size in every layer; spectrum: latent sizes per layer where the calibration "
-        "spectra need them (the total cache stays exactly the same; the config carries the per-layer sizes)",
+        help="uniform: the same latent size in every layer; spectrum: with --kv-budget, latent sizes per layer where the "
+        "calibration spectra need them (the total cache stays exactly the same; the config carries the per-layer "
+        "sizes); an explicit --kv-lora-rank is used in every layer as given",
     )
     convert.add_argument(
         "--calibration",

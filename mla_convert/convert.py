@@ -526,7 +526,8 @@ def build_mla(
     # decompose: latent sizes per layer, then the K/V balance per layer, then the weights
     decompose_options = DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy)
     key_scales = [1.0 if options.key_scale == "search" else float(options.key_scale)] * shape.num_layers
-    if options.rank_allocation == "spectrum" and not plan.exact:
+    # An explicit --kv-lora-rank is a size per layer, honoured as given; a --kv-budget is a total to spread.
+    if options.rank_allocation == "spectrum" and not plan.exact and options.kv_lora_rank is None:
         # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
         layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, False)
         uniform = plan.kv_lora_ranks[0]
@@ -615,7 +616,7 @@ def conversion_report(
         "qk_nope_head_dim": layers[0].qk_nope_head_dim,
         "init": options.init,
         "rope_strategy": options.rope_strategy,
-        "rank_allocation": options.rank_allocation,
+        "rank_allocation": options.rank_allocation if options.kv_lora_rank is None else "explicit --kv-lora-rank",
         "calibration": calibration_info,
         "cache": {
             "source_numbers_per_token_per_layer": shape.cache_per_layer,
