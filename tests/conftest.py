@@ -45,7 +45,9 @@ PICO_ARCHITECTURES = {
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges (256 byte tokens + 2 specials): real text, no download."""
-    byte_vocab = {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # alphabet() comes in hash-set order, which changes from process to process: sorted, the ids are the same in
+    # every run, and so are the calibration windows and whatever the tests measure on them.
+    byte_vocab = {token: index for index, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab = {**byte_vocab, "<s>": 256, "</s>": 257}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -13,7 +13,7 @@ from mla_convert.data import EVALUATION_PART, load_text
 from mla_convert.decompose import SourceAttention, rope_placement, split_rope
 from mla_convert.errors import MLAConvertError
 from mla_convert.evaluate import evaluate
-from mla_convert.refine import attention_outputs, position_embeddings
+from mla_convert.refine import RefineOptions, attention_outputs, position_embeddings, refine_layer
 
 from conftest import byte_tokenizer
 
@@ -174,17 +174,39 @@ def test_key_scale_search_picks_per_layer_from_the_grid(tmp_path, pico_folders, 
     assert all(layer["key_scale_factor"] == 2.0 for layer in fixed["layers"])
 
 
-def test_refinement_fits_each_layer_to_its_source_layer(tmp_path, pico_folders, wikitext):
-    # What refinement promises, layer by layer, on calibration windows held out of its training. Random pico weights
-    # carry too little structure for the end-to-end gain to show reliably; tests/test_real_model.py holds SmolLM2,
-    # refined by default, to its perplexity target.
+def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext):
+    # The exact conversion, disturbed by noise in every MLA projection, is a layer whose best fit is known (error 0):
+    # refinement must take most of the way back to it. Closed-form starts on random pico weights leave too little
+    # to gain for a margin that holds on every CPU; tests/test_real_model.py holds refined SmolLM2 to its targets.
+    output = tmp_path / "exact"
+    convert(str(pico_folders["llama-gqa"]), output, options(wikitext, kv_budget=1.0))
+    source, model = load(pico_folders["llama-gqa"]), load(output)
+    source.set_attn_implementation("eager")
+    model.set_attn_implementation("eager")
+    generator = torch.Generator().manual_seed(0)
+    # inputs: [windows, window, hidden], unit-scale like the post-norm hidden states the layer sees
+    inputs = torch.randn(40, 32, source.config.hidden_size, generator=generator)
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.add_(0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    rope = position_embeddings(source, inputs)
+    stats = refine_layer(source.model.layers[0].self_attn, attention, inputs, rope, position_embeddings(model, inputs),
+                         RefineOptions(steps=150, lr=3e-3), generator)
+    assert stats["refine_kept"]
+    assert stats["refine_error_after"] < 0.3 * stats["refine_error_before"], stats
+
+
+def test_refinement_is_reported_and_never_makes_a_layer_worse(tmp_path, pico_folders, wikitext):
     settings = options(wikitext, kv_budget=0.25, refine_steps=100, refine_lr=3e-3, calibration_tokens=4096,
                        refine_tokens=4096)
     report = convert(str(pico_folders["llama-gqa"]), tmp_path / "refined", settings)
     assert report["refine_steps"] == 100
     for layer in report["layers"]:
+        # held-out windows decide: a layer that training made worse is handed back as it was
         assert layer["refine_error_after"] <= layer["refine_error_before"]
-        assert layer["refine_error_after"] < 0.95 * layer["refine_error_before"], report["layers"]
+    assert sum(layer["refine_error_after"] for layer in report["layers"]) < sum(
+        layer["refine_error_before"] for layer in report["layers"])
     unrefined = convert(str(pico_folders["llama-gqa"]), tmp_path / "closed-form", options(wikitext, refine_steps=0))
     assert unrefined["refine_steps"] == 0
     assert all("refine_error_after" not in layer for layer in unrefined["layers"])
