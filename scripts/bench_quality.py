@@ -4,6 +4,7 @@ evaluated on held-out text against the source. No fine-tuning: refinement counts
     python scripts/fetch_smollm2.py runs/smollm2
     python scripts/bench_quality.py runs/smollm2                      (under 30 minutes on 2 CPU cores)
     python scripts/bench_quality.py runs/smollm2 --quick              (defaults only, at 0.5 and 0.25)
+    python scripts/bench_quality.py runs/smollm2 --cross-domain       (calibration domains, about 30 minutes)
 
 Calibration reads the first 80% of --calibration (32k tokens by default), evaluation the last 20% of --eval-data
 (8k tokens in windows of 512): the two never overlap when they are the same file. Calibration runs once per
@@ -20,14 +21,19 @@ Rows:
 - `calibration tokens`: closed form at K/V balance 1 with 4k..32k calibration tokens, at the first comparison budget;
 - `gqa`: the source with mean-pooled KV heads (`mla-convert gqa`), at every budget it can reach.
 
+--cross-domain replaces those rows with one question: how much of calibration's value is its domain? The defaults at
+the comparison budgets, calibrated on --calibration, on --other-text and data-free, each scored on the held-out part
+of --eval-data and of --other-text (a 3 x 2 table per budget; JSON to runs/bench_quality_domains.json, no plot).
+
 Prints a markdown table, writes JSON and a PNG of perplexity against KV bytes per token.
 """
 
 import argparse
 import copy
 import json
+import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,9 +63,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="only the defaults at the comparison budgets")
-    parser.add_argument("--json", default="runs/bench_quality.json")
+    parser.add_argument("--cross-domain", action="store_true",
+                        help="calibrate on --calibration, --other-text and data-free; score on both texts")
+    parser.add_argument("--other-text", default="../shared/data/tinyshakespeare.txt",
+                        help="the second domain of --cross-domain (first 80%% calibrates, last 20%% is held out)")
+    parser.add_argument("--json", default=None, help="default: runs/bench_quality.json (--cross-domain: "
+                        "runs/bench_quality_domains.json)")
     parser.add_argument("--plot", default="runs/bench_quality.png")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.json is None:
+        args.json = "runs/bench_quality_domains.json" if args.cross_domain else "runs/bench_quality.json"
+    return args
+
+
+@dataclass
+class HeldOut:
+    """Held-out windows of one text and the source's log-probabilities on them, computed once."""
+
+    name: str
+    split: str
+    sequences: torch.LongTensor
+    reference: ReferenceLogProbs
+
+    @classmethod
+    def load(cls, path: str, tokenizer, source, seq_len: int, tokens: int) -> "HeldOut":
+        text, split = load_text(path, EVALUATION_PART)
+        sequences = tokenize_into_sequences(tokenizer, text, seq_len, tokens)
+        return cls(Path(path).stem, split, sequences, ReferenceLogProbs(source, sequences, progress=False))
 
 
 class Bench:
@@ -68,9 +98,14 @@ class Bench:
         self.tokenizer = AutoTokenizer.from_pretrained(args.source)
         self.source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
         self.shape = SourceShape.from_config(self.source.config)
-        text, self.split = load_text(args.eval_data, EVALUATION_PART)
-        self.held_out = tokenize_into_sequences(self.tokenizer, text, args.seq_len, args.eval_tokens)
-        self.reference = ReferenceLogProbs(self.source, self.held_out)
+        self.held_outs = [HeldOut.load(args.eval_data, self.tokenizer, self.source, args.seq_len, args.eval_tokens)]
+        if args.cross_domain:
+            self.held_outs.append(
+                HeldOut.load(args.other_text, self.tokenizer, self.source, args.seq_len, args.eval_tokens)
+            )
+        self.split, self.held_out = self.held_outs[0].split, self.held_outs[0].sequences
+        # calibration kind -> text (None: data-free, sampled from the source)
+        self.calibration_texts = {"text": args.calibration, "other text": args.other_text, "data-free": None}
         self.calibrations = {}
         self.rows = []
 
@@ -78,8 +113,8 @@ class Bench:
         """Calibration shared by every conversion of the same kind and size (recorded inputs for refinement too)."""
         key = (kind, tokens)
         if key not in self.calibrations:
-            options = self.options(calibration=None if kind == "data-free" else self.args.calibration,
-                                   calibration_tokens=tokens, refine_tokens=tokens)
+            options = self.options(calibration=self.calibration_texts[kind], calibration_tokens=tokens,
+                                   refine_tokens=tokens)
             plan = plan_ranks(self.shape, replace(options, kv_budget=0.5))
             started = time.perf_counter()
             calibration = calibrate(self.source, self.tokenizer, self.shape, plan, options)
@@ -94,16 +129,19 @@ class Bench:
         values.update(overrides)
         return ConversionOptions(**values)
 
-    def score(self, model) -> dict:
-        results = evaluate(model, self.held_out, reference=self.reference, progress=False)
+    def score(self, model, held_out: HeldOut | None = None) -> dict:
+        held_out = held_out or self.held_outs[0]
+        results = evaluate(model, held_out.sequences, reference=held_out.reference, progress=False)
         results["ratio"] = results["perplexity"] / results["reference_perplexity"]
+        results["held_out"] = held_out.split
         return results
 
     def mla(self, group: str, budget: float, kind: str = "text", tokens: int | None = None, **overrides) -> None:
         """One conversion; with refinement in its options, also scored before it (as the `closed form` row)."""
         tokens = tokens or self.args.calibration_tokens
         calibration, calibration_seconds = self.calibration(kind, tokens)
-        options = self.options(kv_budget=budget, calibration_tokens=tokens, refine_tokens=tokens, **overrides)
+        options = self.options(kv_budget=budget, calibration=self.calibration_texts[kind], calibration_tokens=tokens,
+                               refine_tokens=tokens, **overrides)
         plan = plan_ranks(self.shape, options)
         started = time.perf_counter()
         closed = replace(options, refine_steps=0)
@@ -125,11 +163,10 @@ class Bench:
         started = time.perf_counter()
         refine_stats = refine(self.source, model, calibration.layer_inputs, options, False)
         seconds += time.perf_counter() - started
-        self.add(group, budget, label, kind, tokens, self.score(model), {
-            **extra,
-            "build_seconds": round(seconds, 1),
-            "refined_layers_kept": sum(bool(stat.get("refine_kept")) for stat in refine_stats),
-        })
+        extra.update(build_seconds=round(seconds, 1),
+                     refined_layers_kept=sum(bool(stat.get("refine_kept")) for stat in refine_stats))
+        for held_out in self.held_outs if group == "cross-domain" else self.held_outs[:1]:
+            self.add(group, budget, label, kind, tokens, self.score(model, held_out), extra)
 
     def gqa(self, num_kv_heads: int) -> None:
         model = pool_kv_heads(copy.deepcopy(self.source), num_kv_heads)
@@ -148,10 +185,39 @@ class Bench:
               f"{row['build_seconds']:.0f} s", flush=True)
 
 
+def cross_domain(bench: Bench, started: float) -> None:
+    args = bench.args
+    for budget in args.compare_budgets:
+        for kind in ("text", "other text", "data-free"):
+            bench.mla("cross-domain", budget, kind=kind)
+    names = {"text": bench.held_outs[0].name, "other text": bench.held_outs[1].name, "data-free": "data-free"}
+    print("\nperplexity / source perplexity, each held-out text (last 20%) against each calibration (first 80%, "
+          f"{args.calibration_tokens // 1024}k tokens); default options, refined\n")
+    print("| KV budget | calibrated on | " + " | ".join(f"held-out {h.name}" for h in bench.held_outs)
+          + " | geometric mean |")
+    print("|---|---|" + "---|" * (len(bench.held_outs) + 1))
+    for budget in args.compare_budgets:
+        for kind in ("text", "other text", "data-free"):
+            rows = [row for row in bench.rows if row["budget"] == budget and row["calibration"] == kind]
+            ratios = [row["ratio"] for row in rows]
+            mean = math.prod(ratios) ** (1 / len(ratios))
+            print(f"| {budget:g} | {names[kind]} | " + " | ".join(f"{r:.3f} (KL {row['kl']:.3f})" for r, row in
+                                                            zip(ratios, rows)) + f" | {mean:.3f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "held_out": [h.split for h in bench.held_outs], "seq_len": args.seq_len, "calibration_texts": names,
+        "rows": bench.rows,
+    }, indent=2) + "\n")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s; wrote {args.json}")
+
+
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     bench = Bench(args)
+    if args.cross_domain:
+        cross_domain(bench, started)
+        return
     budgets = args.compare_budgets if args.quick else args.budgets
     for budget in budgets:
         bench.mla("default", budget)
