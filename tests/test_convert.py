@@ -106,6 +106,20 @@ def test_compressed_model_stays_close_to_the_source(pico_folders, half_folders, 
     assert kl < 0.5 * uniform_kl
 
 
+def test_cache_is_taken_under_either_name(half_folders):
+    # transformers 5.24 passes the cache as `cache=`, earlier versions as `past_key_values=`: decoding must read it
+    # either way (a forward that ignored one name would attend to the new token alone).
+    model = load(half_folders["llama-gqa"])
+    input_ids = token_ids(2, 20, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = model(input_ids[:, :-1], use_cache=True).past_key_values
+            logits = model(input_ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+            assert cache.get_seq_length() == input_ids.shape[1]
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_cache_holds_only_the_latent_and_rope_key(half_folders, name):
     model = load(half_folders[name])
