@@ -506,7 +506,6 @@ def calibrate(
     moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
     if options.init == "svd":
         info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
-        moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
     return Calibration(sequences, info, moments, layer_inputs)
 
 
@@ -522,6 +521,10 @@ def build_mla(
     its final per-layer ranks, the decomposed layers and per-layer refinement stats."""
     shape = SourceShape.from_config(source_config)
     moments, layer_inputs = calibration.moments, calibration.layer_inputs
+    if options.init == "svd":
+        # Weight-only whatever was calibrated: a calibration shared by several conversions (the quality bench)
+        # carries the text's moments, and decomposing in them would be activation-aware PCA, not the SVD baseline.
+        moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
 
     # decompose: latent sizes per layer, then the K/V balance per layer, then the weights
     decompose_options = DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy)

@@ -8,12 +8,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
-from mla_convert.convert import KEY_SCALE_GRID, ConversionOptions, allocate_ranks, convert
+from mla_convert.convert import (
+    KEY_SCALE_GRID,
+    ConversionOptions,
+    SourceShape,
+    allocate_ranks,
+    build_mla,
+    calibrate,
+    convert,
+    plan_ranks,
+)
 from mla_convert.data import EVALUATION_PART, load_text
 from mla_convert.decompose import SourceAttention, rope_placement, split_rope
 from mla_convert.errors import MLAConvertError
 from mla_convert.evaluate import evaluate
 from mla_convert.refine import RefineOptions, attention_outputs, position_embeddings, refine_layer
+from mla_convert.sources import load_source
 
 from conftest import byte_tokenizer
 
@@ -227,6 +237,23 @@ def test_refinement_targets_causal_attention(pico_folders):
     changed[:, -1] += 1.0
     later = attention_outputs(source.model.layers[0].self_attn, changed, rope, batch_size=2)
     torch.testing.assert_close(later[:, :-1], outputs["sdpa"][:, :-1])
+
+
+def test_weight_only_svd_is_the_same_whether_or_not_text_was_calibrated(pico_folders, wikitext):
+    """`--init svd` is the weight-only baseline: built from a calibration that read text (as the quality bench
+    shares one calibration among all its conversions), it gives the weights of a conversion that read none."""
+    source_model, tokenizer = load_source(str(pico_folders["llama-gqa"]))
+    shape = SourceShape.from_config(source_model.config)
+    weight_only = options(wikitext, kv_budget=0.5, init="svd", refine_steps=0)
+    plan = plan_ranks(shape, weight_only)
+    from_text = calibrate(source_model, tokenizer, shape, plan, options(wikitext, kv_budget=0.5))
+    without_text = calibrate(source_model, tokenizer, shape, plan, weight_only)
+    assert without_text.sequences is None and from_text.sequences is not None
+    model, _, _, _ = build_mla(source_model, source_model.config, plan, from_text, weight_only, False)
+    expected, _, _, _ = build_mla(source_model, source_model.config, plan, without_text, weight_only, False)
+    expected_state = expected.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, expected_state[name], msg=name)
 
 
 def test_bad_quality_options_are_refused(tmp_path, pico_folders, wikitext):
