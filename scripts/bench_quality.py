@@ -103,7 +103,6 @@ class Bench:
             self.held_outs.append(
                 HeldOut.load(args.other_text, self.tokenizer, self.source, args.seq_len, args.eval_tokens)
             )
-        self.split, self.held_out = self.held_outs[0].split, self.held_outs[0].sequences
         # calibration kind -> text (None: data-free, sampled from the source)
         self.calibration_texts = {"text": args.calibration, "other text": args.other_text, "data-free": None}
         self.calibrations = {}
@@ -185,10 +184,18 @@ class Bench:
               f"{row['build_seconds']:.0f} s", flush=True)
 
 
+CROSS_DOMAIN_KINDS = ("text", "other text", "data-free")
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def cross_domain(bench: Bench, started: float) -> None:
     args = bench.args
     for budget in args.compare_budgets:
-        for kind in ("text", "other text", "data-free"):
+        for kind in CROSS_DOMAIN_KINDS:
             bench.mla("cross-domain", budget, kind=kind)
     names = {"text": bench.held_outs[0].name, "other text": bench.held_outs[1].name, "data-free": "data-free"}
     print("\nperplexity / source perplexity, each held-out text (last 20%) against each calibration (first 80%, "
@@ -197,17 +204,16 @@ def cross_domain(bench: Bench, started: float) -> None:
           + " | geometric mean |")
     print("|---|---|" + "---|" * (len(bench.held_outs) + 1))
     for budget in args.compare_budgets:
-        for kind in ("text", "other text", "data-free"):
+        for kind in CROSS_DOMAIN_KINDS:
             rows = [row for row in bench.rows if row["budget"] == budget and row["calibration"] == kind]
             ratios = [row["ratio"] for row in rows]
             mean = math.prod(ratios) ** (1 / len(ratios))
             print(f"| {budget:g} | {names[kind]} | " + " | ".join(f"{r:.3f} (KL {row['kl']:.3f})" for r, row in
                                                             zip(ratios, rows)) + f" | {mean:.3f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
+    write_json(args.json, {
         "held_out": [h.split for h in bench.held_outs], "seq_len": args.seq_len, "calibration_texts": names,
         "rows": bench.rows,
-    }, indent=2) + "\n")
+    })
     print(f"\nbench took {time.perf_counter() - started:.0f} s; wrote {args.json}")
 
 
@@ -236,7 +242,8 @@ def main() -> None:
         for tokens in sorted(args.token_sweep):
             bench.mla("calibration tokens", first, tokens=tokens, refine_steps=0, key_scale=1.0)
 
-    print(f"\nheld-out: {bench.split}, {bench.held_out.numel()} tokens in windows of {args.seq_len} "
+    held_out = bench.held_outs[0]
+    print(f"\nheld-out: {held_out.split}, {held_out.sequences.numel()} tokens in windows of {args.seq_len} "
           f"({bench.rows[0]['tokens']} predicted); source perplexity {bench.rows[0]['reference_perplexity']:.2f}; "
           f"KV bytes per token in float32 (the source: {4 * bench.shape.cache_per_layer * bench.shape.num_layers})\n")
     print("| group | KV budget | method | calibration | KV bytes/token | perplexity | ratio to source | KL | top-1 | seconds |")
@@ -248,12 +255,11 @@ def main() -> None:
               f"{row['build_seconds']:.0f} |")
     calibration_seconds = {f"{kind}, {tokens}": round(seconds, 1) for (kind, tokens), (_, seconds) in bench.calibrations.items()}
     print(f"\ncalibration seconds (shared by the rows): {calibration_seconds}; bench took {time.perf_counter() - started:.0f} s")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
-        "held_out": bench.split, "seq_len": args.seq_len, "calibration_seconds": calibration_seconds,
+    write_json(args.json, {
+        "held_out": held_out.split, "seq_len": args.seq_len, "calibration_seconds": calibration_seconds,
         "source_kv_bytes_per_token_fp32": 4 * bench.shape.cache_per_layer * bench.shape.num_layers,
         "rows": bench.rows,
-    }, indent=2) + "\n")
+    })
     plot(bench, args.plot)
     print(f"wrote {args.json} and {args.plot}")
 
