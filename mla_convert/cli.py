@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     heal = commands.add_parser(
         "heal",
         help="fine-tune a converted model by distillation from its source",
-        description="Heal MLA_FOLDER by distillation from --teacher (KL to the teacher's logits plus next-token "
-        "loss) on --data, with accelerate: one CPU, one GPU, or `accelerate launch` for several processes (DDP, "
-        "FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume continues the latest. "
+        description="Heal MLA_FOLDER by distillation from --teacher (KL to the teacher's logits; with --kl-weight "
+        "below 1, plus next-token loss) on --data, with accelerate: one CPU, one GPU, or `accelerate launch` for "
+        "several processes (DDP, FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume continues the latest. "
         "OUTPUT is written atomically and loads like any converted folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

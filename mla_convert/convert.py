@@ -222,7 +222,8 @@ def collect_input_moments(
 
 def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
     """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself."""
-    from .data import CALIBRATION_PART, load_text, sample_from_model, tokenize_into_sequences
+    from .data import CALIBRATION_PART, load_text, tokenize_into_sequences
+    from .sampling import sample_from_model
 
     if tokenizer is None:
         raise MLAConvertError("calibration needs the source's tokenizer, and none was found beside the weights")
@@ -372,17 +373,24 @@ def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> 
 
 @torch.no_grad()
 def compare_logits(source_model: PreTrainedModel, model: PreTrainedModel, input_ids: torch.LongTensor) -> dict:
-    """Max relative logit error, KL(source || converted) and top-1 agreement on `input_ids`."""
+    """Max relative logit error, KL(source || converted) and top-1 agreement on every position of `input_ids`.
+    NaN or infinite logits are refused: a broken model is never reported as agreeing with its source."""
+    from .evaluate import ScoredBatch, score_batches
+
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     reference = source_model(input_ids=input_ids, use_cache=False).logits.float()
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    sums = score_batches([ScoredBatch(logits, reference_logits=reference)])
+    sums.require_finite("the converted model (or its source)")
     relative_error = float((logits - reference).abs().max() / reference.abs().max())
-    log_p = torch.log_softmax(reference, dim=-1)
-    log_q = torch.log_softmax(logits, dim=-1)
-    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    top1 = float((reference.argmax(-1) == logits.argmax(-1)).float().mean())
-    return {"max_relative_logit_error": relative_error, "kl": kl, "top1_agreement": top1, "tokens": input_ids.numel()}
+    metrics = sums.metrics()
+    return {
+        "max_relative_logit_error": relative_error,
+        "kl": metrics["kl"],
+        "top1_agreement": metrics["top1_agreement"],
+        "tokens": input_ids.numel(),
+    }
 
 
 def verification_ids(vocab_size: int, calibration: torch.LongTensor | None, seed: int) -> torch.LongTensor:

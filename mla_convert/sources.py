@@ -248,3 +248,36 @@ def export_float_checkpoint(
     save_atomically(out_dir, write)
     return out_dir
 
+
+def load_student_config(folder: str | os.PathLike) -> PreTrainedConfig:
+    """The config of a converted MLA folder (the model healing trains), refused with what to do when the folder
+    holds anything else."""
+    import mla_modeling  # noqa: F401  (registers model_type "mla" with AutoConfig)
+
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise MLAConvertError(f"{folder} is not a converted MLA folder (no config.json there)")
+    model_type = _read_local_model_type(config_path, (MLA_MODEL_TYPE,))
+    if model_type != MLA_MODEL_TYPE:
+        raise MLAConvertError(
+            f"{folder} holds a {model_type!r} model, not a converted MLA one: convert it first with "
+            "`mla-convert convert`, and pass the source as --teacher"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise MLAConvertError(f"cannot load the model config from {folder}: {e}") from e
+
+
+def load_student(
+    folder: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A converted MLA model in eval mode, with its tokenizer (None when the folder has none), loaded and checked
+    as sources are."""
+    load_student_config(folder)
+    return load_model(str(folder), dtype=dtype)
+
+
+def load_student_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a converted folder (None when it has none), read as a source's is."""
+    return _load_tokenizer(str(folder), None)

@@ -13,11 +13,13 @@ from mla_convert.data import (
     EVALUATION_PART,
     TextPart,
     load_text,
-    sample_from_model,
+    open_text_stream,
     tokenize_into_sequences,
 )
+from mla_convert.convert import compare_logits
 from mla_convert.errors import MLAConvertError
-from mla_convert.evaluate import ReferenceLogProbs, evaluate
+from mla_convert.evaluate import ReferenceLogProbs, ScoredBatch, evaluate, score_batches
+from mla_convert.sampling import sample_from_model
 
 from conftest import SHARED_DATA, WIKITEXT  # the project's text, read in place beside the repository
 
@@ -196,7 +198,7 @@ def test_tokenize_into_sequences(tokenizer, monkeypatch):
 def test_too_little_text(tokenizer):
     with pytest.raises(MLAConvertError, match="fewer than one sequence of 512"):
         tokenize_into_sequences(tokenizer, "Too short.", seq_len=512, max_tokens=None)
-    with pytest.raises(MLAConvertError, match="max_tokens"):
+    with pytest.raises(MLAConvertError, match="10 tokens do not fill one sequence of 64"):
         tokenize_into_sequences(tokenizer, "Some text " * 100, seq_len=64, max_tokens=10)
 
 
@@ -247,6 +249,30 @@ def test_evaluate_rejects_foreign_token_ids(model):
         evaluate(model, torch.full((1, 8), VOCAB_SIZE), progress=False)
 
 
+def test_non_finite_logits_are_never_agreement(model, tokenizer, sequences):
+    """NaN logits agree with each other under argmax: the scoring core must count them as broken, not as top-1."""
+    logits = torch.randn(2, 5, 11)
+    broken = logits.clone()
+    broken[0, 1, 3] = float("nan")
+    broken[1, 4] = float("inf")
+    sums = score_batches([ScoredBatch(broken, torch.zeros(2, 5, dtype=torch.long), broken.clone())])
+    assert sums.nonfinite == 2 and sums.agreements == 8 and sums.tokens == 10
+    with pytest.raises(MLAConvertError, match="NaN or infinite logits at 2 of 10 positions"):
+        sums.require_finite("the model")
+
+    nan_model = tiny_llama(0, tokenizer)
+    with torch.no_grad():
+        nan_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(MLAConvertError, match="NaN or infinite logits"):
+        evaluate(nan_model, sequences, reference=model, progress=False)
+    with pytest.raises(MLAConvertError, match="NaN or infinite logits"):
+        evaluate(nan_model, sequences, progress=False)
+    # conversion's check of its result against the source goes through the same core
+    assert compare_logits(model, model, sequences[:2])["top1_agreement"] == 1.0
+    with pytest.raises(MLAConvertError, match="the converted model \\(or its source\\) gives NaN"):
+        compare_logits(model, nan_model, sequences[:2])
+
+
 # --- data-free calibration ----------------------------------------------------------------------------------------
 
 
@@ -283,8 +309,43 @@ def test_hub_dataset_is_streamed_by_record_index(monkeypatch):
     text, description = load_text("someone/corpus:en", EVALUATION_PART)
     assert text == "doc 8\n\ndoc 9"
     assert description == "someone/corpus:en@train, last 20% (records 8-10 of 10, 12 chars)"
+    # Capped at a line boundary, as a local file of the same records is: reading stops once the cut is known.
     text, description = load_text("someone/corpus:en@train", CALIBRATION_PART, max_chars=20)
-    assert text == "doc 0\n\ndoc 1\n\ndoc 2"
-    assert description.endswith("(records 0-8 of 10, first 19 of its chars)")
+    assert text == "doc 0\n\ndoc 1\n\ndoc 2\n"
+    assert description.endswith("(records 0-8 of 10, first 20 of its chars)")
     with pytest.raises(MLAConvertError, match=r"no 'body' column; available columns: \['id', 'text'\]"):
         load_text("someone/corpus:en", EVALUATION_PART, text_column="body")
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+
+
+def test_small_read_blocks_cut_a_text_file_at_the_same_line_starts(monkeypatch):
+    """A text file is read in blocks; where the blocks end must not move the cuts (nor lose characters)."""
+    expected = [load_text(str(SHAKESPEARE), part)[0] for part in (CALIBRATION_PART, EVALUATION_PART)]
+    monkeypatch.setattr(data, "READ_BLOCK_CHARS", 997)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 5_000)
+    for part, text in zip((CALIBRATION_PART, EVALUATION_PART), expected):
+        (record,) = list(open_text_stream(str(SHAKESPEARE), part).records())
+        pieces = list(record)
+        assert "".join(pieces) == text
+        assert all(len(piece) <= 5_000 and piece.endswith(("\n", " ")) for piece in pieces[:-1])
+
+
+def test_records_stream_from_any_index(tmp_path):
+    """Rows of a folder of .jsonl and .parquet files, in path order, from a record index on (how healing resumes);
+    blank records are kept as records without text, so that indexes stay those of the source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"record {i} " + "word " * (i % 7) for i in range(23)]
+    texts[5] = "   "
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts[:10])))
+    pq.write_table(pa.table({"text": texts[10:]}), tmp_path / "b.parquet")
+    stream = open_text_stream(str(tmp_path), CALIBRATION_PART)
+    assert stream.description == f"{tmp_path.name}, first 80% (records 0-18 of 23)"
+    records = ["".join(record) for record in stream.records()]
+    assert records == [t if t.strip() else "" for t in texts[:18]]
+    assert ["".join(record) for record in stream.records(8)] == records[8:]
+    held_out = ["".join(record) for record in open_text_stream(str(tmp_path), EVALUATION_PART).records()]
+    assert held_out == texts[18:]

@@ -18,9 +18,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import mla_convert  # noqa: F401
 import mla_modeling  # noqa: F401  (registers the MLA model with the Auto classes)
-from mla_convert import heal as heal_module
 from mla_convert.convert import ConversionOptions, convert
-from mla_convert.data import CALIBRATION_PART, EVALUATION_PART, RECORD_SEPARATOR, load_text
+from mla_convert.data import CALIBRATION_PART, open_text_stream
 from mla_convert.errors import MLAConvertError
 from mla_convert.heal import (
     DataPosition,
@@ -29,11 +28,11 @@ from mla_convert.heal import (
     add_heal_arguments,
     default_checkpoint_dir,
     distillation_loss,
-    log_softmax_,
     heal,
-    open_text_stream,
+    log_softmax_,
     options_from_args,
 )
+from mla_convert.heal.__main__ import main as heal_main
 
 from conftest import build_pico, byte_tokenizer
 
@@ -105,33 +104,6 @@ def curve_losses(report: dict) -> list[tuple[float, float]]:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-
-
-def test_training_stream_is_the_calibration_part(wikitext):
-    """The streamed training text is exactly the first 80% that data.load_text cuts: disjoint from evaluation."""
-    for part in (CALIBRATION_PART, EVALUATION_PART):
-        stream = open_text_stream(str(wikitext), part)
-        streamed = "".join("".join(record) for record in stream.records(0))
-        text, description = load_text(str(wikitext), part)
-        assert streamed == text
-        assert stream.description == description
-    assert "first 80%" in open_text_stream(str(wikitext)).description
-
-
-def test_record_sources_stream_the_same_parts(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    texts = [f"record {i} " + "word " * (i % 7) for i in range(23)]
-    texts[5] = "   "  # blank records are skipped, as data.load_text skips them
-    rows = [json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts[:10])]
-    (tmp_path / "a.jsonl").write_text("".join(rows))
-    pq.write_table(pa.table({"text": texts[10:]}), tmp_path / "b.parquet")
-    for part in (CALIBRATION_PART, EVALUATION_PART):
-        stream = open_text_stream(str(tmp_path), part)
-        streamed = RECORD_SEPARATOR.join("".join(r) for r in (list(rec) for rec in stream.records(0)) if r)
-        assert streamed == load_text(str(tmp_path), part)[0]
-        assert "of 23" in stream.description
 
 
 def test_packer_resumes_from_its_position(tmp_path):
@@ -384,7 +356,7 @@ def test_cli_arguments_and_errors(student, pico_folders, wikitext, tmp_path, cap
     assert (options.eval_every, options.save_every, options.resume, options.mixed_precision) == (7, 9, True, "bf16")
     assert not options.progress
 
-    code = heal_module.main(
+    code = heal_main(
         [str(student), str(tmp_path / "out"), "--teacher", str(pico_folders["llama-gqa"]), "--data", str(wikitext),
          "--resume"]
     )  # fmt: skip
