@@ -145,13 +145,17 @@ class MLAStaticLatentCacheLayer(StaticLayer):
             dtype=self.dtype,
             device=self.device,
         )
-        self.keys = self.buffer[..., : self.k_head_dim]
-        self.values = self.buffer[..., self.k_head_dim :]
+        self._refresh_views()
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.buffer)
             torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
+
+    def _refresh_views(self) -> None:
+        # `update` writes through `keys` and `values` in place; the attention reads `buffer`: they must stay one.
+        self.keys = self.buffer[..., : self.k_head_dim]
+        self.values = self.buffer[..., self.k_head_dim :]
 
     @property
     def latent(self) -> torch.Tensor | None:
@@ -169,6 +173,17 @@ class MLAStaticLatentCacheLayer(StaticLayer):
         # In place: the buffer's address is what compiled graphs hold on to.
         if self.is_initialized:
             self.buffer.copy_(self.buffer.index_select(0, beam_idx.to(self.buffer.device)))
+
+    def offload(self):
+        # The base class moves `keys` and `values` on their own, which would leave them no longer views of `buffer`.
+        if self.is_initialized:
+            self.buffer = self.buffer.to("cpu", non_blocking=True)
+            self._refresh_views()
+
+    def prefetch(self):
+        if self.is_initialized and self.buffer.device != self.device:
+            self.buffer = self.buffer.to(self.device, non_blocking=True)
+            self._refresh_views()
 
 
 __all__ = ["MLALatentCacheLayer", "MLAStaticLatentCacheLayer"]

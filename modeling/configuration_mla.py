@@ -31,6 +31,18 @@ class MLAConfig(PreTrainedConfig):
 
     model_type = "mla"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Tensor parallelism splits the heads: `q_proj` and `kv_b_proj` by output rows (each rank up-projects the shared
+    # latent for its own heads), `o_proj` by input columns (the ranks' outputs are summed). The joint down-projection
+    # and so the cache stay whole on every rank, as in DeepSeek-V2; `mla_kv_a_proj` sums the RoPE key's gradient.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -128,6 +140,13 @@ class MLAConfig(PreTrainedConfig):
                 raise ValueError(
                     f"Layer {layer_idx}: `rope_frequency_indices` must lie in [0, {self.head_dim // 2})."
                 )
+
+    def _remove_keys_not_serialized(self, config_dict: dict) -> None:
+        super()._remove_keys_not_serialized(config_dict)
+        # `layer_types` follows from `num_hidden_layers` (every entry is the latent cache layer) and is rebuilt on
+        # load. Left out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
+        # what `AutoTokenizer` falls back to where the plugin is not installed and remote code is not trusted.
+        config_dict.pop("layer_types", None)
 
     def validate_layer_type(self):
         # The latent cache layer is not one of transformers' built-in layer types, so the base check would refuse it.

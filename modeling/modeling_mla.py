@@ -17,17 +17,27 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .cache_mla import MLALatentCacheLayer, MLAStaticLatentCacheLayer  # noqa: F401  (registers the cache layers)
 from .configuration_mla import MLAConfig
 
 
-# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name still works
-# there, with a deprecation warning). The model accepts both names and returns the one this transformers declares.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The attention implementations whose interface the absorbed form calls: it hands them every head's query as a row of
+# one multi-query attention, a value narrower than the key and an explicit 4-D mask. Flash kernels want equal sizes and
+# no 4-D mask, flex a block mask, and an implementation registered under another name may want either: all of those
+# get the expanded form, which is plain multi-head attention.
+ABSORBED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def cache_field(output_class: type) -> str:
+    """The field of `output_class` that holds the cache: `cache` from transformers 5.24, `past_key_values` in 5.23."""
+    return "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
 
 
 class MLARMSNorm(nn.Module):
@@ -89,9 +99,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates `states` `[batch, heads, seq, dim]` by `cos`/`sin` `[batch, seq, dim]`."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
+    """Rotates `states` `[batch, seq, heads, qk_rope_head_dim]` by `cos`/`sin` `[batch, seq, 1, qk_rope_head_dim]`."""
     return (states * cos) + (rotate_half(states) * sin)
 
 
@@ -142,13 +150,13 @@ def latent_attention_forward(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Multi-query attention of `query` `[batch, 1, rows, r + d_r]` over `joint` `[batch, 1, kv_len, r + d_r]`.
 
-    Plain matmuls, for absorbed decoding on CPU: sdpa there has no fused kernel for a value (`value`, the latent,
-    `[batch, 1, kv_len, r]`) narrower than the key, and its math fallback rescales the whole cached key at every
-    step. `attention_mask` may be boolean (sdpa's, True = attend) or additive (eager's); it broadcasts over the rows.
-    Returns the output `[batch, 1, rows, r]` and the probabilities `[batch, 1, rows, kv_len]`.
+    Plain matmuls, for absorbed decoding with transformers' sdpa on CPU: sdpa there has no fused kernel for a value
+    (`value`, the latent, `[batch, 1, kv_len, r]`) narrower than the key, and its math fallback rescales the whole
+    cached key at every step. `attention_mask` may be boolean (sdpa's, True = attend) or additive; it broadcasts over
+    the rows. Returns the output `[batch, rows, 1, r]`, in the layout attention interfaces return.
     """
     # scores: [batch, 1, rows, kv_len]
     scores = torch.matmul(query, joint.transpose(2, 3))
@@ -160,7 +168,7 @@ def latent_attention_forward(
         else:
             scores = scores + attention_mask
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probabilities, value), probabilities
+    return torch.matmul(probabilities, value).transpose(1, 2)
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -169,12 +177,26 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 class MLAAttention(nn.Module):
-    """Multi-head Latent Attention (DeepSeek-V2), full-rank queries.
+    """Multi-head Latent Attention (DeepSeek-V2), full-rank queries, in two forms that give the same result:
 
-    Two forms give the same result:
-    - expanded: up-project the cached latent into per-head keys and values, then run the attention backend;
-    - absorbed: move each head's query into latent space (`W_uk_h^T q_nope_h`) and attend over `[latent ; k_pe]`
-      as multi-query attention, reading nothing but the cache; `W_uv_h` is applied to the latent-sized output.
+    - expanded (`expanded_attention`): up-project the cached latent into per-head keys and values (`expand_kv`) and
+      run the attention backend as for any multi-head attention;
+    - absorbed (`absorbed_attention`): move each head's NoPE query into latent space (`W_uk_h^T q_nope_h`) and
+      attend over the cached `[latent ; k_pe]` as multi-query attention, reading nothing but the cache; `W_uv_h` is
+      applied to the latent-sized output.
+
+    `config.attention_path` forces one form; `"auto"` picks the cheaper one per call (decoding: absorbed).
+
+    Attention backends: both forms call the implementation the user chose (`config._attn_implementation`, looked up
+    in `ALL_ATTENTION_FUNCTIONS`, so a function registered under a name is the one called). The absorbed form needs
+    an implementation in `ABSORBED_IMPLEMENTATIONS` (eager, sdpa); under any other the expanded form runs, and
+    `attention_path="absorbed"` is refused. The one place this module uses a kernel of its own is `latent_attention`:
+    with transformers' own sdpa function on CPU, absorbed decoding multiplies plain matrices
+    (`latent_attention_forward`) and absorbed prefill hands sdpa the whole `[latent ; k_pe]` row as the value (its
+    fused CPU kernel needs a value as wide as the key). A function registered in place of sdpa is called as it is.
+
+    Under tensor parallelism (`config.base_model_tp_plan`) `q_proj` and `kv_b_proj` hold this rank's heads and
+    `o_proj` sums the ranks' outputs: every shape below takes the head count from the tensors, not the config.
 
     For inference (eval mode, no gradient to the parameters) the absorbed form can use weights folded from the
     parameters once instead of applying `W_uk` and `W_uv` at every step (see `_use_folded`): one projection from
@@ -228,20 +250,43 @@ class MLAAttention(nn.Module):
         self.register_buffer("folded_o_weight", None, persistent=False)
         self._folded_key = self._folded_from = None
 
-    def _rope_tables(
-        self, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = position_embeddings
-        if self.rope_index is None:
-            return cos, sin
-        # [batch, seq, head_dim] -> [batch, seq, qk_rope_head_dim]
-        return cos.index_select(-1, self.rope_index), sin.index_select(-1, self.rope_index)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query_length = hidden_states.shape[1]
+        kv_length = cache.get_mask_sizes(query_length, self.layer_idx)[0] if cache is not None else query_length
+        cos, sin = self.rope_tables(position_embeddings)
+        if self.use_absorbed(query_length, kv_length, attention_mask):
+            return self.absorbed_attention(hidden_states, cos, sin, attention_mask, cache, **kwargs)
+        if cache is not None:
+            # Decoding follows: fold in this (eager) call, so that compiled decoding steps find the folded weights.
+            self._use_folded()
+        return self.expanded_attention(hidden_states, cos, sin, attention_mask, cache, **kwargs)
 
-    def _use_absorbed(self, query_length: int, kv_length: int, attention_mask) -> bool:
-        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
-            # Block masks (flex) and 2-D padding masks (flash) only fit the per-head form.
-            return False
+    def rope_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's `cos`, `sin` `[batch, seq, 1, qk_rope_head_dim]` from the source's `[batch, seq, head_dim]`."""
+        cos, sin = position_embeddings
+        if self.rope_index is not None:
+            cos, sin = cos.index_select(-1, self.rope_index), sin.index_select(-1, self.rope_index)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def use_absorbed(self, query_length: int, kv_length: int, attention_mask) -> bool:
         path = self.config.attention_path
+        if self.config._attn_implementation not in ABSORBED_IMPLEMENTATIONS:
+            if path == "absorbed":
+                raise ValueError(
+                    f"attention_path='absorbed' runs on {ABSORBED_IMPLEMENTATIONS}, not on "
+                    f"{self.config._attn_implementation!r}: set attention_path to 'auto' or 'expanded'."
+                )
+            return False
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
+            return False
         if path != "auto":
             return path == "absorbed"
         rank, heads = self.kv_lora_rank, self.num_heads
@@ -252,6 +297,197 @@ class MLAAttention(nn.Module):
         absorbed = query_length * up_projection + pairs * (2 * rank + self.qk_rope_head_dim)
         return absorbed <= expanded
 
+    def project(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query parts `q_nope`, `q_pe` `[batch, seq, heads, ...]` and the new tokens' `latent`
+        `[batch, 1, seq, kv_lora_rank]` and `k_pe` `[batch, 1, seq, qk_rope_head_dim]`, RoPE applied."""
+        batch_size, query_length, _ = hidden_states.shape
+        # query_states: [batch, seq, heads, qk_head_dim]
+        query_states = self.q_proj(hidden_states).view(batch_size, query_length, -1, self.qk_head_dim)
+        q_nope, q_pe = torch.split(query_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        # latent: [batch, seq, kv_lora_rank]; k_pe: [batch, seq, qk_rope_head_dim]
+        compressed = self.kv_a_proj_with_mqa(hidden_states)
+        latent, k_pe = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
+        # k_pe: [batch, seq, 1, qk_rope_head_dim] -> [batch, 1, seq, qk_rope_head_dim], the cache's one-head layout
+        k_pe = apply_rotary_pos_emb(k_pe.unsqueeze(2), cos, sin).transpose(1, 2)
+        return q_nope, q_pe, latent.unsqueeze(1), k_pe
+
+    def expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys `[batch, heads, kv_len, qk_head_dim]` and values `[batch, heads, kv_len, v_head_dim]` from
+        the cached `latent` `[batch, 1, kv_len, kv_lora_rank]` and `k_pe` `[batch, 1, kv_len, qk_rope_head_dim]`."""
+        batch_size, _, kv_length, _ = latent.shape
+        # kv: [batch, 1, kv_len, heads * (qk_nope + v)] -> [batch, heads, kv_len, qk_nope + v]
+        kv = self.kv_b_proj(latent).view(batch_size, kv_length, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value_states = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_pe.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        return key_states, value_states
+
+    def expanded_attention(self, hidden_states, cos, sin, attention_mask, cache, **kwargs):
+        batch_size, query_length, _ = hidden_states.shape
+        q_nope, q_pe, latent, k_pe = self.project(hidden_states, cos, sin)
+        if cache is not None:
+            # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+        # query_states: [batch, heads, seq, qk_head_dim]
+        query_states = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        key_states, value_states = self.expand_kv(latent, k_pe)
+
+        implementation = self.config._attn_implementation
+        # Flash kernels want equal query/key and value sizes; so does CPU sdpa's fused kernel, without which it falls
+        # back to the math kernel (several times slower on long prompts).
+        pad_value = self.v_head_dim != self.qk_head_dim and (
+            "flash" in implementation
+            or (implementation == "sdpa" and query_states.device.type == "cpu" and self.v_head_dim < self.qk_head_dim)
+        )
+        if pad_value:
+            value_states = nn.functional.pad(value_states, [0, self.qk_head_dim - self.v_head_dim])
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]
+        attn_output = attn_output[..., : self.v_head_dim].reshape(batch_size, query_length, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    def absorbed_attention(self, hidden_states, cos, sin, attention_mask, cache, **kwargs):
+        # A cache means decoding follows: fold already in this (eager) call, so that compiled decoding steps find the
+        # folded weights.
+        use_folded = self._use_folded()
+        if use_folded and self.folded_q_weight is not None:
+            query_states, latent, k_pe = self.folded_projection(hidden_states, cos, sin)
+            scaling = 1.0  # folded into the query
+        else:
+            q_nope, q_pe, latent, k_pe = self.project(hidden_states, cos, sin)
+            # query_states: [batch, seq, heads, kv_lora_rank + qk_rope_head_dim]
+            query_states = torch.cat((self.absorb_query(q_nope), q_pe), dim=-1)
+            scaling = self.scaling
+
+        joint = None
+        if cache is not None:
+            # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+            # The latent cache keeps both side by side: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]
+            joint = getattr(cache.layers[self.layer_idx], "joint", None)
+        if joint is None:
+            joint = torch.cat((latent, k_pe), dim=-1)
+        # attn_output: [batch, seq, heads, kv_lora_rank]
+        attn_output, attn_weights = self.latent_attention(
+            query_states, joint, latent, attention_mask, scaling, **kwargs
+        )
+
+        if use_folded and self.folded_o_weight is not None:
+            # [batch, seq, heads * kv_lora_rank] -> [batch, seq, hidden]: W_uv is folded into the output projection
+            return nn.functional.linear(attn_output.flatten(2), self.folded_o_weight, self.o_proj.bias), attn_weights
+        return self.o_proj(self.up_project_values(attn_output)), attn_weights
+
+    def latent_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`W_uk` `[heads, qk_nope_head_dim, kv_lora_rank]` and `W_uv` `[heads, v_head_dim, kv_lora_rank]`."""
+        weight = self.kv_b_proj.weight
+        if hasattr(weight, "to_local"):
+            # A tensor-parallel shard (DTensor): this rank's heads, as `q_proj` returns them
+            weight = weight.to_local()
+        weight = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = torch.split(weight, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        return w_uk, w_uv
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """`W_uk_h^T q_nope_h`: `[batch, seq, heads, qk_nope_head_dim]` -> `[batch, seq, heads, kv_lora_rank]`."""
+        batch_size, query_length, heads, _ = q_nope.shape
+        w_uk, _ = self.latent_up_weights()
+        # Heads as the batch, so W_uk is read once: [heads, batch * seq, qk_nope] @ [heads, qk_nope, r]
+        q_latent = torch.bmm(q_nope.reshape(batch_size * query_length, heads, -1).transpose(0, 1), w_uk)
+        return q_latent.transpose(0, 1).view(batch_size, query_length, heads, self.kv_lora_rank)
+
+    def up_project_values(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """`W_uv_h` on each head's output: `[batch, seq, heads, kv_lora_rank]` -> `[batch, seq, heads * v_head_dim]`."""
+        batch_size, query_length, heads, _ = attn_output.shape
+        _, w_uv = self.latent_up_weights()
+        # [heads, batch * seq, kv_lora_rank] @ [heads, kv_lora_rank, v_head_dim] -> [heads, batch * seq, v_head_dim]
+        attn_output = attn_output.reshape(batch_size * query_length, heads, self.kv_lora_rank).transpose(0, 1)
+        attn_output = torch.bmm(attn_output, w_uv.transpose(1, 2))
+        return attn_output.transpose(0, 1).reshape(batch_size, query_length, heads * self.v_head_dim)
+
+    def folded_projection(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's scaled latent query `[batch, seq, heads, r + d_r]` and the new tokens' `latent`
+        `[batch, 1, seq, r]` and `k_pe` `[batch, 1, seq, d_r]`, from one product with the folded weights."""
+        batch_size, query_length, _ = hidden_states.shape
+        rank = self.kv_lora_rank
+        # projected: [batch, seq, heads + 1, r + d_r]: every head's query, then the new token's [latent ; k_pe]
+        projected = nn.functional.linear(hidden_states, self.folded_q_weight, self.folded_q_bias)
+        projected = projected.view(batch_size, query_length, -1, rank + self.qk_rope_head_dim)
+        latent_part, rope_part = torch.split(projected, [rank, self.qk_rope_head_dim], dim=-1)
+        projected = torch.cat((latent_part, apply_rotary_pos_emb(rope_part, cos, sin)), dim=-1)
+        # latent, k_pe: [batch, seq, 1, ...] -> [batch, 1, seq, ...]
+        latent, k_pe = torch.split(projected[:, :, -1:].transpose(1, 2), [rank, self.qk_rope_head_dim], dim=-1)
+        return projected[:, :, :-1], latent, k_pe
+
+    def latent_attention(self, query_states, joint, latent, attention_mask, scaling, **kwargs):
+        """Multi-query attention of every head's `query_states` `[batch, seq, heads, r + d_r]` over `joint`
+        `[batch, 1, kv_len, r + d_r]`, with the cached `latent` `[batch, 1, kv_len, r]` as the value.
+
+        Returns `[batch, seq, heads, kv_lora_rank]` and the attention weights, if any, `[batch, heads, seq, kv_len]`.
+        """
+        batch_size, query_length, heads, width = query_states.shape
+        kv_length = joint.shape[-2]
+        dropout = 0.0 if not self.training else self.attention_dropout
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        # transformers' own sdpa on CPU: the kernels of this module's own (see the class docstring)
+        own_cpu_kernel = attention_interface is sdpa_attention_forward and joint.device.type == "cpu"
+
+        if own_cpu_kernel and query_length > 1:
+            # Prefill: the heads as sdpa's heads sharing one key, so that causality needs no mask (and a mask
+            # broadcasts over the heads), and the whole joint row as the value, as wide as the key.
+            shared = joint.expand(-1, heads, -1, -1)
+            # attn_output: [batch, seq, heads, r + d_r]
+            attn_output, attn_weights = attention_interface(
+                self, query_states.transpose(1, 2), shared, shared, attention_mask, dropout=dropout, scaling=scaling,
+                **kwargs,
+            )
+            return attn_output[..., : self.kv_lora_rank], attn_weights
+
+        # Heads become query rows of one multi-query attention over the cache, query-major:
+        # [batch, 1, seq * heads, r + d_r] (a view when decoding one token)
+        query_states = query_states.reshape(batch_size, 1, query_length * heads, width)
+        if attention_mask is None and query_length > 1:
+            # No mask means causal attention without padding, aligned top-left as sdpa's `is_causal` reads it (a
+            # static cache's prefill sees keys up to `max_cache_len`); the head rows need it spelled out.
+            positions = torch.arange(max(query_length, kv_length), device=joint.device)
+            future = positions[None, :kv_length] > positions[:query_length, None]
+            attention_mask = torch.zeros(future.shape, dtype=query_states.dtype, device=joint.device)
+            attention_mask = attention_mask.masked_fill(future, torch.finfo(query_states.dtype).min)[None, None]
+        if attention_mask is not None and query_length > 1:
+            # [batch, 1, seq, kv_len] -> [batch, 1, seq * heads, kv_len], each query's row once per head (a single
+            # query's row broadcasts over the heads as it is)
+            attention_mask = attention_mask.repeat_interleave(heads, dim=2)
+
+        if own_cpu_kernel and dropout == 0.0:
+            attn_output = latent_attention_forward(query_states, joint, latent, attention_mask, scaling)
+            attn_weights = None
+        else:
+            attn_output, attn_weights = attention_interface(
+                self, query_states, joint, latent, attention_mask, dropout=dropout, scaling=scaling, is_causal=False,
+                **kwargs,
+            )
+        if attn_weights is not None:
+            # [batch, 1, seq * heads, kv_len] -> [batch, heads, seq, kv_len]
+            attn_weights = attn_weights.view(batch_size, query_length, heads, kv_length).transpose(1, 2)
+        # [batch, seq * heads, 1, kv_lora_rank] -> [batch, seq, heads, kv_lora_rank]
+        return attn_output.reshape(batch_size, query_length, heads, self.kv_lora_rank), attn_weights
+
     # ------------------------------------------------------------------------------------------ folded weights
 
     def _fold_sources(self) -> list[torch.Tensor] | None:
@@ -259,8 +495,9 @@ class MLAAttention(nn.Module):
         # Read from the module dictionaries: this runs at every decoding step, and attribute lookup through
         # `nn.Module.__getattr__` would cost more than the rest of the check.
         projections = [self._modules[name] for name in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
-        if any(type(projection) is not nn.Linear for projection in projections):
-            # Wrapped or quantized projections (adapters, ...)
+        if any(type(projection) is not nn.Linear or "forward" in projection.__dict__ for projection in projections):
+            # Wrapped or quantized projections (adapters, ...), or a forward replaced on the instance (tensor-parallel
+            # styles gather and reduce there): the folded products would bypass them.
             return None
         parameters = [projection._parameters for projection in projections]
         sources = [p[name] for p in parameters for name in ("weight", "bias") if p[name] is not None]
@@ -344,217 +581,6 @@ class MLAAttention(nn.Module):
         self._drop_folded()
         return super()._apply(fn, recurse)
 
-    # ------------------------------------------------------------------------------------------ forward
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query_length = hidden_states.shape[1]
-        kv_length = query_length
-        if past_key_values is not None:
-            kv_length = past_key_values.get_mask_sizes(query_length, self.layer_idx)[0]
-        cos, sin = self._rope_tables(position_embeddings)
-        absorbed = self._use_absorbed(query_length, kv_length, attention_mask)
-        # A cache means decoding follows: fold already in this (eager) call, so that compiled decoding steps find the
-        # folded weights.
-        use_folded = (absorbed or past_key_values is not None) and self._use_folded()
-        if absorbed:
-            return self._absorbed_attention(
-                hidden_states, cos, sin, attention_mask, past_key_values, use_folded, **kwargs
-            )
-        return self._expanded_attention(hidden_states, cos, sin, attention_mask, past_key_values, **kwargs)
-
-    def _expanded_attention(self, hidden_states, cos, sin, attention_mask, past_key_values, **kwargs):
-        batch_size, query_length, _ = hidden_states.shape
-        # query_states: [batch, heads, seq, qk_head_dim]
-        query_states = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.qk_head_dim)
-        query_states = query_states.transpose(1, 2)
-        q_nope, q_pe = torch.split(query_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-        # compressed: [batch, seq, kv_lora_rank + qk_rope_head_dim]
-        compressed = self.kv_a_proj_with_mqa(hidden_states)
-        latent, k_pe = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        # latent: [batch, 1, seq, kv_lora_rank]; k_pe: [batch, 1, seq, qk_rope_head_dim]
-        latent = latent.unsqueeze(1)
-        k_pe = k_pe.unsqueeze(1)
-        q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
-        k_pe = apply_rotary_pos_emb(k_pe, cos, sin)
-        if past_key_values is not None:
-            # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
-            latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
-
-        kv_length = latent.shape[-2]
-        # kv: [batch, kv_len, heads * (qk_nope_head_dim + v_head_dim)] -> [batch, heads, kv_len, qk_nope + v]
-        kv = self.kv_b_proj(latent.squeeze(1))
-        kv = kv.view(batch_size, kv_length, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
-        k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        # key_states: [batch, heads, kv_len, qk_head_dim]
-        key_states = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
-        query_states = torch.cat((q_nope, q_pe), dim=-1)
-
-        implementation = self.config._attn_implementation or "eager"
-        # Flash kernels want equal query/key and value sizes; so does CPU sdpa's fused kernel, without which it falls
-        # back to the math kernel (several times slower on long prompts).
-        pad_value = self.v_head_dim != self.qk_head_dim and (
-            "flash" in implementation
-            or (implementation == "sdpa" and query_states.device.type == "cpu" and self.v_head_dim < self.qk_head_dim)
-        )
-        if pad_value:
-            value_states = nn.functional.pad(value_states, [0, self.qk_head_dim - self.v_head_dim])
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if pad_value:
-            attn_output = attn_output[..., : self.v_head_dim]
-        # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]
-        attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
-
-    def _absorbed_attention(self, hidden_states, cos, sin, attention_mask, past_key_values, use_folded, **kwargs):
-        batch_size, query_length, _ = hidden_states.shape
-        heads, rank = self.num_heads, self.kv_lora_rank
-        # w_kv_b: [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
-        w_kv_b = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
-        w_uk, w_uv = torch.split(w_kv_b, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        # cos, sin: [batch, seq, 1, qk_rope_head_dim], shared by the heads and the RoPE key
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-
-        if use_folded and self.folded_q_weight is not None:
-            # projected: [batch, seq, heads + 1, kv_lora_rank + qk_rope_head_dim]: every head's scaled query in latent
-            # space with its RoPE part, then the new token's [latent ; k_pe]; one RoPE, in place, for all of them
-            projected = nn.functional.linear(hidden_states, self.folded_q_weight, self.folded_q_bias)
-            projected = projected.view(batch_size, query_length, heads + 1, rank + self.qk_rope_head_dim)
-            rope_part = projected[..., rank:]
-            rotated = rotate_half(rope_part)
-            rope_part.mul_(cos).addcmul_(rotated, sin)
-            query_states = projected[:, :, :heads]
-            latent, k_pe = projected[:, :, heads, :rank], projected[:, :, heads, rank:]
-            scaling = 1.0
-        else:
-            # q: [batch, seq, heads, qk_head_dim]
-            q = self.q_proj(hidden_states).view(batch_size, query_length, heads, self.qk_head_dim)
-            q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-            compressed = self.kv_a_proj_with_mqa(hidden_states)
-            # latent: [batch, seq, kv_lora_rank]; k_pe: [batch, seq, qk_rope_head_dim]
-            latent, k_pe = torch.split(compressed, [rank, self.qk_rope_head_dim], dim=-1)
-            q_pe = (q_pe * cos) + (rotate_half(q_pe) * sin)
-            k_pe = (k_pe * cos.squeeze(2)) + (rotate_half(k_pe) * sin.squeeze(2))
-            # Heads as the batch, so W_uk is read once: [heads, batch * seq, qk_nope] @ [heads, qk_nope, r]
-            q_nope = q_nope.reshape(batch_size * query_length, heads, self.qk_nope_head_dim)
-            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)
-            # query_states: [batch, seq, heads, kv_lora_rank + qk_rope_head_dim]
-            q_latent = q_latent.transpose(0, 1).view(batch_size, query_length, heads, rank)
-            query_states = torch.cat((q_latent, q_pe), dim=-1)
-            scaling = self.scaling
-
-        # latent: [batch, 1, seq, kv_lora_rank]; k_pe: [batch, 1, seq, qk_rope_head_dim]
-        latent, k_pe = latent.unsqueeze(1), k_pe.unsqueeze(1)
-        joint = None
-        if past_key_values is not None:
-            # latent: [batch, 1, kv_len, kv_lora_rank]; k_pe: [batch, 1, kv_len, qk_rope_head_dim]
-            latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
-            # The latent cache keeps both side by side: [batch, 1, kv_len, kv_lora_rank + qk_rope_head_dim]
-            joint = getattr(past_key_values.layers[self.layer_idx], "joint", None)
-        if joint is None:
-            joint = torch.cat((latent, k_pe), dim=-1)
-        # attn_output: [batch * seq, heads, kv_lora_rank]
-        attn_output, attn_weights = self._latent_attention(
-            query_states, joint, latent, attention_mask, scaling, **kwargs
-        )
-
-        if use_folded and self.folded_o_weight is not None:
-            # [batch, seq, heads * kv_lora_rank] -> [batch, seq, hidden]: W_uv is folded into the output projection
-            attn_output = attn_output.reshape(batch_size, query_length, heads * rank)
-            return nn.functional.linear(attn_output, self.folded_o_weight, self.o_proj.bias), attn_weights
-        # [heads, batch * seq, kv_lora_rank] @ [heads, kv_lora_rank, v_head_dim] -> [heads, batch * seq, v_head_dim]
-        attn_output = torch.bmm(attn_output.transpose(0, 1), w_uv.transpose(1, 2))
-        # [batch, seq, heads * v_head_dim]
-        attn_output = attn_output.transpose(0, 1).reshape(batch_size, query_length, heads * self.v_head_dim)
-        return self.o_proj(attn_output), attn_weights
-
-    def _latent_attention(self, query_states, joint, latent, attention_mask, scaling, **kwargs):
-        """Multi-query attention of every head's `query_states` `[batch, seq, heads, r + d_r]` over `joint`.
-
-        Returns `[batch * seq, heads, kv_lora_rank]` and the attention weights, if any, `[batch, heads, seq, kv_len]`.
-        """
-        batch_size, query_length, heads, width = query_states.shape
-        kv_length = joint.shape[-2]
-        implementation = self.config._attn_implementation or "eager"
-        dropout = 0.0 if not self.training else self.attention_dropout
-        cpu_sdpa = implementation == "sdpa" and joint.device.type == "cpu"
-
-        if cpu_sdpa and query_length > 1:
-            # Prefill on CPU: the heads as sdpa's heads sharing one key, so that causality needs no mask (and a mask
-            # broadcasts over the heads), and the whole joint row as the value, as wide as the key: CPU sdpa has a
-            # fused kernel only for equal sizes, and its math fallback materialises every score.
-            shared = joint.expand(-1, heads, -1, -1)
-            # [batch, heads, seq, r + d_r] -> [batch, seq, heads, r + d_r]
-            attn_output, attn_weights = sdpa_attention_forward(
-                self,
-                query_states.transpose(1, 2),
-                shared,
-                shared,
-                attention_mask,
-                dropout=dropout,
-                scaling=scaling,
-                **kwargs,
-            )
-            return attn_output[..., : self.kv_lora_rank].reshape(-1, heads, self.kv_lora_rank), attn_weights
-
-        # Heads become query rows of one multi-query attention over the cache, query-major:
-        # [batch, 1, seq * heads, r + d_r] (a view when decoding one token)
-        query_states = query_states.reshape(batch_size, 1, query_length * heads, width)
-        if attention_mask is None and query_length > 1:
-            # No mask means causal attention without padding, aligned top-left as sdpa's `is_causal` reads it (a
-            # static cache's prefill sees keys up to `max_cache_len`); the head rows need it spelled out.
-            positions = torch.arange(query_length, device=joint.device)
-            attention_mask = positions[:, None] >= torch.arange(kv_length, device=joint.device)[None, :]
-            attention_mask = attention_mask[None, None]
-        if attention_mask is not None and query_length > 1:
-            # [batch, 1, seq, kv_len] -> [batch, 1, seq * heads, kv_len], each query's row once per head (a single
-            # query's row broadcasts over the heads as it is)
-            attention_mask = attention_mask.repeat_interleave(heads, dim=2)
-
-        if dropout == 0.0 and (implementation == "eager" or cpu_sdpa):
-            attn_output, attn_weights = latent_attention_forward(query_states, joint, latent, attention_mask, scaling)
-            attn_weights = attn_weights if implementation == "eager" else None
-        else:
-            if implementation in ("eager", "sdpa"):
-                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-            else:
-                attention_interface = sdpa_attention_forward
-            attn_output, attn_weights = attention_interface(
-                self,
-                query_states,
-                joint,
-                latent,
-                attention_mask,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=False,
-                **kwargs,
-            )
-        if attn_weights is not None:
-            # [batch, 1, seq * heads, kv_len] -> [batch, heads, seq, kv_len]
-            attn_weights = attn_weights.view(batch_size, query_length, heads, kv_length).transpose(1, 2)
-        # [batch, 1, seq * heads, kv_lora_rank] (or [batch, seq * heads, 1, kv_lora_rank], as sdpa returns it)
-        return attn_output.reshape(-1, heads, self.kv_lora_rank), attn_weights
-
-
 class MLADecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MLAConfig, layer_idx: int):
         super().__init__()
@@ -564,12 +590,13 @@ class MLADecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -580,7 +607,7 @@ class MLADecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -606,6 +633,10 @@ class MLAPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": MLADecoderLayer,
+        "attentions": MLAAttention,
+    }
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -628,36 +659,38 @@ class MLAModel(MLAPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    # transformers 5.24 renamed the cache argument `past_key_values` to `cache`; 5.23's `generate()` still passes the
+    # old name, which this maps to the new one (with transformers' deprecation warning).
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
+        if use_cache and cache is None:
             # Builds one `MLALatentCacheLayer` per layer from `config.layer_types`.
-            past_key_values = DynamicCache(config=self.config)
+            cache = DynamicCache(config=self.config)
 
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24 and `cache` after.
-        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        # The cache goes by position: its keyword is `past_key_values` in transformers 5.23 and `cache` in 5.24.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -668,17 +701,19 @@ class MLAModel(MLAPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: past_key_values})
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{cache_field(BaseModelOutputWithPast): cache})
 
 
 class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MLAConfig):
         super().__init__(config)
@@ -687,33 +722,31 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:
@@ -722,9 +755,9 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{cache_field(CausalLMOutputWithPast): getattr(outputs, cache_field(BaseModelOutputWithPast))},
         )
 
 

@@ -1,0 +1,433 @@
+"""The converted model keeps transformers' model contract, checked the way transformers' `ModelTesterMixin` does.
+
+Pico MLA models come from converting a pico Llama (2 layers, hidden 64): at full budget the MLA model computes what
+Llama computes, so its outputs are compared with the source's; at half budget the latent is narrower than the keys
+and values it replaces, and both attention forms (expanded, absorbed) are exercised.
+"""
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
+from mla_convert.convert import ConversionOptions, convert
+from mla_modeling import MLAConfig, MLAForCausalLM, MLALatentCacheLayer
+
+from conftest import load_causal_lm as load, relative_error, token_ids
+
+
+SOURCE = "llama-gqa"
+FORMS = ("expanded", "absorbed")
+
+
+@pytest.fixture(scope="module")
+def exact_folder(tmp_path_factory, pico_folders):
+    output = tmp_path_factory.mktemp("contract") / "exact"
+    convert(str(pico_folders[SOURCE]), output, ConversionOptions(kv_budget=1.0))
+    return output
+
+
+@pytest.fixture(scope="module")
+def half_folder(tmp_path_factory, pico_folders, wikitext):
+    output = tmp_path_factory.mktemp("contract") / "half"
+    options = ConversionOptions(kv_budget=0.5, calibration=str(wikitext), calibration_tokens=2048)
+    convert(str(pico_folders[SOURCE]), output, options)
+    return output
+
+
+def with_path(model: MLAForCausalLM, path: str) -> MLAForCausalLM:
+    model.config.attention_path = path
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("path", FORMS)
+def test_hidden_states_are_the_sources(pico_folders, exact_folder, path):
+    source = load(pico_folders[SOURCE])
+    model = with_path(load(exact_folder), path)
+    input_ids = token_ids(2, 12)
+    with torch.no_grad():
+        expected = source(input_ids, output_hidden_states=True)
+        outputs = model(input_ids, output_hidden_states=True)
+    hidden_states = outputs.hidden_states
+    assert len(hidden_states) == model.config.num_hidden_layers + 1
+    assert all(state.shape == (2, 12, model.config.hidden_size) for state in hidden_states)
+    for actual, reference in zip(hidden_states, expected.hidden_states):
+        assert relative_error(actual, reference) < 1e-4
+    # The last one is the normed output, as in Llama
+    assert torch.equal(hidden_states[-1], model.model(input_ids).last_hidden_state)
+    assert model(input_ids, output_hidden_states=False).hidden_states is None
+
+
+@pytest.mark.parametrize("path", FORMS)
+def test_attentions_are_the_sources(pico_folders, exact_folder, path):
+    source = load(pico_folders[SOURCE], attn_implementation="eager")
+    model = with_path(load(exact_folder, attn_implementation="eager"), path)
+    input_ids = token_ids(2, 12)
+    with torch.no_grad():
+        expected = source(input_ids, output_attentions=True).attentions
+        outputs = model(input_ids, output_attentions=True, use_cache=True)
+        attentions = outputs.attentions
+        # One decoding step over the cache: a row over every cached token
+        step = model(token_ids(2, 1, seed=1), cache=outputs.cache, output_attentions=True).attentions
+    assert len(attentions) == model.config.num_hidden_layers
+    for actual, reference in zip(attentions, expected):
+        assert actual.shape == (2, model.config.num_attention_heads, 12, 12)
+        assert relative_error(actual, reference) < 1e-4
+    assert [tuple(weights.shape) for weights in step] == [(2, model.config.num_attention_heads, 1, 13)] * 2
+    assert torch.allclose(step[0].sum(-1), torch.ones(()))
+
+
+def test_sdpa_reports_no_attentions_as_llama_does(pico_folders, exact_folder):
+    source = load(pico_folders[SOURCE], attn_implementation="sdpa")
+    model = load(exact_folder, attn_implementation="sdpa")
+    input_ids = token_ids(1, 8)
+    with torch.no_grad():
+        attentions = model(input_ids, output_attentions=True).attentions
+        assert attentions == source(input_ids, output_attentions=True).attentions
+
+
+def test_return_dict_false_gives_a_tuple(exact_folder):
+    model = load(exact_folder)
+    input_ids = token_ids(1, 8)
+    with torch.no_grad():
+        outputs = model(input_ids, return_dict=False, use_cache=False)
+    assert isinstance(outputs, tuple)
+    assert torch.equal(outputs[0], model(input_ids).logits)
+
+
+# ------------------------------------------------------------------------------------------ the cache argument
+
+
+def test_the_cache_argument_and_its_deprecated_name(half_folder):
+    model = load(half_folder)
+    input_ids = token_ids(2, 10)
+    with torch.no_grad():
+        prefill = model(input_ids[:, :-1], use_cache=True)
+        cache = prefill.cache
+        assert isinstance(cache.layers[0], MLALatentCacheLayer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            expected = model(input_ids[:, -1:], cache=copy.deepcopy(cache)).logits
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            actual = model(input_ids[:, -1:], past_key_values=cache).logits
+    assert cache.get_seq_length() == 10
+    assert torch.equal(actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_generation_with_the_cache_equals_generation_without_it(half_folder, implementation):
+    model = load(half_folder, attn_implementation=implementation)
+    prompt = token_ids(2, 9, seed=2)
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cached = model.generate(prompt, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        # Greedy: every generated token is the argmax of a full forward over what precedes it
+        logits = model(cached[:, :-1]).logits
+    assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), cached[:, prompt.shape[1] :])
+
+
+def test_static_cache_generation_equals_the_dynamic_cache(half_folder):
+    model = load(half_folder)
+    prompt = token_ids(2, 9, seed=4)
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(static, model.generate(prompt, **kwargs))
+
+
+def test_static_cache_offload_and_prefetch_keep_one_buffer(half_folder):
+    model = load(half_folder)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(token_ids(1, 6), cache=cache)
+    layer = cache.layers[0]
+
+    def views_of_the_buffer() -> bool:
+        parts = (layer.keys, layer.values)
+        return all(part._base is layer.buffer and part.device == layer.buffer.device for part in parts)
+
+    layer.offload()
+    assert views_of_the_buffer()
+    # Prefetch brings the data back to the layer's device; the meta device stands in for an accelerator here.
+    layer.device = torch.device("meta")
+    layer.prefetch()
+    assert layer.buffer.device.type == "meta" and views_of_the_buffer()
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+
+@pytest.mark.parametrize("path", FORMS)
+def test_eager_and_sdpa_agree(half_folder, path):
+    input_ids = token_ids(2, 16, seed=5)
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = with_path(load(half_folder, attn_implementation=implementation), path)
+        with torch.no_grad():
+            prefill = model(input_ids[:, :12], use_cache=True)
+            steps = [prefill.logits]
+            for position in range(12, 16):
+                steps.append(model(input_ids[:, position : position + 1], cache=prefill.cache).logits)
+        results[implementation] = torch.cat(steps, dim=1)
+    assert relative_error(results["sdpa"], results["eager"]) < 1e-5
+
+
+def test_a_registered_attention_function_is_the_one_called(half_folder):
+    calls = []
+
+    def counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("counting_sdpa", counting_sdpa)
+    expected_model = load(half_folder, attn_implementation="sdpa")
+    model = load(half_folder, attn_implementation="counting_sdpa")
+    input_ids = token_ids(1, 10)
+    with torch.no_grad():
+        prefill = model(input_ids[:, :-1], use_cache=True)
+        logits = model(input_ids[:, -1:], cache=prefill.cache).logits
+        expected = expected_model(input_ids).logits[:, -1:]
+    # Every layer at every step, in the expanded form: the absorbed form is not forced on an unknown backend
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert all(shape[1] == model.config.num_attention_heads for shape in calls)
+    assert relative_error(logits, expected) < 1e-5
+    model.config.attention_path = "absorbed"
+    with pytest.raises(ValueError, match="attention_path='absorbed'"), torch.no_grad():
+        model(input_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_left_padded_batch_equals_its_rows_alone(half_folder, implementation):
+    model = load(half_folder, attn_implementation=implementation)
+    rows = [token_ids(1, 11, seed=6), token_ids(1, 6, seed=7)]
+    # left padding to the longest row
+    input_ids = torch.zeros(2, 11, dtype=torch.long)
+    attention_mask = torch.zeros(2, 11, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, -row.shape[1] :] = row
+        attention_mask[index, -row.shape[1] :] = 1
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        for index, row in enumerate(rows):
+            alone = model(row).logits[0]
+            assert relative_error(logits[index, -row.shape[1] :], alone) < 1e-5
+    generated = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    for index, row in enumerate(rows):
+        assert torch.equal(generated[index, 11:], model.generate(row, **kwargs)[0, row.shape[1] :])
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(half_folder):
+    input_ids = token_ids(2, 12, seed=8)
+    gradients = {}
+    for checkpointing in (False, True):
+        model = load(half_folder).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        assert all(layer.gradient_checkpointing == checkpointing for layer in model.model.layers)
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        gradients[checkpointing] = (loss.detach(), {name: p.grad for name, p in model.named_parameters()})
+    assert torch.equal(gradients[True][0], gradients[False][0])
+    for name, grad in gradients[False][1].items():
+        assert grad is not None, name
+        assert torch.allclose(gradients[True][1][name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_resize_token_embeddings(half_folder):
+    model = load(half_folder)
+    input_ids = token_ids(1, 10)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 14)
+    assert model.config.vocab_size == vocab + 14
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 14
+    assert model.get_output_embeddings().weight.shape[0] == vocab + 14
+    with torch.no_grad():
+        logits = model(torch.cat((input_ids, torch.tensor([[vocab + 13]])), dim=1)).logits
+    # The old tokens keep their logits; the new token is read
+    assert relative_error(logits[:, :10, :vocab], expected) < 1e-6
+    assert logits.shape[-1] == vocab + 14
+    model.resize_token_embeddings(vocab)
+    with torch.no_grad():
+        assert relative_error(model(input_ids).logits, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_casts(half_folder, dtype):
+    reference = load(half_folder)
+    input_ids = token_ids(2, 10)
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+    for model in (copy.deepcopy(reference).to(dtype), AutoModelForCausalLM.from_pretrained(half_folder, dtype=dtype)):
+        assert all(p.dtype == dtype for p in model.parameters())
+        with torch.no_grad():
+            logits = model(input_ids).logits
+        assert logits.dtype == dtype
+        assert relative_error(logits.float(), expected) < 0.05
+        generated = model.generate(input_ids[:, :6], max_new_tokens=4, do_sample=False, eos_token_id=None)
+        assert generated.shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------------- save and load
+
+
+def test_save_load_round_trip(half_folder, tmp_path):
+    model = load(half_folder)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # Rebuilt from `num_hidden_layers` on load; left out so that the folder's config also loads as a plain one
+    assert "layer_types" not in saved
+    loaded = load(tmp_path)
+    assert loaded.config.layer_types == model.config.layer_types
+    assert loaded.config.kv_lora_ranks == model.config.kv_lora_ranks
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    input_ids = token_ids(2, 12)
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+    assert torch.equal(loaded.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
+
+
+def test_the_tokenizer_loads_without_the_plugin_or_remote_code(exact_folder, pico_folders, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("mla_convert", "mla_modeling"):
+                    raise ImportError("the plugin is not installed here")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained({str(exact_folder)!r})
+        source = AutoTokenizer.from_pretrained({str(pico_folders[SOURCE])!r})
+        text = "The quick brown fox"
+        assert tokenizer(text).input_ids == source(text).input_ids, (tokenizer(text), source(text))
+        assert not any(name.startswith("transformers_modules") for name in sys.modules)
+        print("tokenizer OK", type(tokenizer).__name__)
+        """
+    )
+    # No answer to transformers' question whether to run the folder's code (stdin is empty): the tokenizer must
+    # load without it.
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenizer OK" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ tensor parallelism
+
+
+def test_the_tensor_parallel_plan_matches_the_modules(half_folder):
+    model = load(half_folder)
+    config = model.config
+    modules = dict(model.model.named_modules())
+    for pattern, style in config.base_model_tp_plan.items():
+        regex = pattern.replace(".", r"\.").replace("*", r"\d+")
+        matched = [module for name, module in modules.items() if re.fullmatch(regex, name)]
+        assert len(matched) == config.num_hidden_layers, pattern
+        for module in matched:
+            if style == "colwise":
+                assert module.out_features % 2 == 0, pattern
+            elif style == "rowwise":
+                assert module.in_features % 2 == 0, pattern
+    heads = config.num_attention_heads
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        # A split of the heads' rows (q_proj, kv_b_proj) and of o_proj's columns into 2 or 4 equal parts keeps
+        # whole heads together, and the same heads on every projection.
+        assert attention.q_proj.out_features == heads * config.qk_head_dim
+        assert attention.kv_b_proj.out_features == heads * (config.qk_nope_head_dim + config.v_head_dim)
+        assert attention.o_proj.in_features == heads * config.v_head_dim
+    assert all(heads % world_size == 0 for world_size in (2, 4))
+    assert set(config.base_model_pp_plan) == {"embed_tokens", "layers", "norm"}
+    assert set(MLAForCausalLM._tp_plan) == set(MLAForCausalLM._pp_plan) == {"lm_head"}
+
+
+def shard(attention, rank: int, world_size: int):
+    """What tensor parallelism leaves on `rank`: its heads' rows of q_proj and kv_b_proj, their columns of o_proj
+    (bias on one rank: the sum over ranks adds it once), and a forward replaced on each sharded projection."""
+    attention = copy.deepcopy(attention)
+    heads = attention.num_heads // world_size
+    picked = slice(rank * heads, (rank + 1) * heads)
+    widths = {"q_proj": attention.qk_head_dim, "kv_b_proj": attention.qk_nope_head_dim + attention.v_head_dim}
+    for name, width in widths.items():
+        full = getattr(attention, name)
+        local = torch.nn.Linear(full.in_features, heads * width, bias=full.bias is not None)
+        local.weight.data = full.weight.data.view(attention.num_heads, width, -1)[picked].reshape(heads * width, -1)
+        if full.bias is not None:
+            local.bias.data = full.bias.data.view(attention.num_heads, width)[picked].reshape(-1)
+        setattr(attention, name, local)
+    full = attention.o_proj
+    local = torch.nn.Linear(heads * attention.v_head_dim, full.out_features, bias=full.bias is not None)
+    local.weight.data = full.weight.data.view(full.out_features, attention.num_heads, -1)[:, picked].reshape(
+        full.out_features, -1
+    )
+    if full.bias is not None:
+        local.bias.data = full.bias.data if rank == 0 else torch.zeros_like(full.bias.data)
+    attention.o_proj = local
+    for name in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+        projection = getattr(attention, name)
+        projection.forward = projection.forward  # as tensor-parallel styles do: an instance-level forward
+    attention._drop_folded()
+    return attention
+
+
+@pytest.mark.parametrize("path", FORMS)
+def test_attention_with_its_heads_split_sums_to_the_whole(half_folder, path):
+    model = with_path(load(half_folder), path)
+    attention = model.model.layers[1].self_attn
+    hidden_states = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(9)[None]
+    rope = model.model.rotary_emb(hidden_states, position_ids)
+    causal = torch.full((9, 9), torch.finfo(torch.float32).min).triu(1)[None, None]
+    with torch.no_grad():
+        expected = attention(hidden_states, rope, attention_mask=causal)[0]
+        ranks = [shard(attention, rank, 2) for rank in range(2)]
+        assert all(rank._fold_sources() is None for rank in ranks)
+        actual = sum(rank(hidden_states, rope, attention_mask=causal)[0] for rank in ranks)
+        # And decoding over a cache each rank keeps whole (the latent is not split)
+        caches = [DynamicCache(config=model.config) for _ in ranks]
+        for rank, cache in zip(ranks, caches):
+            rank(hidden_states[:, :-1], rope_slice(rope, slice(0, 8)), attention_mask=causal[..., :8, :8], cache=cache)
+        step = sum(
+            rank(hidden_states[:, -1:], rope_slice(rope, slice(8, 9)), attention_mask=None, cache=cache)[0]
+            for rank, cache in zip(ranks, caches)
+        )
+    assert relative_error(actual, expected) < 1e-5
+    assert relative_error(step, expected[:, -1:]) < 1e-5
+
+
+def rope_slice(rope, positions: slice):
+    return tuple(table[:, positions] for table in rope)
