@@ -3,10 +3,12 @@ training loop with checkpoints and resume, two processes under `accelerate launc
 
 import argparse
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -380,3 +382,99 @@ def test_bf16_mixed_precision_heals_and_evaluates_in_float32(healed, student, pi
     assert fast["eval"][0]["kl"] == pytest.approx(report["eval"][0]["kl"], rel=1e-6)
     assert fast["eval"][-1]["kl"] < 0.9 * fast["eval"][0]["kl"]
     assert fast["curve"][0]["kl"] == pytest.approx(report["curve"][0]["kl"], rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------- never lose files,
+# one line for every failure (issue 17)
+
+
+def quick(pico_folders, wikitext, **overrides) -> HealOptions:
+    """Options that stop before the first step: enough to pass every check and the first evaluation."""
+    return make_options(pico_folders, wikitext, **{"stop_after_steps": 0, "eval_tokens": 256, **overrides})
+
+
+def test_teacher_that_is_not_the_source_is_refused(student, pico_folders, wikitext, tmp_path):
+    other = tmp_path / "other-llama"
+    build_pico("llama-gqa", seed=1).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    message = expect_error(student, tmp_path / "out", quick(pico_folders, wikitext, teacher=str(other)),
+                           "is not the source of the student .* it was converted from .*--any-teacher")  # fmt: skip
+    assert str(pico_folders["llama-gqa"]) in message
+    assert heal(student, tmp_path / "out", quick(pico_folders, wikitext, teacher=str(other), any_teacher=True))["stopped"]
+
+    # The source under another path is still the source: decided by the weights, not by the name.
+    copy = tmp_path / "copy-of-source"
+    build_pico("llama-gqa").save_pretrained(copy)
+    byte_tokenizer().save_pretrained(copy)
+    assert heal(student, tmp_path / "out2", quick(pico_folders, wikitext, teacher=str(copy)))["stopped"]
+
+
+def test_output_and_checkpoints_never_overwrite_an_input(student, pico_folders, wikitext, tmp_path):
+    teacher = pico_folders["llama-gqa"]
+    before = {p: p.read_bytes() for p in list(teacher.iterdir()) + list(student.iterdir()) if p.is_file()}
+    for output in (teacher, student, student / "inside"):
+        with pytest.raises(MLAConvertError, match="OUTPUT .* (is|lies inside) the (teacher|student)"):
+            heal(student, output, quick(pico_folders, wikitext, overwrite=True))
+    with pytest.raises(MLAConvertError, match="--checkpoint-dir .* is the teacher"):
+        heal(student, tmp_path / "out", quick(pico_folders, wikitext, checkpoint_dir=str(teacher)))
+    assert {p: p.read_bytes() for p in before} == before
+
+    (tmp_path / "a-file").write_text("mine")
+    expect_error(student, tmp_path / "out", quick(pico_folders, wikitext, checkpoint_dir=str(tmp_path / "a-file")),
+                 "--checkpoint-dir .*a-file is a file, not a folder")  # fmt: skip
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_options_are_named_as_heal_spells_them(student, pico_folders, wikitext, tmp_path):
+    expect_error(student, tmp_path / "out", quick(pico_folders, wikitext, eval_tokens=100, eval_seq_len=128),
+                 r"--eval-tokens \(100\) must be at least --eval-seq-len \(128\)")  # fmt: skip
+    expect_error(student, tmp_path / "out", quick(pico_folders, wikitext, eval_tokens=32),
+                 r"--eval-tokens \(32\) must be at least --seq-len")  # fmt: skip
+
+
+def test_sequences_beyond_the_students_positions_warn(student, pico_folders, wikitext, tmp_path, caplog):
+    options = quick(pico_folders, wikitext, seq_len=520, eval_tokens=520)
+    with caplog.at_level("WARNING"):
+        heal(student, tmp_path / "out", options)
+    assert "--seq-len 520 is longer than the student's max_position_embeddings (512)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage,name",
+    [
+        (lambda p: p.write_text("{\"step\": 2, "), "heal_state.json"),
+        (lambda p: p.write_bytes(b""), "trainable.safetensors"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "optimizer.bin"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "trainable.safetensors"),
+    ],
+    ids=["bad-json", "empty-file", "truncated-optimizer", "truncated-safetensors"],
+)
+def test_resume_from_a_damaged_checkpoint_says_which_file(damage, name, stopped_run, student, pico_folders,
+                                                         wikitext, tmp_path):  # fmt: skip
+    output, options = stopped_run
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(default_checkpoint_dir(output), checkpoints)
+    (checkpoint,) = checkpoints.iterdir()
+    damage(checkpoint / name)
+    options = replace(options, resume=True, checkpoint_dir=str(checkpoints), stop_after_steps=None)
+    message = expect_error(student, tmp_path / "out", options, f"--resume: the checkpoint file .*{name}.* damaged")
+    assert "to start over" in message and str(checkpoints) in message
+
+
+@pytest.fixture(scope="module")
+def stopped_run(student, pico_folders, wikitext, tmp_path_factory) -> tuple[Path, HealOptions]:
+    """A run killed after step 2, with its checkpoint of step 2 (the teacher and data written as absolute paths)."""
+    output = tmp_path_factory.mktemp("heal-stopped") / "healed"
+    options = make_options(pico_folders, wikitext, save_every=2, stop_after_steps=2, eval_tokens=256)
+    heal(student, output, options)
+    return output, options
+
+
+def test_resume_compares_paths_resolved(stopped_run, student, pico_folders, wikitext, tmp_path, monkeypatch):
+    output, options = stopped_run
+    shutil.copytree(default_checkpoint_dir(output), tmp_path / "healed.checkpoints")
+    monkeypatch.chdir(Path(options.teacher).parent)
+    relative = replace(options, resume=True, stop_after_steps=3, teacher=Path(options.teacher).name,
+                       data=os.path.relpath(options.data))  # fmt: skip
+    resumed = heal(os.path.relpath(student), tmp_path / "healed", relative)
+    assert [run["start_step"] for run in resumed["runs"]] == [0, 2] and resumed["optimizer_steps"] == 3

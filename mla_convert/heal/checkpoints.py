@@ -190,7 +190,7 @@ def read_checkpoint(checkpoint: Path) -> tuple[HealState, dict]:
     from safetensors import SafetensorError, safe_open
 
     start_over = _start_over(checkpoint.parent)
-    for path in sorted(checkpoint.iterdir()):
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
         damaged = None
         if path.stat().st_size == 0:
             damaged = "it is empty"
