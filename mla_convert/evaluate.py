@@ -6,6 +6,7 @@ check, the `eval` command and healing's evaluation all sum through it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel
 from .errors import MLAConvertError
 
 
+logger = logging.getLogger(__name__)
 # Logit rows scored at a time: float32 temporaries of 16 MB at most, whatever the batch and vocabulary.
 SCORE_CHUNK_ELEMENTS = 1 << 22
 
@@ -197,6 +199,14 @@ def evaluate(
     where both models' most likely next tokens agree). Non-finite logits are refused (`MLAConvertError`).
     """
     _check_inputs(model, sequences, reference, batch_size)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and sequences.shape[1] > limit:
+        logger.warning(
+            "sequences of %d tokens are longer than the model's max_position_embeddings (%d): positions beyond it "
+            "were never trained, so the scores there say little",
+            sequences.shape[1],
+            limit,
+        )
     cached = isinstance(reference, ReferenceLogProbs)
     models = [model] if reference is None or cached else [model, reference]
     was_training = [m.training for m in models]

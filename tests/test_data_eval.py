@@ -244,6 +244,12 @@ def test_cached_reference_gives_what_the_reference_model_gives(model, tokenizer,
         evaluate(model, sequences, reference=cached, batch_size=2, progress=False)
 
 
+def test_sequences_beyond_the_models_positions_warn(model, caplog):
+    with caplog.at_level("WARNING"):
+        evaluate(model, torch.randint(0, VOCAB_SIZE, (1, 300)), progress=False)
+    assert "longer than the model's max_position_embeddings (256)" in caplog.text
+
+
 def test_evaluate_rejects_foreign_token_ids(model):
     with pytest.raises(MLAConvertError, match="outside the model's vocabulary"):
         evaluate(model, torch.full((1, 8), VOCAB_SIZE), progress=False)

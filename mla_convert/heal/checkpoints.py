@@ -212,7 +212,7 @@ def read_checkpoint(checkpoint: Path) -> tuple[HealState, dict]:
         raise MLAConvertError(f"--resume: the checkpoint file {path} is damaged ({e!r}): {start_over}") from e
 
 
-def _same_path(a, b) -> bool:
+def same_path(a, b) -> bool:
     """Whether two settings name the same file or folder (resolved where they exist here), or the same hub name."""
 
     def resolved(value):
@@ -226,7 +226,7 @@ def check_same_settings(checkpoint: Path, saved: dict, settings: dict) -> None:
     changed = [
         f"{key} ({saved.get(key)!r} -> {settings[key]!r})"
         for key in TRAJECTORY_SETTINGS
-        if not (_same_path(saved.get(key), settings[key]) if key in PATH_SETTINGS else saved.get(key) == settings[key])
+        if not (same_path(saved.get(key), settings[key]) if key in PATH_SETTINGS else saved.get(key) == settings[key])
     ]
     if changed:
         raise MLAConvertError(

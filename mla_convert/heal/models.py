@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import MLAConvertError
+from .checkpoints import same_path
 from .options import HealOptions
 
 
@@ -57,14 +57,6 @@ def recorded_source(student: str) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def _same_source(a: str, b: str) -> bool:
-    def resolved(value: str) -> str:
-        path = Path(os.fspath(value)).expanduser()
-        return str(path.resolve()) if path.exists() else value
-
-    return resolved(a) == resolved(b)
-
-
 def shares_weights(student, teacher) -> bool:
     """Whether every weight outside attention (embeddings, MLP, norms, head) is the teacher's own."""
     teacher_weights = dict(teacher.named_parameters())
@@ -86,7 +78,7 @@ def check_teacher_is_source(student: str, model, teacher_model, options: HealOpt
     if options.any_teacher or shares_weights(model, teacher_model):
         return
     source = recorded_source(student)
-    if source is not None and _same_source(source, options.teacher):
+    if source is not None and same_path(source, options.teacher):
         return
     converted_from = f"; it was converted from {source}" if source else ""
     raise MLAConvertError(
