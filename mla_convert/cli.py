@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,25 +20,59 @@ EPILOG = """examples:
 """
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Says an option's default once, and only where there is one to say (not for flags or unset values)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or "%(default)" in help_text or action.default is None or isinstance(action.default, bool):
+            return help_text
+        if action.default is argparse.SUPPRESS or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the house rules: an error is the usage line and one line saying what is wrong, and negative
+    numbers are values (`--lr -1e-4` reaches the validator, which says why it is refused)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern knows -1 and -.5 but not -1e-4
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it is an earlier mla-convert output (the old one stays until the new one is complete)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with --overwrite: replace OUTPUT even if it is not an mla-convert output"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mla-convert",
         description="Turn an MHA/GQA model (Llama, Mistral, Qwen2) into Multi-head Latent Attention with a latent "
         "KV cache, then evaluate it and generate with it through transformers.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=type("ExamplesFormatter", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {}),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(
         "convert",
         help="convert a checkpoint to MLA",
+        usage="%(prog)s SOURCE OUTPUT [--kv-budget F] [--calibration DATA] [options]",
         description="Convert SOURCE (a local folder, a hub id, or a .gguf file) into an MLA checkpoint in OUTPUT. "
         "At --kv-budget 1.0 the result computes exactly what the source computes. Below it, the shared RoPE key and "
         "the latent are chosen from calibration activations (closed form: RoRoPE and a joint PCA), then every "
         "layer is refined by a few gradient steps to reproduce its source layer's attention output, so the choice "
         "of --calibration matters. OUTPUT is written atomically: on any error nothing is left behind.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     convert.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
     convert.add_argument("output", metavar="OUTPUT", help="folder to write the MLA checkpoint to")
@@ -115,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="seed for data-free calibration sampling")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="saved dtype")
     convert.add_argument("--device", default="cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
-    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    add_output_arguments(convert)
 
     gqa = commands.add_parser(
         "gqa",
         help="pool KV heads: the GQA baseline that MLA is compared against",
+        usage="%(prog)s SOURCE OUTPUT (--num-kv-heads N | --kv-budget F) [options]",
         description="Make the baseline for MLA at equal KV-cache size: SOURCE with fewer KV heads, each the mean of "
         "a group of adjacent KV heads (k_proj and v_proj, weights and biases), as in the GQA paper (Ainslie et al. "
         "2023, without its uptraining). Query heads and o_proj are unchanged. At --kv-budget F the KV cache per "
@@ -140,33 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the source's KV cache that remains (N / source KV heads, e.g. 0.5 for half the heads)",
     )
     gqa.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
-    gqa.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    add_output_arguments(gqa)
 
     evaluate = commands.add_parser(
         "eval",
         help="perplexity, and KL / top-1 agreement against a reference",
+        usage="%(prog)s MODEL --data FILE_OR_DATASET [--reference SOURCE] [options]",
         description="Held-out perplexity of MODEL on DATA; with --reference, also KL(reference || MODEL) and top-1 "
-        "agreement on the same tokens. By default the last 20%% of DATA is used, the part that calibration "
+        "agreement on the same tokens. By default the last 20% of DATA is used, the part that calibration "
         "never reads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluate.add_argument("model", metavar="MODEL", help="model folder (MLA or any supported source)")
     evaluate.add_argument("--data", required=True, metavar="FILE_OR_DATASET", help="evaluation text")
     evaluate.add_argument("--reference", metavar="SOURCE", help="the source model to compare against")
     evaluate.add_argument("--reference-gguf-file", metavar="NAME", help="GGUF file name inside the reference folder")
-    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence")
-    evaluate.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens")
-    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per evaluated sequence")
+    evaluate.add_argument("--max-tokens", type=int, default=16384, metavar="N", help="evaluate at most this many tokens")
+    evaluate.add_argument("--batch-size", type=int, default=4, metavar="B", help="sequences per forward pass")
     evaluate.add_argument("--json", metavar="FILE", help="also write the results to FILE")
 
     heal = commands.add_parser(
         "heal",
         help="fine-tune a converted model by distillation from its source",
+        usage="%(prog)s MLA_FOLDER OUTPUT --teacher SOURCE --data DATA [options]",
         description="Heal MLA_FOLDER by distillation from --teacher (KL to the teacher's logits; with --kl-weight "
         "below 1, plus next-token loss) on --data, with accelerate: one CPU, one GPU, or `accelerate launch` for "
         "several processes (DDP, FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume continues the latest. "
         "OUTPUT is written atomically and loads like any converted folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     from .heal import add_heal_arguments
 
@@ -175,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="generate text",
+        usage="%(prog)s MODEL PROMPT [options]",
         description="Generate a reply to PROMPT (through the chat template when the tokenizer has one).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     generate.add_argument("model", metavar="MODEL", help="model folder")
     generate.add_argument("prompt", metavar="PROMPT")
@@ -220,7 +257,9 @@ def run_convert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=args.device,
     )
-    report = convert(args.source, args.output, options, gguf_file=args.gguf_file, overwrite=args.overwrite)
+    report = convert(
+        args.source, args.output, options, gguf_file=args.gguf_file, overwrite=args.overwrite, force=args.force
+    )
     cache = report["cache"]
     print(f"wrote {Path(args.output).absolute()}")
     print(
@@ -256,6 +295,7 @@ def run_gqa(args: argparse.Namespace) -> None:
         kv_budget=args.kv_budget,
         gguf_file=args.gguf_file,
         overwrite=args.overwrite,
+        force=args.force,
     )
     cache = report["cache"]
     print(f"wrote {Path(args.output).absolute()}")
@@ -267,14 +307,49 @@ def run_gqa(args: argparse.Namespace) -> None:
     )
 
 
+def check_json_output(path: str, inputs: dict) -> Path:
+    """`--json FILE`: checked before the work, so an hour of evaluation is never lost to a typo in its path."""
+    from .folders import check_disjoint
+
+    target = Path(path).expanduser().absolute()
+    if not path.strip() or target.is_dir():
+        raise MLAConvertError(f"--json {path!r} must name a file, not a folder")
+    if not target.parent.is_dir():
+        raise MLAConvertError(f"--json {path}: the folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise MLAConvertError(f"--json {path}: cannot write in {target.parent} (permission denied)")
+    check_disjoint(target, inputs, "--json")
+    return target
+
+
+def warn_if_longer_than_trained(model, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        print(
+            f"warning: --seq-len {seq_len} is longer than the model's max_position_embeddings ({limit}): positions "
+            "past it were never trained, so the figures say little about the model",
+            file=sys.stderr,
+        )
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .data import EVALUATION_PART, load_text, tokenize_into_sequences
     from .evaluate import evaluate
+    from .folders import write_text_atomically
     from .sources import load_model
 
+    if args.seq_len < 2:
+        raise MLAConvertError(f"--seq-len must be at least 2 (a context and a token to predict), got {args.seq_len}")
+    if args.max_tokens < args.seq_len:
+        raise MLAConvertError(f"--max-tokens ({args.max_tokens}) must be at least --seq-len ({args.seq_len})")
+    if args.batch_size < 1:
+        raise MLAConvertError(f"--batch-size must be at least 1, got {args.batch_size}")
+    inputs = {"model": args.model, "reference": args.reference, "data": args.data}
+    json_path = check_json_output(args.json, inputs) if args.json is not None else None
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise MLAConvertError(f"no tokenizer found in {args.model}")
+    warn_if_longer_than_trained(model, args.seq_len)
     reference = None
     if args.reference:
         reference, _ = load_model(args.reference, gguf_file=args.reference_gguf_file)
@@ -288,8 +363,8 @@ def run_eval(args: argparse.Namespace) -> None:
         ratio = results["perplexity"] / results["reference_perplexity"]
         print(f"reference perplexity: {results['reference_perplexity']:.3f} (ratio {ratio:.3f})")
         print(f"KL(reference || model): {results['kl']:.4f} nats/token, top-1 agreement: {results['top1_agreement']:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if json_path is not None:
+        write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -297,6 +372,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from .sources import load_model
 
+    if not args.prompt.strip():
+        raise MLAConvertError("PROMPT is empty: give the text to reply to")
+    if args.max_new_tokens < 1:
+        raise MLAConvertError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise MLAConvertError(f"no tokenizer found in {args.model}")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -15,9 +16,9 @@ from mla_modeling import MLAConfig, MLAForCausalLM
 
 from .decompose import ROPE_STRATEGIES, DecomposeOptions, SourceAttention, decompose_layer, weight_only_moment
 from .errors import MLAConvertError
-from .folders import check_output, save_atomically
+from .folders import prepare_output, save_atomically
 from .refine import AttentionTargets, RefineOptions, refine_all
-from .sources import load_source, load_source_config
+from .sources import check_device, load_source, load_source_config
 
 
 EXACT_RELATIVE_TOLERANCE = 1e-4
@@ -235,6 +236,12 @@ def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple
         text, description = load_text(options.calibration, CALIBRATION_PART)
         sequences = tokenize_into_sequences(tokenizer, text, options.calibration_seq_len, options.calibration_tokens)
         info = {"kind": "text", "description": description}
+        if sequences.numel() < options.calibration_tokens // options.calibration_seq_len * options.calibration_seq_len:
+            print(
+                f"note: --calibration-tokens {options.calibration_tokens} asked for more than the calibration part of "
+                f"{options.calibration} holds: calibrating on the {sequences.numel()} tokens it gives",
+                file=sys.stderr,
+            )
     info.update(tokens=int(sequences.numel()), seq_len=int(sequences.shape[1]))
     return sequences, info
 
@@ -400,6 +407,20 @@ def verification_ids(vocab_size: int, calibration: torch.LongTensor | None, seed
     return torch.randint(0, vocab_size, (2, 64), generator=generator)
 
 
+def check_verification(verification: dict, plan: RankPlan) -> None:
+    """Refuses to save a model whose check against the source failed: nothing broken is ever reported as done."""
+    if not all(math.isfinite(verification[key]) for key in ("max_relative_logit_error", "kl", "top1_agreement")):
+        raise MLAConvertError(
+            "the converted model computes NaN or inf logits on the check against the source; nothing was written "
+            "(lower --refine-lr, or report this with the command that caused it)"
+        )
+    if plan.exact and verification["max_relative_logit_error"] > EXACT_RELATIVE_TOLERANCE:
+        raise MLAConvertError(
+            f"full-budget conversion is not exact (max relative logit error "
+            f"{verification['max_relative_logit_error']:.2e}); nothing was written: please report this source"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- save
 
 
@@ -421,6 +442,45 @@ def save_converted(model: MLAForCausalLM, tokenizer, report: dict, output: Path)
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
+def check_sliding_window(source_config: PreTrainedConfig, options: ConversionOptions) -> None:
+    """Refuses a source whose sliding window is shorter than the calibration windows, up front.
+
+    The MLA model attends to the whole context; within the window that is what the source computes, beyond it not,
+    and a conversion calibrated and checked on longer windows than the source ever attends over would be wrong.
+    """
+    window = sliding_window(source_config)
+    if window is not None and window < options.calibration_seq_len:
+        raise MLAConvertError(
+            f"the source attends over a sliding window of {window} tokens, shorter than the "
+            f"{options.calibration_seq_len}-token calibration windows; MLA models do not honour sliding windows yet, "
+            "so this source cannot be converted"
+        )
+
+
+def sliding_window(source_config: PreTrainedConfig) -> int | None:
+    window = getattr(source_config, "sliding_window", None)
+    return window if window is not None and getattr(source_config, "use_sliding_window", True) else None
+
+
+def estimated_size(source_config: PreTrainedConfig, plan: RankPlan, dtype: str) -> int:
+    """About how many bytes the converted checkpoint takes: the source's parameters outside attention, plus MLA's."""
+    shape = SourceShape.from_config(source_config)
+    hidden, layers = shape.hidden_size, shape.num_layers
+    tied = bool(getattr(source_config, "tie_word_embeddings", False))
+    embeddings = source_config.vocab_size * hidden * (1 if tied else 2)
+    mlp = 3 * hidden * source_config.intermediate_size
+    qk_head_dim = shape.head_dim + plan.qk_rope_head_dim
+    attention = [
+        hidden * shape.num_heads * qk_head_dim  # q_proj
+        + hidden * (rank + plan.qk_rope_head_dim)  # kv_a_proj_with_mqa
+        + rank * shape.num_heads * 2 * shape.head_dim  # kv_b_proj
+        + shape.num_heads * shape.head_dim * hidden  # o_proj
+        for rank in plan.kv_lora_ranks
+    ]
+    numbers = embeddings + layers * mlp + sum(attention)
+    return numbers * torch.finfo(getattr(torch, dtype)).bits // 8
+
+
 def check_options(options: ConversionOptions) -> None:
     """Rejects bad options with the valid range, before anything is loaded."""
 
@@ -436,7 +496,7 @@ def check_options(options: ConversionOptions) -> None:
         raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {options.key_scale!r}")
     for flag, value in (
         ("--calibration-tokens", options.calibration_tokens),
-        ("--calibration-seq-len", options.calibration_seq_len),
+        ("calibration_seq_len", options.calibration_seq_len),
         ("--refine-tokens", options.refine_tokens),
     ):
         if value < 1:
@@ -568,18 +628,29 @@ def convert(
     options: ConversionOptions | None = None,
     gguf_file: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> dict:
-    """Converts `source` (folder, hub id or GGUF) to an MLA checkpoint in `output`; returns the conversion report."""
+    """Converts `source` (folder, hub id or GGUF) to an MLA checkpoint in `output`; returns the conversion report.
+
+    `overwrite` replaces an existing mla-convert output in `output`; `force` with it replaces any folder.
+    """
     options = options or ConversionOptions()
-    output = Path(output).absolute()
     check_options(options)
-    check_output(output, overwrite)
+    check_device(options.device)
     started = time.perf_counter()
 
-    # load (config first: bad budgets and architectures fail before any weight is read)
+    # load (config first: bad budgets, architectures and outputs fail before any weight is read)
     source_config = load_source_config(source, gguf_file)
     shape = SourceShape.from_config(source_config)
     plan = plan_ranks(shape, options)
+    check_sliding_window(source_config, options)
+    output = prepare_output(
+        output,
+        inputs={"source": source, "calibration data": options.calibration},
+        overwrite=overwrite,
+        force=force,
+        required_bytes=estimated_size(source_config, plan, options.dtype),
+    )
     source_model, tokenizer = load_source(source, gguf_file, dtype=torch.float32, device=options.device)
 
     calibration = calibrate(source_model, tokenizer, shape, plan, options)
@@ -589,10 +660,7 @@ def convert(
 
     # verify (in float32, before any cast)
     verification = compare_logits(source_model, model, verification_ids(source_config.vocab_size, sequences, options.seed))
-    if plan.exact and verification["max_relative_logit_error"] > EXACT_RELATIVE_TOLERANCE:
-        raise RuntimeError(
-            f"full-budget conversion is not exact: max relative logit error {verification['max_relative_logit_error']:.2e}"
-        )
+    check_verification(verification, plan)
     model = model.to(getattr(torch, options.dtype))
     model.config.dtype = getattr(torch, options.dtype)
 
@@ -649,8 +717,8 @@ def conversion_report(
 
 def conversion_notes(source_config: PreTrainedConfig) -> list[str]:
     notes = []
-    window = getattr(source_config, "sliding_window", None)
-    if window is not None and getattr(source_config, "use_sliding_window", True):
+    window = sliding_window(source_config)
+    if window is not None:
         notes.append(
             f"the source uses a sliding window of {window} tokens; the MLA model attends to the full context, "
             f"so it matches the source only up to {window} tokens"

@@ -1,43 +1,235 @@
-"""Output folders: checked before any work, written beside their final place and renamed in at the end."""
+"""Output folders: checked before any work, written beside their final place and swapped in at the end.
 
+Every verb writes through `prepare_output` (before the work) and `save_atomically` (after it), so the rules that keep
+a user's files safe live here once:
+
+- OUTPUT must be named (an empty string is not "the current folder"), and may not be, contain or lie inside any input
+  of the command, compared after resolving symlinks and `..`.
+- `--overwrite` replaces an existing folder only if it is empty or an mla-convert output (it holds one of
+  `OUTPUT_MARKERS`); anything else needs `--force` as well.
+- The folder that holds OUTPUT must exist and be writable, and have room for the result, before the work starts.
+- The result is built in a staging folder `.NAME.partial-*` beside OUTPUT (marked with `STAGING_MARKER`) and swapped
+  in with one atomic rename, so at any moment OUTPUT is either the complete old folder or the complete new one.
+  Staging folders left by a killed run are removed by the next run to the same OUTPUT (only ones with the marker).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from .errors import MLAConvertError
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuses an OUTPUT that would lose data or cannot be written, before anything expensive runs."""
+# A file whose presence makes a folder one of ours: a converted, pooled or healed model.
+OUTPUT_MARKERS = ("conversion.json", "healing.json")
+# Inside every staging folder, so that cleaning up after a killed run never deletes a folder we did not make.
+STAGING_MARKER = ".mla-convert-staging"
+PARTIAL_INFIX = ".partial-"
+RETIRED_INFIX = ".old-"
+
+PathInputs = Mapping[str, "str | os.PathLike | None"] | Iterable["str | os.PathLike | None"]
+
+
+def _named_inputs(inputs: PathInputs) -> list[tuple[str, Path]]:
+    """The inputs that exist on this machine, resolved; hub ids and dataset names have nothing local to protect."""
+    pairs = inputs.items() if isinstance(inputs, Mapping) else (("input", value) for value in inputs)
+    named = []
+    for name, value in pairs:
+        if value is None or os.fspath(value) == "":
+            continue
+        path = Path(os.fspath(value)).expanduser()
+        if path.exists():
+            named.append((name, path.resolve()))
+    return named
+
+
+def check_disjoint(path: str | os.PathLike, inputs: PathInputs, what: str = "OUTPUT") -> None:
+    """Refuses a path the command writes that is, contains or lies inside one of the command's inputs."""
+    resolved = Path(os.fspath(path)).expanduser().resolve()
+    for name, source in _named_inputs(inputs):
+        if resolved == source:
+            relation = "is"
+        elif source in resolved.parents:
+            relation = "lies inside"
+        elif resolved in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise MLAConvertError(
+            f"{what} {path} {relation} the {name} ({source}): writing there could destroy it; choose another folder"
+        )
+
+
+def looks_like_our_output(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def _stale_staging(output: Path) -> list[Path]:
+    if not output.parent.is_dir():
+        return []
+    prefixes = (f".{output.name}{PARTIAL_INFIX}", f".{output.name}{RETIRED_INFIX}")
+    return [
+        path
+        for path in output.parent.iterdir()
+        if path.name.startswith(prefixes)
+        and path.is_dir()
+        and not path.is_symlink()
+        and ((path / STAGING_MARKER).exists() or looks_like_our_output(path))
+    ]
+
+
+def recover_staging(output: Path) -> None:
+    """Cleans up after a run to `output` that was killed while saving.
+
+    A retired folder holds the previous OUTPUT when a kill fell between the two renames of the fallback swap (on
+    filesystems without an atomic exchange): it is moved back if OUTPUT is missing, so the old result survives.
+    """
+    for stale in _stale_staging(output):
+        kept = stale / output.name
+        if RETIRED_INFIX in stale.name and kept.is_dir() and not output.exists():
+            os.replace(kept, output)
+        shutil.rmtree(stale, ignore_errors=True)
+    if output.is_dir() and not output.is_symlink():
+        # left in a complete folder by a swap that was killed half-way
+        (output / STAGING_MARKER).unlink(missing_ok=True)
+
+
+def prepare_output(
+    output: str | os.PathLike | None,
+    *,
+    inputs: PathInputs = (),
+    overwrite: bool = False,
+    force: bool = False,
+    required_bytes: int = 0,
+) -> Path:
+    """Checks that OUTPUT can be written without losing anything, before the work starts; returns its absolute path.
+
+    `inputs`: every path the command reads (a mapping from what it is, for the message, to the path; or a plain
+    list), `required_bytes`: about how much the result takes on disk.
+    """
+    if output is None or not os.fspath(output).strip():
+        raise MLAConvertError("OUTPUT is empty: name the folder to write the result to")
+    output = Path(os.path.abspath(Path(os.fspath(output)).expanduser()))
+    if output.parent == output:
+        raise MLAConvertError(f"OUTPUT {output} is the root of the filesystem: name a folder to write to")
+    if output.is_symlink():
+        raise MLAConvertError(f"OUTPUT {output} is a symbolic link: name the folder it points to, or another one")
+    check_disjoint(output, inputs)
     if output.exists() and not output.is_dir():
-        raise MLAConvertError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise MLAConvertError(f"output folder {output} exists and is not empty (pass --overwrite to replace it)")
-    if not output.parent.exists():
-        raise MLAConvertError(f"the folder that should hold the output does not exist: {output.parent}")
+        raise MLAConvertError(f"OUTPUT {output} exists and is not a folder")
+    parent = output.parent
+    if not parent.exists():
+        raise MLAConvertError(f"the folder that should hold OUTPUT does not exist: {parent}")
+    if not parent.is_dir():
+        raise MLAConvertError(f"the folder that should hold OUTPUT is not a folder: {parent}")
+    _check_writable(parent)
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise MLAConvertError(f"OUTPUT folder {output} exists and is not empty (pass --overwrite to replace it)")
+        if not force and not looks_like_our_output(output):
+            raise MLAConvertError(
+                f"OUTPUT folder {output} is not an mla-convert output (it has no {' or '.join(OUTPUT_MARKERS)}), so "
+                "--overwrite leaves it alone: pass --force as well to replace it and everything in it"
+            )
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise MLAConvertError(f"cannot replace {output} (permission denied)")
+    free = shutil.disk_usage(parent).free
+    if required_bytes > free:
+        raise MLAConvertError(
+            f"not enough free space in {parent}: the result needs about {_size(required_bytes)}, {_size(free)} free"
+        )
+    recover_staging(output)
+    return output
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _check_writable(parent: Path) -> None:
+    """Tries what the save will do, making a staging folder: permission bits alone say nothing for root, nor for a
+    read-only filesystem mounted with writable-looking bits."""
+    try:
+        probe = tempfile.mkdtemp(prefix=f".mla-convert{PARTIAL_INFIX}", dir=parent)
+    except OSError as e:
+        raise MLAConvertError(f"cannot write in {parent} ({e.strerror}): choose another place for OUTPUT") from None
+    os.rmdir(probe)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two existing folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Puts the complete `staging` folder where `output` is; `output`'s old content ends in `staging` or is removed."""
+    if not output.exists():
+        os.replace(staging, output)
+        (output / STAGING_MARKER).unlink()
+        return
+    if _exchange(staging, output):
+        # `staging` now holds the old folder: marked, so that a kill before it is deleted leaves it to the next run
+        (staging / STAGING_MARKER).touch()
+        (output / STAGING_MARKER).unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    # os.replace cannot replace a non-empty folder: move the old one aside, then the new one in. A kill between the
+    # two leaves the old folder in the retired one, which the next run's `recover_staging` moves back.
+    retired = Path(tempfile.mkdtemp(prefix=f".{output.name}{RETIRED_INFIX}", dir=output.parent))
+    (retired / STAGING_MARKER).touch()
+    os.replace(output, retired / output.name)
+    os.replace(staging, output)
+    (output / STAGING_MARKER).unlink()
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_atomically(output: Path, write: Callable[[Path], None]) -> None:
-    """Runs `write(staging)` in a folder beside `output`, then renames it into place.
+    """Runs `write(staging)` in a folder beside `output`, then swaps it into place.
 
     A failure at any point leaves `output` as it was (or absent) and removes the staging folder, so a
     half-written checkpoint never sits where a valid one is expected.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    output = Path(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{PARTIAL_INFIX}", dir=output.parent))
     try:
+        (staging / STAGING_MARKER).touch()
         staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary, shareable folder
         write(staging)
-        if output.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside, delete it once swapped.
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes a small file (a JSON report) so that it is either complete or absent."""
+    path = Path(path)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_INFIX}", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Deprecated form of `prepare_output` without inputs, kept while callers move over."""
+    prepare_output(output, overwrite=overwrite)

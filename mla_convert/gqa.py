@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .errors import MLAConvertError
-from .folders import check_output, save_atomically
+from .folders import prepare_output, save_atomically
 from .sources import SUPPORTED_MODEL_TYPES, load_source, load_source_config
 
 
@@ -158,6 +158,7 @@ def convert_to_gqa(
     kv_budget: float | None = None,
     gguf_file: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> dict:
     """Pools `source` (folder, hub id or GGUF) to fewer KV heads and saves it in `output`; returns the report.
 
@@ -167,16 +168,15 @@ def convert_to_gqa(
     """
     if (num_kv_heads is None) == (kv_budget is None):
         raise MLAConvertError("give either --num-kv-heads or --kv-budget (exactly one)")
-    output = Path(output).absolute()
-    check_output(output, overwrite)
     started = time.perf_counter()
 
-    # Config first: a bad count or budget fails before any weight is read.
+    # Config first: a bad count, budget or output fails before any weight is read.
     config = load_source_config(source, gguf_file)
     if kv_budget is not None:
         num_kv_heads = head_count_for_budget(config, kv_budget)
     check_head_count(config, num_kv_heads)
     num_heads, source_kv_heads, head_dim = _head_counts(config)
+    output = prepare_output(output, inputs={"source": source}, overwrite=overwrite, force=force)
 
     model, tokenizer = load_source(source, gguf_file, dtype=torch.float32)
     pool_kv_heads(model, num_kv_heads)

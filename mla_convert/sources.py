@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,7 +24,7 @@ from transformers import (
 )
 
 from .errors import MLAConvertError
-from .folders import save_atomically
+from .folders import prepare_output, save_atomically
 
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,24 @@ def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]
             f"source not found: {source} (expected an existing model folder, a .gguf file, or a hub id like "
             "owner/name)"
         )
+    require_hub(f"{source} is not a local folder or file, and as a hub id it")
     return source, gguf_file
+
+
+def require_hub(what: str) -> None:
+    """Fails at once, with one line, when the hub cannot be reached: no retries over half a minute to learn it.
+
+    Offline is known from `HF_HUB_OFFLINE`, or from the hub's host name failing to resolve.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise MLAConvertError(f"{what} cannot be downloaded: HF_HUB_OFFLINE is set")
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise MLAConvertError(f"{what} cannot be downloaded: the hub ({host}) is unreachable ({e})") from None
 
 
 def _read_local_model_type(config_path: Path, allowed: tuple[str, ...]) -> str:
@@ -122,10 +141,66 @@ def _load_config(source: str, gguf_file: str | None, allowed: tuple[str, ...]) -
     where = os.path.join(folder, gguf_file) if gguf_file else folder
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise MLAConvertError(f"cannot load the model config from {where}: {e}") from e
     _check_model_type(config.model_type, where, allowed)
+    if gguf_file is None and Path(folder).is_dir():
+        check_weights_match_config(Path(folder), config)
     return config
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from the headers of a folder's safetensors files (nothing is loaded); None without any."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise MLAConvertError(f"cannot read {index}: {e}") from e
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise MLAConvertError(f"{path} is missing (named in {index.name})")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+    return shapes
+
+
+def check_weights_match_config(folder: Path, config: PreTrainedConfig) -> None:
+    """Refuses a config.json whose model would not hold the folder's weights, before anything is allocated.
+
+    A config with missing fields silently takes transformers' defaults (a 7B-sized Llama): without this check the
+    process allocates that model and may be killed for memory with no message at all.
+    """
+    shapes = _safetensors_shapes(folder)
+    if shapes is None:
+        return  # .bin checkpoints: transformers' own loading reports mismatches
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    wrong = [
+        f"{name} is {shapes[name]} in the weights, {shape} by config.json"
+        for name, shape in expected.items()
+        if name in shapes and shapes[name] != shape
+    ]
+    missing = [name for name in expected if name not in shapes and not (tied and name == "lm_head.weight")]
+    unexpected = [name for name in shapes if name not in expected]
+    if wrong or missing or unexpected:
+        problems = wrong[:3]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors the config has no place for (e.g. {unexpected[0]})")
+        raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
 
 
 def load_source_config(source: str, gguf_file: str | None = None) -> PreTrainedConfig:
@@ -177,7 +252,35 @@ def _load(
         shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
         raise MLAConvertError(f"the weights in {where} are incomplete: missing or mis-shaped {shown}")
     model.eval()
+    check_finite(model, where)
     return model, _load_tokenizer(folder, gguf_file)
+
+
+def check_finite(model: PreTrainedModel, where: str) -> None:
+    """Refuses weights with NaN or inf: everything computed from them would be NaN, and reported as a result."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MLAConvertError(f"the weights in {where} contain NaN or inf values (first in {name}): the checkpoint is broken")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device named by `--device`, if this machine has it; one line saying what is available otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MLAConvertError(f"--device {device!r} is not a device name (use cpu, cuda, cuda:1, mps, ...)") from e
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MLAConvertError(f"--device {device}: this machine has no CUDA GPU that torch can use (use --device cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise MLAConvertError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MLAConvertError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+    elif parsed.type != "cpu":
+        raise MLAConvertError(f"--device {device}: only cpu, cuda and mps devices are supported")
+    return parsed
 
 
 def load_source(
@@ -234,9 +337,8 @@ def export_float_checkpoint(
     The folder is written beside `out_dir` and renamed into place at the end, so an interrupted export never
     leaves a half-written checkpoint that later loads as a valid one.
     """
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise MLAConvertError(f"{out_dir} already exists: remove it, choose another folder, or pass overwrite=True")
+    # The result is a plain model folder, not marked as ours: `overwrite` is the caller's explicit word to replace it.
+    out_dir = prepare_output(out_dir, inputs={"source": source}, overwrite=overwrite, force=overwrite)
     model, tokenizer = load_source(source, gguf_file, dtype=dtype)
 
     def write(folder: Path) -> None:
@@ -247,6 +349,7 @@ def export_float_checkpoint(
 
     save_atomically(out_dir, write)
     return out_dir
+
 
 
 def load_student_config(folder: str | os.PathLike) -> PreTrainedConfig:

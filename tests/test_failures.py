@@ -1,0 +1,314 @@
+"""Every way a user can get a command wrong, in one table: one line on stderr, exit code 2, and the disk as it was.
+
+Each case runs the real command in a fresh process on pico models copied into the test's folder, then checks
+what a user would: the exit code, that stderr holds exactly one line (progress bars aside) and no traceback,
+that every input is byte-for-byte unchanged, and that no output or staging folder was left behind.
+Add a case by adding a row to `CASES`.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import leftovers, run_cli
+
+
+@dataclass
+class Case:
+    """`args` may name `{src}` (a pico Llama), `{mistral}`, `{out}` (the output, absent), `{data}` (a text file),
+    `{work}` (the test's folder) and files made by `setup(work)`; `cwd` is relative to the work folder."""
+
+    name: str
+    args: list[str]
+    fragment: str
+    setup: object = None
+    cwd: str = "."
+    env: dict = field(default_factory=dict)
+
+
+def poison(work: Path) -> None:
+    """`nan/`: the pico source with one NaN in a key projection."""
+    shutil.copytree(work / "src", work / "nan")
+    state = load_file(work / "nan" / "model.safetensors")
+    state["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
+    save_file(state, work / "nan" / "model.safetensors", metadata={"format": "pt"})
+
+
+def strip_config(work: Path) -> None:
+    """`bare/`: a config.json without its sizes, which transformers fills with a 7B Llama's."""
+    shutil.copytree(work / "src", work / "bare")
+    config = json.loads((work / "bare" / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        config.pop(key)
+    (work / "bare" / "config.json").write_text(json.dumps(config))
+
+
+def truncate_weights(work: Path) -> None:
+    shutil.copytree(work / "src", work / "cut")
+    weights = work / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def empty_weights(work: Path) -> None:
+    shutil.copytree(work / "src", work / "empty")
+    (work / "empty" / "model.safetensors").write_bytes(b"")
+
+
+def bad_config_json(work: Path) -> None:
+    shutil.copytree(work / "src", work / "badjson")
+    (work / "badjson" / "config.json").write_text('{"model_type": "llama", ')
+
+
+def short_window(work: Path) -> None:
+    """`window/`: a Mistral with a 16-token sliding window."""
+    shutil.copytree(work / "mistral", work / "window")
+    config = json.loads((work / "window" / "config.json").read_text())
+    config["sliding_window"] = 16
+    (work / "window" / "config.json").write_text(json.dumps(config))
+
+
+def nest_source(work: Path) -> None:
+    """`p1/src` beside an unrelated file: the layout where OUTPUT=p1 once deleted both."""
+    (work / "p1").mkdir()
+    shutil.copytree(work / "src", work / "p1" / "src")
+    (work / "p1" / "notes.txt").write_text("a user's file")
+
+
+def user_folder(work: Path) -> None:
+    """`mine/`: a folder of the user's that is not an mla-convert output."""
+    (work / "mine").mkdir()
+    (work / "mine" / "thesis.tex").write_text("years of work")
+
+
+def plain_file(work: Path) -> None:
+    (work / "afile").write_text("not a folder")
+
+
+CASES = [
+    # 1. data loss
+    Case("empty output is not the current folder", ["convert", "src", "", "--overwrite", "--kv-budget", "1.0"],
+         "OUTPUT is empty", nest_source, cwd="p1"),
+    Case("output is the source", ["convert", "{src}", "{src}", "--overwrite", "--kv-budget", "1.0"], "is the source"),
+    Case("output is the source, trailing slash", ["convert", "src", "./src/", "--overwrite", "--kv-budget", "1.0"],
+         "is the source"),
+    Case("gqa output is the source", ["gqa", "{src}", "{src}", "--num-kv-heads", "1", "--overwrite"], "is the source"),
+    Case("output contains the source", ["convert", "{work}/p1/src", "{work}/p1", "--overwrite", "--kv-budget", "1.0"],
+         "contains the source", nest_source),
+    Case("output inside the source", ["convert", "{src}", "{src}/mla", "--kv-budget", "1.0"], "lies inside the source"),
+    Case("output through .. is the source", ["convert", "{src}", "{work}/p1/../src", "--overwrite", "--kv-budget", "1.0"],
+         "is the source", nest_source),
+    Case("output contains the calibration text",
+         ["convert", "{src}", "{work}/p1", "--overwrite", "--kv-budget", "0.5", "--calibration", "{work}/p1/notes.txt"],
+         "contains the calibration data", nest_source),
+    Case("overwrite leaves a user's folder alone", ["convert", "{src}", "{work}/mine", "--overwrite", "--kv-budget", "1.0"],
+         "--force", user_folder),
+    Case("gqa overwrite leaves a user's folder alone", ["gqa", "{src}", "{work}/mine", "--num-kv-heads", "1", "--overwrite"],
+         "--force", user_folder),
+    Case("eval --json over the model's config", ["eval", "{src}", "--data", "{data}", "--json", "{src}/config.json"],
+         "--json"),
+    Case("eval --json over the data", ["eval", "{src}", "--data", "{data}", "--json", "{data}"], "is the data"),
+    # 2. a broken result reported as success
+    Case("NaN source at full budget", ["convert", "nan", "{out}", "--kv-budget", "1.0"], "NaN", poison),
+    Case("NaN source below full budget", ["convert", "nan", "{out}", "--kv-budget", "0.5"], "NaN", poison),
+    Case("NaN source pooled", ["gqa", "nan", "{out}", "--num-kv-heads", "1"], "NaN", poison),
+    Case("NaN model evaluated", ["eval", "nan", "--data", "{data}"], "NaN", poison),
+    Case("config without sizes", ["convert", "bare", "{out}", "--kv-budget", "1.0"], "does not match the weights",
+         strip_config),
+    Case("config without sizes evaluated", ["eval", "bare", "--data", "{data}"], "does not match the weights",
+         strip_config),
+    # 3. one line where a traceback was
+    Case("truncated weights", ["convert", "cut", "{out}"], "truncated", truncate_weights),
+    Case("empty weights file", ["convert", "empty", "{out}"], "model.safetensors", empty_weights),
+    Case("broken config.json", ["convert", "badjson", "{out}"], "config.json", bad_config_json),
+    Case("cuda without cuda", ["convert", "{src}", "{out}", "--device", "cuda"], "--device cuda"),
+    Case("mps without mps", ["convert", "{src}", "{out}", "--device", "mps"], "--device mps"),
+    Case("unknown device", ["convert", "{src}", "{out}", "--device", "tpu7"], "--device"),
+    Case("sliding window shorter than calibration", ["convert", "window", "{out}", "--kv-budget", "1.0"],
+         "sliding window of 16", short_window),
+    Case("output under a file", ["convert", "{src}", "{work}/afile/out"], "not a folder", plain_file),
+    Case("output under a missing folder", ["convert", "{src}", "{work}/no/such/out"], "does not exist"),
+    Case("output under a read-only place", ["convert", "{src}", "/proc/mla-out"], "cannot write in /proc"),
+    Case("eval --json into a missing folder", ["eval", "{src}", "--data", "{data}", "--json", "{work}/none/r.json"],
+         "does not exist"),
+    Case("generate an empty prompt", ["generate", "{src}", "  "], "PROMPT is empty"),
+    Case("generate no tokens", ["generate", "{src}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    Case("generate negative tokens", ["generate", "{src}", "hi", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    # 4. clarity
+    Case("a negative number is a value", ["convert", "{src}", "{out}", "--refine-lr", "-1e-4"],
+         "--refine-lr must be positive"),
+    Case("hub id while offline", ["convert", "someone/some-model", "{out}"], "HF_HUB_OFFLINE",
+         env={"HF_HUB_OFFLINE": "1"}),
+]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every file under `path` (or `path` itself) with a hash of its bytes."""
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def progress_bar(line: str) -> bool:
+    return "it/s]" in line or "s/it]" in line or "%|" in line
+
+
+@pytest.fixture
+def work(tmp_path, pico_folders, wikitext) -> Path:
+    """A folder with copies of the pico sources and a short text, so a test that goes wrong damages only copies."""
+    shutil.copytree(pico_folders["llama-gqa"], tmp_path / "src")
+    shutil.copytree(pico_folders["mistral"], tmp_path / "mistral")
+    (tmp_path / "text.txt").write_text(wikitext.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(work, case):
+    if case.setup is not None:
+        case.setup(work)
+    names = {"src": work / "src", "mistral": work / "mistral", "out": work / "out", "data": work / "text.txt",
+             "work": work}
+    args = [arg.format(**names) for arg in case.args]
+    before = {path.name: tree_digest(path) for path in work.iterdir()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **case.env}
+
+    result = run_cli(*args, cwd=work / case.cwd, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not progress_bar(line)]
+    assert len(lines) == 1 and lines[0].startswith("mla-convert"), result.stderr
+    assert case.fragment in lines[0], lines[0]
+    # the disk: inputs and everything else as it was, no output, no staging folder anywhere in the work folder
+    assert {path.name: tree_digest(path) for path in work.iterdir()} == before
+    assert not [path for path in work.rglob("*") if ".partial-" in path.name or ".old-" in path.name]
+
+
+def test_argparse_errors_are_the_usage_line_and_the_error():
+    result = run_cli("convert", "a", "b", "--no-such-option")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage:") and "--no-such-option" in lines[1], result.stderr
+
+
+@pytest.mark.parametrize("command", ["convert", "gqa", "eval", "heal", "generate"])
+def test_help_says_each_default_once_and_no_raw_format_codes(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "%%" not in result.stdout and "%(" not in result.stdout
+    assert "(default: None)" not in result.stdout
+    # "(default: x) (default: y)" once argparse wraps it: no help entry may say its default twice
+    entries = result.stdout.split("\n  -")
+    assert not [entry for entry in entries if entry.count("(default") > 1], result.stdout
+
+
+def test_more_calibration_tokens_than_the_text_holds_says_how_many_were_used(work):
+    result = run_cli(
+        "convert", str(work / "src"), str(work / "out"), "--kv-budget", "0.5", "--calibration", str(work / "text.txt"),
+        "--calibration-tokens", "1000000", "--refine-steps", "0", "--key-scale", "1",
+    )
+    assert result.returncode == 0, result.stderr
+    used = json.loads((work / "out" / "conversion.json").read_text())["calibration"]["tokens"]
+    assert 0 < used < 1_000_000
+    assert f"calibrating on the {used} tokens" in result.stderr
+
+
+def test_force_replaces_a_users_folder_only_when_asked(work):
+    user_folder(work)
+    result = run_cli("convert", str(work / "src"), str(work / "mine"), "--kv-budget", "1.0", "--overwrite", "--force")
+    assert result.returncode == 0, result.stderr
+    assert (work / "mine" / "conversion.json").is_file() and not (work / "mine" / "thesis.tex").exists()
+    assert leftovers(work) == []
+
+
+def test_stale_staging_of_a_killed_run_is_removed_by_the_next_run(work):
+    """Only folders with our marker go: a user's folder that merely looks like staging stays."""
+    ours = work / ".out.partial-abc123"
+    ours.mkdir()
+    (ours / ".mla-convert-staging").touch()
+    (ours / "model.safetensors").write_bytes(b"half")
+    theirs = work / ".out.partial-mine"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("not ours")
+    result = run_cli("convert", str(work / "src"), str(work / "out"), "--kv-budget", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert not ours.exists()
+    assert (theirs / "keep.txt").read_text() == "not ours"
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import mla_convert.folders as folders
+from mla_convert.cli import main
+
+where = sys.argv[1]
+exchange, replace = folders._exchange, os.replace
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def exchange_then_die(first, second):
+    if where == "before-swap":
+        die()
+    swapped = exchange(first, second)
+    die()
+
+calls = []
+def replace_then_die(src, dst):
+    replace(src, dst)
+    calls.append(dst)
+    if len(calls) == 1:  # between moving the old folder aside and moving the new one in
+        die()
+
+if where == "between-renames":
+    folders._exchange = lambda first, second: False  # a filesystem without atomic exchange
+    os.replace = replace_then_die
+else:
+    folders._exchange = exchange_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["before-swap", "after-swap", "between-renames"])
+def test_a_kill_at_the_final_rename_keeps_the_old_output_or_the_new_one(work, where):
+    output = work / "out"
+    assert run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0").returncode == 0
+    old = tree_digest(output)
+
+    argv = ["convert", str(work / "src"), str(output), "--kv-budget", "0.5", "--refine-steps", "0", "--key-scale", "1",
+            "--calibration", str(work / "text.txt"), "--calibration-tokens", "1024", "--overwrite"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, where, *argv], capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    if where == "between-renames":
+        # the one window without an atomic exchange: the old folder waits beside OUTPUT and the next run restores it
+        assert not output.exists() and leftovers(work)
+        assert run_cli("eval", str(output), "--data", str(work / "text.txt")).returncode == 2
+        from mla_convert.folders import recover_staging
+
+        recover_staging(output)
+    after = tree_digest(output)
+    kv_budget = json.loads((output / "conversion.json").read_text())["kv_budget"]
+    if where == "after-swap":
+        assert kv_budget == 0.5 and after != old
+        assert {"config.json", "model.safetensors", "conversion.json", "tokenizer.json"} <= set(after)
+    else:
+        assert after == old and kv_budget == 1.0
+
+    # the next run to the same OUTPUT leaves nothing of the killed one behind
+    assert run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0", "--overwrite").returncode == 0
+    assert leftovers(work) == []
+    assert ".mla-convert-staging" not in tree_digest(output)
+    assert torch.isfinite(load_file(output / "model.safetensors")["model.embed_tokens.weight"]).all()
