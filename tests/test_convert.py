@@ -10,7 +10,7 @@ import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes
 from mla_convert.convert import ConversionOptions, convert
 from mla_modeling import MLALatentCacheLayer
 
-from conftest import PICO_ARCHITECTURES
+from conftest import PICO_ARCHITECTURES, load_causal_lm as load, relative_error, token_ids
 
 
 ARCHITECTURES = list(PICO_ARCHITECTURES)
@@ -35,16 +35,16 @@ def half_folders(tmp_path_factory, pico_folders, wikitext):
     return {name: converted(tmp_path_factory, pico_folders, wikitext, name, 0.5) for name in ARCHITECTURES}
 
 
-def load(folder, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+TEXT_IDS = torch.tensor([list(b"The quick brown fox jumps over the lazy dog near the river bank.")])
+UNIFORM_KL = float(torch.log(torch.tensor(258.0)))  # KL of a model that knew nothing, on the pico vocabulary
 
 
-def token_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
+def kl_to_source(source, model, input_ids: torch.LongTensor) -> float:
+    """Mean KL(source || model) per position, in nats."""
+    with torch.no_grad():
+        log_p = source(input_ids).logits.log_softmax(-1)
+        log_q = model(input_ids).logits.log_softmax(-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -96,14 +96,7 @@ def test_compressed_model_stays_close_to_the_source(pico_folders, half_folders, 
     model = load(half_folders[name])
     report = json.loads((half_folders[name] / "conversion.json").read_text())
     assert report["kv_budget"] == pytest.approx(0.5, abs=0.01)
-    text_ids = torch.tensor([list(b"The quick brown fox jumps over the lazy dog near the river bank.")])
-    with torch.no_grad():
-        expected = source(text_ids).logits
-        actual = model(text_ids).logits
-    uniform_kl = torch.log(torch.tensor(258.0))
-    log_p = expected.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - actual.log_softmax(-1))).sum(-1).mean()
-    assert kl < 0.5 * uniform_kl
+    assert kl_to_source(source, model, TEXT_IDS) < 0.5 * UNIFORM_KL
 
 
 def test_cache_is_taken_under_either_name(half_folders):
@@ -193,17 +186,22 @@ def test_assisted_decoding_crops_the_cache(half_folders, exact_folders):
 
 
 def test_data_free_calibration_samples_from_the_source(tmp_path, pico_folders):
-    output = tmp_path / "sampled"
-    report = convert(
-        str(pico_folders["llama-gqa"]),
-        output,
-        ConversionOptions(kv_budget=0.5, calibration_tokens=1024, calibration_seq_len=64),
-    )
+    """Without text, calibration samples from the source itself, seeded: the same conversion every time, and one
+    that stays close to the source."""
+    settings = ConversionOptions(kv_budget=0.5, calibration_tokens=1024, calibration_seq_len=64)
+    outputs = [tmp_path / "sampled", tmp_path / "again"]
+    report = convert(str(pico_folders["llama-gqa"]), outputs[0], settings)
     assert report["calibration"]["kind"] == "sampled"
     assert report["calibration"]["tokens"] >= 1024
-    saved = json.loads((output / "conversion.json").read_text())
+    saved = json.loads((outputs[0] / "conversion.json").read_text())
     assert saved["calibration"]["kind"] == "sampled"
-    assert load(output).config.kv_lora_ranks == report["kv_lora_ranks"]
+    convert(str(pico_folders["llama-gqa"]), outputs[1], settings)
+    model, again = load(outputs[0]), load(outputs[1])
+    assert model.config.kv_lora_ranks == report["kv_lora_ranks"]
+    expected = again.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert kl_to_source(load(pico_folders["llama-gqa"]), model, TEXT_IDS) < 0.5 * UNIFORM_KL
 
 
 def test_explicit_ranks_are_honoured(tmp_path, pico_folders, wikitext):
@@ -219,12 +217,18 @@ def test_explicit_ranks_are_honoured(tmp_path, pico_folders, wikitext):
 
 
 def test_bfloat16_conversion_loads_in_bfloat16(tmp_path, pico_folders):
+    """In bfloat16 the exact conversion is as close to the float32 source as the source itself in bfloat16."""
     output = tmp_path / "bf16"
     convert(str(pico_folders["llama-gqa"]), output, ConversionOptions(kv_budget=1.0, dtype="bfloat16"))
-    model = AutoModelForCausalLM.from_pretrained(output)
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
     assert model.dtype == torch.bfloat16
-    generated = model.generate(token_ids(1, 6), max_new_tokens=5, do_sample=False, eos_token_id=None)
-    assert generated.shape == (1, 11)
+    source = load(pico_folders["llama-gqa"])
+    source_bf16 = AutoModelForCausalLM.from_pretrained(pico_folders["llama-gqa"], dtype=torch.bfloat16).eval()
+    input_ids = token_ids(2, 64)
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        rounding = relative_error(source_bf16(input_ids).logits.float(), expected)
+        assert relative_error(model(input_ids).logits.float(), expected) <= 2 * rounding
 
 
 def test_static_cache_generation_matches_the_dynamic_cache(half_folders):
@@ -250,7 +254,6 @@ def test_cache_grows_amortised_and_stays_close_to_what_it_holds(half_folders):
     assert layer.get_seq_length() == 300
     assert reallocations <= 20
     assert layer.capacity <= 1.1 * 300 + layer.growth_granularity
-    expanded_logits = None
     model.config.attention_path = "expanded"
     with torch.no_grad():
         expanded_logits = model(input_ids).logits[:, -1]

@@ -9,25 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from mla_convert.cli import main
 from mla_convert.errors import MLAConvertError
 from mla_convert.gqa import convert_to_gqa, pool_kv_heads, valid_gqa_budgets
 
-from conftest import PICO_ARCHITECTURES
+from conftest import PICO_ARCHITECTURES, assert_clean_failure, leftovers, load_causal_lm as load, run_cli, token_ids
 
 
 ARCHITECTURES = list(PICO_ARCHITECTURES)
 HEAD_DIM = 16  # hidden 64 / 4 query heads
-
-
-def load(folder) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def token_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def grouped_mean(tensor: torch.Tensor, new_heads: int) -> torch.Tensor:
@@ -41,10 +33,6 @@ def expand_heads(pooled: torch.Tensor, group: int) -> torch.Tensor:
     """Repeat each pooled head `group` times, back to the source's head count."""
     heads = pooled.split(HEAD_DIM, dim=0)
     return torch.cat([head for head in heads for _ in range(group)], dim=0)
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.iterdir() if ".partial-" in path.name or ".old-" in path.name)
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +69,22 @@ def test_mha_pooled_weights_are_the_group_means(pico_folders, mha_pooled):
             )
 
 
+def averaged_heads(source: torch.nn.Module, new_heads: int) -> torch.nn.Module:
+    """The source with each KV head replaced by its group's mean, keeping every head: what pooling must compute."""
+    averaged = copy.deepcopy(source)
+    group = source.config.num_key_value_heads // new_heads
+    with torch.no_grad():
+        for layer in averaged.model.layers:
+            for projection in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.weight.copy_(expand_heads(grouped_mean(projection.weight, new_heads), group))
+    return averaged
+
+
 def test_mha_pooled_computes_the_source_with_averaged_heads(pico_folders, mha_pooled):
     """Query head h must read the mean of its own group: the source with each KV head replaced by its group's
     mean (still 4 KV heads) computes exactly what the pooled 2-head model computes."""
     source, pooled = load(pico_folders["llama-mha"]), load(mha_pooled)
-    averaged = copy.deepcopy(source)
-    with torch.no_grad():
-        for layer in averaged.model.layers:
-            for projection in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                projection.weight.copy_(expand_heads(grouped_mean(projection.weight, 2), 2))
+    averaged = averaged_heads(source, 2)
     input_ids = token_ids(2, 50)
     with torch.no_grad():
         expected = averaged(input_ids).logits
@@ -108,11 +103,10 @@ def test_mha_pooled_has_the_smaller_cache_and_generates(pico_folders, mha_pooled
     for layer in cache.layers:
         assert layer.keys.shape == (3, 2, 20, HEAD_DIM)
         assert layer.values.shape == (3, 2, 20, HEAD_DIM)
-    generated = pooled.generate(
-        input_ids[:1], attention_mask=torch.ones_like(input_ids[:1]), max_new_tokens=6, do_sample=False,
-        pad_token_id=257,
-    )
-    assert generated.shape == (1, 26)
+    # generation over that smaller cache is the averaged source's
+    kwargs = dict(attention_mask=torch.ones_like(input_ids[:1]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    expected = averaged_heads(load(pico_folders["llama-mha"]), 2).generate(input_ids[:1], **kwargs)
+    assert torch.equal(pooled.generate(input_ids[:1], **kwargs), expected)
     report = json.loads((mha_pooled / "conversion.json").read_text())
     assert report["method"] == "gqa-mean-pool"
     assert (report["num_kv_heads_before"], report["num_kv_heads_after"], report["kv_budget"]) == (4, 2, 0.5)
@@ -200,9 +194,18 @@ def test_existing_output_needs_overwrite(tmp_path, pico_folders):
     with pytest.raises(MLAConvertError, match="--overwrite"):
         convert_to_gqa(str(pico_folders["mistral"]), output, num_kv_heads=1)
     assert [path.name for path in output.iterdir()] == ["precious.txt"]
-    convert_to_gqa(str(pico_folders["mistral"]), output, num_kv_heads=1, overwrite=True)
-    assert not (output / "precious.txt").exists()
-    assert load(output).config.num_key_value_heads == 1
+    assert (output / "precious.txt").read_text() == "keep me"
+
+    # a previous result is replaced with --overwrite, and only with it
+    previous = tmp_path / "previous"
+    convert_to_gqa(str(pico_folders["llama-mha"]), previous, num_kv_heads=2)
+    (previous / "stale.txt").write_text("old")
+    with pytest.raises(MLAConvertError, match="--overwrite"):
+        convert_to_gqa(str(pico_folders["llama-mha"]), previous, num_kv_heads=1)
+    assert load(previous).config.num_key_value_heads == 2
+    convert_to_gqa(str(pico_folders["llama-mha"]), previous, num_kv_heads=1, overwrite=True)
+    assert not (previous / "stale.txt").exists()
+    assert load(previous).config.num_key_value_heads == 1
     assert leftovers(tmp_path) == []
 
 
@@ -220,8 +223,18 @@ def test_cli_round_trip(tmp_path, pico_folders, wikitext, capsys):
     assert main(["eval", str(output), "--data", str(wikitext), "--reference", source, "--seq-len", "64",
                  "--max-tokens", "256", "--json", str(results_file)]) == 0
     results = json.loads(results_file.read_text())
-    assert results["kl"] > 0 and 0 < results["top1_agreement"] <= 1
+    # pooling to one KV head changed the model, and eval sees it against the source; the source against itself
+    # scores no difference
+    assert results["kl"] > 0.01 and results["top1_agreement"] < 1
+    assert results["perplexity"] != pytest.approx(results["reference_perplexity"], rel=1e-3)
+    assert main(["eval", source, "--data", str(wikitext), "--reference", source, "--seq-len", "64",
+                 "--max-tokens", "256", "--json", str(results_file)]) == 0
+    itself = json.loads(results_file.read_text())
+    assert itself["kl"] == pytest.approx(0, abs=1e-6) and itself["top1_agreement"] == 1
+    assert itself["perplexity"] == pytest.approx(results["reference_perplexity"], rel=1e-6)
+    capsys.readouterr()
     assert main(["generate", str(output), "Hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
 
     # Bad input: one line, exit code 2, the output left as it was.
     capsys.readouterr()
@@ -234,17 +247,11 @@ def test_cli_round_trip(tmp_path, pico_folders, wikitext, capsys):
 
 
 def test_cli_exit_code_and_help(tmp_path, pico_folders):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "mla_convert", "gqa", *args], capture_output=True, text=True,
-                              timeout=600)
-
-    result = run(str(pico_folders["qwen2"]), str(tmp_path / "out"), "--kv-budget", "0.3")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("mla-convert: error:")]
-    assert len(lines) == 1 and "valid budgets: 0.5, 1" in lines[0], result.stderr
+    result = run_cli("gqa", str(pico_folders["qwen2"]), str(tmp_path / "out"), "--kv-budget", "0.3")
+    assert_clean_failure(result, "valid budgets: 0.5, 1")
     assert not (tmp_path / "out").exists()
 
-    result = run("--help")
+    result = run_cli("gqa", "--help")
     assert result.returncode == 0
     for fragment in ("--num-kv-heads", "--kv-budget", "--gguf-file", "--overwrite", "baseline", "mean"):
         assert fragment in result.stdout

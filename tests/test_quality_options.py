@@ -2,10 +2,10 @@
 and layer-wise refinement. Each against the source model, on pico checkpoints."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert.convert import (
@@ -21,18 +21,19 @@ from mla_convert.convert import (
 from mla_convert.data import EVALUATION_PART, load_text
 from mla_convert.decompose import SourceAttention, rope_placement, split_rope
 from mla_convert.errors import MLAConvertError
-from mla_convert.evaluate import evaluate
-from mla_convert.refine import RefineOptions, attention_outputs, position_embeddings, refine_layer
+from mla_convert.refine import (
+    AttentionTargets,
+    RefineOptions,
+    attention_outputs,
+    position_embeddings,
+    refine_layer,
+)
 from mla_convert.sources import load_source
 
-from conftest import byte_tokenizer
+from conftest import byte_tokenizer, load_causal_lm as load
 
 
 STRATEGIES = ("rorope", "freqfold", "partial")
-
-
-def load(folder):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def held_out_ids(wikitext, length: int = 128, rows: int = 4) -> torch.LongTensor:
@@ -177,11 +178,34 @@ def test_spectrum_allocation_keeps_the_total_cache_and_round_trips(tmp_path, pic
 # ---------------------------------------------------------------------------------------------------- search, refine
 
 
-def test_key_scale_search_picks_per_layer_from_the_grid(tmp_path, pico_folders, wikitext):
-    searched = convert(str(pico_folders["llama-gqa"]), tmp_path / "search", options(wikitext, refine_steps=0))
-    assert all(layer["key_scale_factor"] in KEY_SCALE_GRID for layer in searched["layers"])
-    fixed = convert(str(pico_folders["llama-gqa"]), tmp_path / "fixed", options(wikitext, refine_steps=0, key_scale=2.0))
-    assert all(layer["key_scale_factor"] == 2.0 for layer in fixed["layers"])
+def test_key_scale_search_picks_per_layer_the_balance_closest_to_the_source(pico_folders, wikitext):
+    """The search keeps, per layer, the K/V balance whose conversion reproduces the source layer's attention output
+    best: each layer of the searched model is the best of the conversions at every fixed factor of the grid."""
+    source_model, tokenizer = load_source(str(pico_folders["llama-gqa"]))
+    shape = SourceShape.from_config(source_model.config)
+    # uniform ranks: every fixed factor then converts to the same latent sizes as the search
+    settings = options(wikitext, kv_budget=0.25, refine_steps=0, rank_allocation="uniform")
+    plan = plan_ranks(shape, settings)
+    calibration = calibrate(source_model, tokenizer, shape, plan, settings)
+    targets = AttentionTargets(source_model, calibration.layer_inputs)
+
+    def build(key_scale):
+        model, _, layers, _ = build_mla(source_model, source_model.config, plan, calibration,
+                                        replace(settings, key_scale=key_scale), False)
+        return targets.errors(model), [layer.stats["key_scale_factor"] for layer in layers]
+
+    # errors[factor][layer]: each layer's attention-output error against the source's, converted at that factor
+    errors = {}
+    for factor in KEY_SCALE_GRID:
+        errors[factor], used = build(factor)
+        assert used == [factor] * shape.num_layers
+    searched_errors, chosen = build("search")
+    for layer_idx in range(shape.num_layers):
+        by_factor = {factor: errors[factor][layer_idx] for factor in KEY_SCALE_GRID}
+        # the grid matters here: otherwise any choice would pass
+        assert max(by_factor.values()) > 1.05 * min(by_factor.values()), by_factor
+        assert chosen[layer_idx] == min(by_factor, key=by_factor.get), (layer_idx, by_factor, chosen)
+        assert searched_errors[layer_idx] == pytest.approx(min(by_factor.values()), rel=1e-6)
 
 
 def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext):
@@ -207,19 +231,42 @@ def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext)
     assert stats["refine_error_after"] < 0.3 * stats["refine_error_before"], stats
 
 
-def test_refinement_is_reported_and_never_makes_a_layer_worse(tmp_path, pico_folders, wikitext):
-    settings = options(wikitext, kv_budget=0.25, refine_steps=100, refine_lr=3e-3, calibration_tokens=4096,
-                       refine_tokens=4096)
+def refine_settings(wikitext, **overrides) -> ConversionOptions:
+    return options(wikitext, kv_budget=0.25, calibration_tokens=4096, refine_tokens=4096, **overrides)
+
+
+@pytest.fixture(scope="module")
+def closed_form(tmp_path_factory, pico_folders, wikitext):
+    """llama-gqa at 0.25, closed form: the start that refinement begins from."""
+    output = tmp_path_factory.mktemp("closed-form") / "mla"
+    report = convert(str(pico_folders["llama-gqa"]), output, refine_settings(wikitext, refine_steps=0))
+    return output, report
+
+
+def test_refinement_is_reported_and_lowers_the_layer_errors(tmp_path, pico_folders, wikitext, closed_form):
+    settings = refine_settings(wikitext, refine_steps=100, refine_lr=3e-3)
     report = convert(str(pico_folders["llama-gqa"]), tmp_path / "refined", settings)
     assert report["refine_steps"] == 100
-    for layer in report["layers"]:
-        # held-out windows decide: a layer that training made worse is handed back as it was
-        assert layer["refine_error_after"] <= layer["refine_error_before"]
-    assert sum(layer["refine_error_after"] for layer in report["layers"]) < sum(
+    assert json.loads((tmp_path / "refined" / "conversion.json").read_text())["layers"] == report["layers"]
+    # Held-out calibration windows: training must have bought something on the whole.
+    assert sum(layer["refine_error_after"] for layer in report["layers"]) < 0.95 * sum(
         layer["refine_error_before"] for layer in report["layers"])
-    unrefined = convert(str(pico_folders["llama-gqa"]), tmp_path / "closed-form", options(wikitext, refine_steps=0))
+    _, unrefined = closed_form
     assert unrefined["refine_steps"] == 0
     assert all("refine_error_after" not in layer for layer in unrefined["layers"])
+
+
+def test_a_layer_that_refinement_makes_worse_is_handed_back_as_it_was(tmp_path, pico_folders, wikitext, closed_form):
+    """A learning rate far too large wrecks every layer in training: held-out windows catch it, and the converted
+    model is the closed-form one, weight for weight."""
+    report = convert(str(pico_folders["llama-gqa"]), tmp_path / "wrecked",
+                     refine_settings(wikitext, refine_steps=20, refine_lr=10.0))
+    assert not any(layer["refine_kept"] for layer in report["layers"]), report["layers"]
+    expected = load(closed_form[0]).state_dict()
+    actual = load(tmp_path / "wrecked").state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in actual.items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_refinement_targets_causal_attention(pico_folders):

@@ -5,12 +5,14 @@ Run alone with `python -m pytest -m real_model`.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import mla_convert  # noqa: F401
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import evaluate
+
+from conftest import load_causal_lm, relative_error
 
 
 pytestmark = pytest.mark.real_model
@@ -20,7 +22,7 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def source(smollm2_folder):
-    return AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    return load_causal_lm(smollm2_folder)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +48,11 @@ def test_full_budget_smollm2_equals_the_source(tmp_path, smollm2_folder, source,
     output = tmp_path / "exact"
     report = convert(str(smollm2_folder), output, ConversionOptions(kv_budget=1.0))
     assert report["exact"] and report["cache"]["mla_numbers_per_token"] == report["cache"]["source_numbers_per_token"]
-    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    model = load_causal_lm(output)
     with torch.no_grad():
         expected = source(held_out[:1, :256]).logits
         actual = model(held_out[:1, :256]).logits
-    assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert relative_error(actual, expected) < 1e-4
     assert torch.equal(chat(tokenizer, model, QUESTION), chat(tokenizer, source, QUESTION))
 
 
@@ -58,7 +60,7 @@ def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tok
     output = tmp_path / "half"
     report = convert(str(smollm2_folder), output, ConversionOptions(kv_budget=0.5, calibration=str(wikitext)))
     assert report["cache"]["mla_numbers_per_token"] * 2 == report["cache"]["source_numbers_per_token"]
-    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    model = load_causal_lm(output)
 
     answer = tokenizer.decode(chat(tokenizer, model, QUESTION), skip_special_tokens=True)
     assert "Paris" in answer, answer
