@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .errors import MLAConvertError
+from .sources import require_hub
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -307,6 +308,7 @@ def _hub_stream(spec: str, part: TextPart, column: str) -> RecordStream:
     import datasets  # slow to import; only hub sources need it
 
     name, config, split = _parse_hub_spec(spec)
+    require_hub(f"text source {spec!r} is not a local file or folder, and as a datasets hub name it")
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except (OSError, ValueError, ConnectionError) as e:

@@ -94,6 +94,16 @@ def plain_file(work: Path) -> None:
     (work / "afile").write_text("not a folder")
 
 
+def convert_student(work: Path) -> None:
+    """`student/`: the pico source converted at full budget, to heal."""
+    from mla_convert.convert import ConversionOptions, convert
+
+    convert(str(work / "src"), work / "student", ConversionOptions(kv_budget=1.0))
+
+
+HEAL = ["heal", "student", "{out}", "--teacher", "src", "--data", "{data}", "--max-tokens", "256", "--seq-len", "64"]
+
+
 CASES = [
     # 1. data loss
     Case("empty output is not the current folder", ["convert", "src", "", "--overwrite", "--kv-budget", "1.0"],
@@ -117,6 +127,16 @@ CASES = [
     Case("eval --json over the model's config", ["eval", "{src}", "--data", "{data}", "--json", "{src}/config.json"],
          "--json"),
     Case("eval --json over the data", ["eval", "{src}", "--data", "{data}", "--json", "{data}"], "is the data"),
+    Case("heal output is the teacher", [*HEAL[:2], "src", *HEAL[3:], "--overwrite"], "is the teacher",
+         convert_student),
+    Case("heal output is the student", [*HEAL[:2], "student", *HEAL[3:], "--overwrite"], "is the student",
+         convert_student),
+    Case("heal output contains its inputs", [*HEAL[:2], "{work}", *HEAL[3:], "--overwrite", "--force"],
+         "contains the student", convert_student),
+    Case("heal checkpoints into the teacher", [*HEAL, "--checkpoint-dir", "src/ckpt"], "lies inside the teacher",
+         convert_student),
+    Case("heal checkpoints into a file", [*HEAL, "--checkpoint-dir", "afile"], "is a file",
+         lambda work: (convert_student(work), plain_file(work))),
     # 2. a broken result reported as success
     Case("NaN source at full budget", ["convert", "nan", "{out}", "--kv-budget", "1.0"], "NaN", poison),
     Case("NaN source below full budget", ["convert", "nan", "{out}", "--kv-budget", "0.5"], "NaN", poison),
@@ -148,6 +168,8 @@ CASES = [
          "--refine-lr must be positive"),
     Case("hub id while offline", ["convert", "someone/some-model", "{out}"], "HF_HUB_OFFLINE",
          env={"HF_HUB_OFFLINE": "1"}),
+    Case("dataset name while offline", ["convert", "{src}", "{out}", "--calibration", "wikitext:wikitext-2-raw-v1"],
+         "HF_HUB_OFFLINE", env={"HF_HUB_OFFLINE": "1"}),
 ]
 
 
