@@ -110,7 +110,9 @@ def prepare_paths(student: str, output, options: HealOptions) -> tuple[Path, Pat
 
     inputs = {"student": student, "teacher": options.teacher, "training data": options.data}
     inputs["held-out data"] = options.eval_data
-    output = prepare_output(output, inputs=inputs, overwrite=options.overwrite, force=options.force)
+    # the healed folder is the student's size: the same tensors, in the same dtype
+    size = sum(path.stat().st_size for path in Path(student).glob("*.safetensors"))
+    output = prepare_output(output, inputs=inputs, overwrite=options.overwrite, force=options.force, required_bytes=size)
     checkpoint_dir = default_checkpoint_dir(output)
     if options.checkpoint_dir:
         checkpoint_dir = Path(options.checkpoint_dir).expanduser().absolute()
