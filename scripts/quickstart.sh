@@ -16,7 +16,7 @@ if [ -n "${MLA_DATA+set}" ]; then
 elif [ -e "$shared" ]; then
     data=$shared
 else
-    echo "quickstart: $shared is not there (only this repository is here)"
+    echo "quickstart: no $shared beside this repository"
     data=
 fi
 mkdir -p "$work"
