@@ -142,6 +142,23 @@ def rope_loss_factor(inv_freq: torch.Tensor, context: int) -> torch.Tensor:
     return ((1 - torch.cos(inv_freq.to(torch.float64)[:, None] * delta[None, :])) * weight).sum(-1)
 
 
+def deepseek_frequency_indices(head_dim: int, qk_rope_head_dim: int) -> list[int]:
+    """The source frequencies a DeepSeek-V3 shared RoPE key can rotate with, pair `i` first (MLA.md §6b).
+
+    DeepSeek rotates pair `i` of its `qk_rope_head_dim`-sized key with `theta ** (-2i / qk_rope_head_dim)`; the
+    source's frequency `j` is `theta ** (-2j / head_dim)`. With the same base they agree for `j = i * head_dim /
+    qk_rope_head_dim`, so every `head_dim / qk_rope_head_dim`-th source frequency is available, each exactly once
+    (all of them when the sizes are equal). Sizes that do not divide have no such table.
+    """
+    if qk_rope_head_dim % 2 or qk_rope_head_dim < 2 or head_dim % qk_rope_head_dim:
+        raise ValueError(
+            f"a DeepSeek RoPE key of size {qk_rope_head_dim} has no table of source frequencies for head_dim "
+            f"{head_dim}: it must be even and divide head_dim"
+        )
+    stride = head_dim // qk_rope_head_dim
+    return [pair * stride for pair in range(qk_rope_head_dim // 2)]
+
+
 def rope_placement(
     key_moment: torch.Tensor,
     query_moment: torch.Tensor,
@@ -152,6 +169,7 @@ def rope_placement(
     strategy: str = "rorope",
     context: int = 2048,
     fold: int = 2,
+    frequencies: list[int] | None = None,
 ) -> RopePlacement:
     """Chooses the components of the key that keep RoPE, `qk_rope_head_dim / 2` of them.
 
@@ -167,6 +185,11 @@ def rope_placement(
       slightly wrong.
     - `partial`: no mixing; each kv head's slice at each frequency is a component, and those with the largest
       `sum_h |q_h^(i)| |k_g^(i)|` (MHA2MLA's 2-norm rule, RMS norms) keep RoPE.
+
+    `frequencies` constrains the table (an export format's fixed RoPE, e.g. `deepseek_frequency_indices`): pair `p`
+    of the shared key rotates with source frequency `frequencies[p]`, and at each of them exactly one component
+    keeps RoPE, the one the strategy's criterion ranks first (for `rorope`, the largest score error); every other
+    component, at those frequencies and all others, goes to the NoPE key. `freqfold` does not apply.
     """
     if strategy not in ROPE_STRATEGIES:
         raise ValueError(f"unknown RoPE strategy {strategy!r}; choose one of {', '.join(ROPE_STRATEGIES)}")
@@ -174,6 +197,15 @@ def rope_placement(
     num_pairs = qk_rope_head_dim // 2
     heads = query_moment.shape[0]
     group_size = heads // num_kv_heads
+    if frequencies is not None:
+        if len(frequencies) != num_pairs or not all(0 <= f < half for f in frequencies):
+            raise ValueError(
+                f"a constrained RoPE table needs {num_pairs} source frequencies in [0, {half}), got {frequencies}"
+            )
+        if len(set(frequencies)) != len(frequencies):
+            raise ValueError(f"a constrained RoPE table uses each frequency once, got {frequencies}")
+        if strategy == "freqfold":
+            raise ValueError("a constrained RoPE table rotates each pair with one source frequency: not freqfold")
     if strategy == "freqfold" and num_pairs < num_kv_heads * half and half % fold == 0:
         groups = [list(range(start, start + fold)) for start in range(0, half, fold)]
     else:
@@ -206,6 +238,10 @@ def rope_placement(
         # a group's components rotate together, with the group's mean loss factor
         group_loss = torch.stack([loss[group].mean() for group in groups])
         error = query_energy * energy * group_loss[:, None]
+    if frequencies is not None:
+        # One group per frequency: pair p keeps group frequencies[p]'s component of largest error, in pair order.
+        kept = [(int(torch.argmax(error[frequency])), frequency, frequency) for frequency in frequencies]
+        return RopePlacement(groups=groups, mix=mix, energy=energy, error=error, kept=kept)
     order = torch.argsort(error.flatten(), descending=True, stable=True)[:num_pairs]
     kept = []
     for index in sorted(int(i) for i in order):
@@ -377,6 +413,9 @@ class DecomposeOptions:
     rope_context: int = 2048
     # multiplier on the K/V balance of the joint latent (1.0: equal weighted energies)
     key_scale: float = 1.0
+    # a fixed RoPE table (pair p rotates with source frequency rope_frequencies[p], one component each), as an
+    # export format requires (`deepseek_frequency_indices`); None: the strategy chooses freely
+    rope_frequencies: list[int] | None = None
 
 
 def decompose_layer(
@@ -410,6 +449,7 @@ def decompose_layer(
         inv_freq=inv_freq,
         strategy=options.rope_strategy,
         context=options.rope_context,
+        frequencies=options.rope_frequencies,
     )
     q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(source, placement)
 

@@ -25,6 +25,9 @@ class MLAConfig(PreTrainedConfig):
     - `softmax_scale`: the source's own attention scale (not `qk_head_dim ** -0.5`).
     - `attention_bias` (query and joint down-projection, as Qwen2's q/k/v biases) and `attention_output_bias`
       (`o_proj`, as Llama's `attention_bias` also sets).
+    - `kv_latent_norm`: DeepSeek's `kv_a_layernorm`, an RMSNorm over the latent part of `kv_a_proj_with_mqa`'s
+      output, applied before the cache (the cache holds the normalised latent, as DeepSeek's does). Off for a plain
+      conversion; needs one `kv_lora_rank` for all layers (the export to DeepSeek-V3's format requires it).
     - `attention_path`: `"auto"` decodes over the latent (absorbed) and lets prefill pick the cheaper form;
       `"absorbed"` and `"expanded"` force one form (for checks and benchmarks).
     """
@@ -79,6 +82,7 @@ class MLAConfig(PreTrainedConfig):
     softmax_scale: float | None = None
     attention_bias: bool = False
     attention_output_bias: bool = False
+    kv_latent_norm: bool = False
     attention_path: str = "auto"
     layer_types: list[str] | None = None
 
@@ -112,6 +116,10 @@ class MLAConfig(PreTrainedConfig):
             raise ValueError(f"Every `kv_lora_ranks` entry must be at least 1, got {self.kv_lora_ranks}.")
         if self.q_lora_rank is not None:
             raise ValueError("A low-rank query (`q_lora_rank`) is not supported; set it to None.")
+        if self.kv_latent_norm and len(set(self.kv_lora_ranks)) != 1:
+            raise ValueError(
+                f"`kv_latent_norm` needs one `kv_lora_rank` for all layers, got per-layer ranks {self.kv_lora_ranks}."
+            )
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
         if self.attention_path not in ("auto", "absorbed", "expanded"):

@@ -34,6 +34,11 @@ from .configuration_mla import MLAConfig
 # get the expanded form, which is plain multi-head attention.
 ABSORBED_IMPLEMENTATIONS = ("eager", "sdpa")
 
+# The epsilon of the latent norm (`config.kv_latent_norm`): transformers' DeepseekV3 builds its `kv_a_layernorm` with
+# the RMSNorm default rather than `rms_norm_eps`, so a model exported to that format computes the same with this one.
+# (vLLM uses `rms_norm_eps` there; conversions keep the latent's RMS near 1, where the difference is negligible.)
+KV_LATENT_NORM_EPS = 1e-6
+
 
 def cache_field(output_class: type) -> str:
     """The field of `output_class` that holds the cache: `cache` from transformers 5.24, `past_key_values` in 5.23."""
@@ -187,6 +192,9 @@ class MLAAttention(nn.Module):
 
     `config.attention_path` forces one form; `"auto"` picks the cheaper one per call (decoding: absorbed).
 
+    With `config.kv_latent_norm` the latent passes DeepSeek's `kv_a_layernorm` before the cache, so both forms read
+    the normalised latent, as DeepSeek-V3 caches and reads it.
+
     Attention backends: both forms call the implementation the user chose (`config._attn_implementation`, looked up
     in `ALL_ATTENTION_FUNCTIONS`, so a function registered under a name is the one called). The absorbed form needs
     an implementation in `ABSORBED_IMPLEMENTATIONS` (eager, sdpa); under any other the expanded form runs, and
@@ -224,6 +232,10 @@ class MLAAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        # DeepSeek's `kv_a_layernorm`: normalises the latent before it is cached and up-projected (None: plain MLA).
+        self.kv_a_layernorm = (
+            MLARMSNorm(self.kv_lora_rank, eps=KV_LATENT_NORM_EPS) if config.kv_latent_norm else None
         )
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
@@ -309,6 +321,9 @@ class MLAAttention(nn.Module):
         # latent: [batch, seq, kv_lora_rank]; k_pe: [batch, seq, qk_rope_head_dim]
         compressed = self.kv_a_proj_with_mqa(hidden_states)
         latent, k_pe = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if self.kv_a_layernorm is not None:
+            # Normalised before the cache, as DeepSeek caches it: both forms read the same cached latent.
+            latent = self.kv_a_layernorm(latent)
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
         # k_pe: [batch, seq, 1, qk_rope_head_dim] -> [batch, 1, seq, qk_rope_head_dim], the cache's one-head layout
         k_pe = apply_rotary_pos_emb(k_pe.unsqueeze(2), cos, sin).transpose(1, 2)
@@ -431,6 +446,9 @@ class MLAAttention(nn.Module):
         projected = torch.cat((latent_part, apply_rotary_pos_emb(rope_part, cos, sin)), dim=-1)
         # latent, k_pe: [batch, seq, 1, ...] -> [batch, 1, seq, ...]
         latent, k_pe = torch.split(projected[:, :, -1:].transpose(1, 2), [rank, self.qk_rope_head_dim], dim=-1)
+        if self.kv_a_layernorm is not None:
+            # The norm is not linear, so it stays outside the folded product (the queries never pass through it).
+            latent = self.kv_a_layernorm(latent)
         return projected[:, :, :-1], latent, k_pe
 
     def latent_attention(self, query_states, joint, latent, attention_mask, scaling, **kwargs):

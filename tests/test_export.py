@@ -1,0 +1,322 @@
+"""DeepSeek-V3 export (issue 13): a conversion under DeepSeek's constraints (latent norm, one kv_lora_rank, DeepSeek's
+RoPE table), exported, loads in transformers' own `DeepseekV3ForCausalLM` in a process that never imports the plugin,
+and computes what the MLA folder computes; folders the format cannot hold are refused with nothing written."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import byte_tokenizer, leftovers, load_causal_lm, relative_error, token_ids
+
+from mla_convert.decompose import deepseek_frequency_indices
+from mla_convert.errors import MLAConvertError
+
+
+# Relative max logit difference allowed between the exported folder and the MLA folder (float32), as in issue 13
+EXPORT_TOLERANCE = 1e-4
+# Full cache budget of the pico models (2 * kv heads * head_dim 16) split into latent + RoPE key:
+# name -> (kv_lora_rank, qk_rope_head_dim). MHA keeps all 8 frequencies (DeepSeek's plain table); GQA and Mistral
+# use qk_rope_head_dim 8 = head_dim / 2, every other source frequency (Llama-3 scaled for llama-gqa).
+SHAPES = {"llama-mha": (112, 16), "llama-gqa": (56, 8), "mistral": (56, 8)}
+
+# Run in a fresh interpreter: loads the export natively, reports what it computed and which modules it imported.
+NATIVE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, ids_path, out_path = sys.argv[1:]
+    ids = torch.load(ids_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        outputs = model(input_ids=ids[:1], use_cache=True)
+        cache = getattr(outputs, "cache", None) or outputs.past_key_values
+        greedy = model.generate(ids[:1, :16], max_new_tokens=12, do_sample=False)
+    torch.save(
+        {
+            "class": type(model).__name__,
+            "logits": logits,
+            "greedy": greedy,
+            "cache_latent": cache.layers[0].keys,
+            "cache_rope": cache.layers[0].values,
+            "plugin_imported": sorted(m for m in sys.modules if m.split(".")[0] in ("mla_convert", "mla_modeling")),
+        },
+        out_path,
+    )
+    """
+)
+
+
+def run_native(folder, ids: torch.LongTensor, tmp_path) -> dict:
+    """What transformers' own DeepseekV3 computes on `ids` from `folder`, in a process without the plugin."""
+    ids_path, out_path = tmp_path / "ids.pt", tmp_path / "native.pt"
+    torch.save(ids, ids_path)
+    result = subprocess.run(
+        [sys.executable, "-c", NATIVE_SCRIPT, str(folder), str(ids_path), str(out_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def deepseek_mla(name: str, pico_folders, kv_lora_rank: int, qk_rope_head_dim: int):
+    """The pico source `name` and its MLA conversion under DeepSeek's constraints (closed form, with the norm)."""
+    from mla_convert.deepseek import build_deepseek_mla
+
+    source = load_causal_lm(pico_folders[name])
+    calibration = token_ids(8, 64, seed=1)
+    return source, build_deepseek_mla(source, source.config, kv_lora_rank, qk_rope_head_dim, calibration)
+
+
+def save_mla(model, folder, budget: float = 1.0) -> None:
+    from mla_convert.deepseek import save_mla_folder
+
+    save_mla_folder(model, byte_tokenizer(), folder, {"source": "pico", "kv_budget": budget})
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def exported(request, pico_folders, tmp_path_factory):
+    """(name, MLA folder, exported folder) for each source architecture."""
+    from mla_convert.export import export_deepseek_v3
+
+    name = request.param
+    root = tmp_path_factory.mktemp(f"export-{name}")
+    _, model = deepseek_mla(name, pico_folders, *SHAPES[name])
+    save_mla(model, root / "mla")
+    with warnings.catch_warnings():
+        # The pico shapes fit no serving kernel: the export warns and goes on.
+        warnings.simplefilter("ignore", UserWarning)
+        export_deepseek_v3(root / "mla", root / "deepseek")
+    return name, root / "mla", root / "deepseek"
+
+
+def test_native_deepseek_matches_mla_folder(exported, tmp_path):
+    name, mla_folder, exported_folder = exported
+    kv_lora_rank, qk_rope_head_dim = SHAPES[name]
+    ids = token_ids(2, 48, seed=7)
+    native = run_native(exported_folder, ids, tmp_path)
+
+    assert native["class"] == "DeepseekV3ForCausalLM"
+    assert native["plugin_imported"] == []
+
+    mla = load_causal_lm(mla_folder)
+    with torch.no_grad():
+        logits = mla(input_ids=ids).logits
+        outputs = mla(input_ids=ids[:1], use_cache=True)
+        greedy = mla.generate(ids[:1, :16], max_new_tokens=12, do_sample=False)
+    error = relative_error(native["logits"], logits)
+    assert error <= EXPORT_TOLERANCE, f"{name}: exported logits differ by {error:.2e}"
+    assert torch.equal(native["greedy"], greedy)
+
+    # The native cache holds kv_lora_rank + qk_rope_head_dim numbers per token and layer: the normalised latent and
+    # the rotated RoPE key, the same numbers as the MLA folder's own cache.
+    assert native["cache_latent"].shape == (1, 1, ids.shape[1], kv_lora_rank)
+    assert native["cache_rope"].shape == (1, 1, ids.shape[1], qk_rope_head_dim)
+    cache = getattr(outputs, "cache", None) or outputs.past_key_values
+    assert relative_error(native["cache_latent"], cache.layers[0].latent) <= EXPORT_TOLERANCE
+    assert relative_error(native["cache_rope"], cache.layers[0].rope_key) <= EXPORT_TOLERANCE
+
+
+def test_export_folder_contents(exported):
+    name, mla_folder, exported_folder = exported
+    kv_lora_rank, qk_rope_head_dim = SHAPES[name]
+    config = json.loads((exported_folder / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3"
+    assert config["first_k_dense_replace"] == config["num_hidden_layers"]
+    assert config["q_lora_rank"] is None and config["rope_interleave"] is True
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (kv_lora_rank, qk_rope_head_dim)
+    assert "auto_map" not in config
+    assert (exported_folder / "tokenizer.json").is_file()
+    assert (exported_folder / "generation_config.json").is_file()
+    readme = (exported_folder / "README.md").read_text()
+    assert f"{kv_lora_rank + qk_rope_head_dim} numbers per layer" in readme
+    assert "fits no known MLA serving kernel" in readme
+    if name == "llama-gqa":
+        # Llama-3 scaling: exact in transformers, not in engines that read every scaled RoPE as DeepSeek-YaRN
+        assert "DeepSeek-YaRN" in readme
+    assert not list(exported_folder.glob("*.py")), "the export must not need remote code"
+
+
+def test_exported_rope_equals_converted_rope(exported):
+    """DeepSeek's own table (pair i: theta^(-2i/qk_rope_head_dim), Llama-3 scaling for llama-gqa) rotates each pair
+    with the source frequency the converted model uses for it."""
+    from transformers import AutoConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    name, mla_folder, exported_folder = exported
+    mla = load_causal_lm(mla_folder)
+    deepseek = DeepseekV3RotaryEmbedding(AutoConfig.from_pretrained(exported_folder))
+    attention = mla.model.layers[0].self_attn
+    indices = attention.rope_index[: attention.qk_rope_head_dim // 2] if attention.rope_index is not None else None
+    source_table = mla.model.rotary_emb.inv_freq
+    expected = source_table if indices is None else source_table[indices]
+    assert relative_error(deepseek.inv_freq, expected) <= 1e-6
+    if name == "llama-gqa":
+        assert mla.config.rope_parameters["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa"])
+def test_deepseek_frequency_table_matches_source(name, pico_folders):
+    """`deepseek_frequency_indices` against the source's own (Llama-3-scaled) table, computed by transformers."""
+    from mla_convert.deepseek import deepseek_rope_table
+
+    source = load_causal_lm(pico_folders[name])
+    inv_freq = source.model.rotary_emb.inv_freq.double()
+    for qk_rope_head_dim in (16, 8, 4):
+        indices = deepseek_frequency_indices(16, qk_rope_head_dim)
+        table, scaling = deepseek_rope_table(source.config.rope_parameters, qk_rope_head_dim, 512)
+        assert relative_error(table, inv_freq[indices]) <= 1e-6
+        assert scaling == pytest.approx(float(source.model.rotary_emb.attention_scaling))
+    with pytest.raises(ValueError):
+        deepseek_frequency_indices(16, 6)
+
+
+def test_constrained_placement_keeps_one_component_per_frequency(pico_folders):
+    """The shared key of a GQA source rotates with exactly DeepSeek's frequencies, one component each, in pair order."""
+    _, model = deepseek_mla("llama-gqa", pico_folders, 56, 8)
+    assert model.config.rope_frequency_indices == [deepseek_frequency_indices(16, 8)] * 2
+    assert model.config.kv_latent_norm and len(set(model.config.kv_lora_ranks)) == 1
+
+
+def test_latent_norm_paths_agree_and_start_near_closed_form(pico_folders):
+    """With the norm, the absorbed and expanded forms give the same logits; the norm's weight (the mean latent RMS)
+    starts the layer nearer the norm-free closed form than the unit weight a fresh norm has. It is not exact: the
+    norm rescales each token's K_nope and V by `weight / rms(latent)`, which kv_b_proj cannot undo per token."""
+    from mla_convert.deepseek import deepseek_closed_form, latent_rms, with_latent_norm
+
+    source = load_causal_lm(pico_folders["mistral"])
+    calibration = token_ids(8, 64, seed=1)
+    plain = deepseek_closed_form(source, source.config, 56, 8, calibration)
+    model = with_latent_norm(plain, latent_rms(plain, calibration))
+    unit = with_latent_norm(plain, [1.0] * plain.config.num_hidden_layers)
+    ids = token_ids(2, 40, seed=3)
+    with torch.no_grad():
+        closed_form = plain(input_ids=ids).logits
+        logits = {}
+        for path in ("expanded", "absorbed"):
+            model.config.attention_path = path
+            logits[path] = model(input_ids=ids).logits
+        model.config.attention_path = "auto"
+        unit_logits = unit(input_ids=ids).logits
+    assert relative_error(logits["absorbed"], logits["expanded"]) <= 1e-5
+    assert relative_error(logits["expanded"], closed_form) < relative_error(unit_logits, closed_form)
+
+
+def test_latent_norm_is_exact_where_latent_rms_equals_its_weight(pico_folders):
+    """What exactness the norm keeps: on tokens whose latent RMS equals the norm's weight (the mean latent RMS the
+    conversion sets), the layer with the norm computes exactly what the norm-free closed form computes; on other
+    tokens it does not."""
+    from mla_convert.deepseek import deepseek_closed_form, latent_rms, with_latent_norm
+
+    source = load_causal_lm(pico_folders["llama-gqa"])
+    calibration = token_ids(8, 64, seed=1)
+    plain = deepseek_closed_form(source, source.config, 56, 8, calibration)
+    weights = latent_rms(plain, calibration)
+    model = with_latent_norm(plain, weights)
+    plain_attention, norm_attention = plain.model.layers[0].self_attn, model.model.layers[0].self_attn
+    rank = plain_attention.kv_lora_rank
+
+    torch.manual_seed(0)
+    # hidden: [1, 12, hidden_size]
+    hidden = torch.randn(1, 12, source.config.hidden_size)
+    position_embeddings = plain.model.rotary_emb(hidden, torch.arange(12)[None])
+    with torch.no_grad():
+        # latent: [1, 12, kv_lora_rank], linear in the input (no bias), so scaling each token's input by
+        # weight / rms(latent) gives it a latent of RMS equal to the weight
+        latent = plain_attention.kv_a_proj_with_mqa(hidden)[..., :rank]
+        matched = hidden * weights[0] / latent.pow(2).mean(-1, keepdim=True).sqrt()
+        for inputs, exact in ((matched, True), (hidden, False)):
+            expected, _ = plain_attention(inputs, position_embeddings)
+            actual, _ = norm_attention(inputs, position_embeddings)
+            error = relative_error(actual, expected)
+            assert error <= 1e-5 if exact else error > 1e-3, error
+
+
+def test_plain_config_loads_without_norm():
+    """Existing folders (no `kv_latent_norm` in config.json) load as before: no norm, no new weight."""
+    from mla_modeling import MLAConfig, MLAForCausalLM
+
+    config = MLAConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    )
+    assert config.kv_latent_norm is False
+    assert not any("kv_a_layernorm" in key for key in MLAForCausalLM(config).state_dict())
+    # (transformers wraps the config's ValueError in its own validation error)
+    with pytest.raises(Exception, match="needs one `kv_lora_rank` for all layers"):
+        MLAConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            kv_lora_ranks=[8, 4], qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_latent_norm=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+
+
+def plain_folder(name: str, pico_folders, folder, kv_lora_ranks: list[int], qk_rope_head_dim: int, norm: bool):
+    """An MLA folder converted without DeepSeek's RoPE table (free RoRoPE), with these ranks, with or without norm."""
+    from mla_convert.decompose import DecomposeOptions
+    from mla_convert.deepseek import converter, with_latent_norm
+
+    source = load_causal_lm(pico_folders[name])
+    shape = converter("SourceShape").from_config(source.config)
+    plan = converter("RankPlan")(kv_lora_ranks, qk_rope_head_dim, shape.cache_per_layer, exact=False)
+    moments, _ = converter("collect_input_moments")(source, token_ids(4, 64, seed=1))
+    layers = converter("decompose_all")(source, shape, moments, plan, DecomposeOptions(), progress=False)
+    model = converter("assemble")(source, converter("mla_config")(source.config, source, plan, layers), layers)
+    if norm:
+        model = with_latent_norm(model, [1.0] * len(kv_lora_ranks))
+    save_mla(model, folder, budget=0.5)
+
+
+@pytest.fixture(scope="module")
+def refused_folders(pico_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("refused")
+    plain_folder("llama-gqa", pico_folders, root / "per-layer", [24, 8], 8, norm=False)
+    plain_folder("llama-gqa", pico_folders, root / "plain", [24, 24], 8, norm=False)
+    plain_folder("llama-gqa", pico_folders, root / "free-rope", [24, 24], 8, norm=True)
+    _, qwen = deepseek_mla("qwen2", pico_folders, 56, 8)
+    save_mla(qwen, root / "biases")
+    return root
+
+
+@pytest.mark.parametrize(
+    "folder, fragments",
+    [
+        ("per-layer", ("one kv_lora_rank for all layers",)),
+        ("plain", ("no latent norm", "--target deepseek")),
+        ("free-rope", ("DeepSeek's table",)),
+        ("biases", ("attention biases", "Qwen2", "every attention score would change")),
+    ],
+)
+def test_export_refuses_and_writes_nothing(refused_folders, folder, fragments):
+    from mla_convert.export import export_deepseek_v3
+
+    output = refused_folders / f"{folder}-exported"
+    before = sorted(path.name for path in refused_folders.iterdir())
+    with pytest.raises(MLAConvertError) as error:
+        export_deepseek_v3(refused_folders / folder, output)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert not output.exists()
+    assert sorted(path.name for path in refused_folders.iterdir()) == before
+    assert leftovers(refused_folders) == []
+
+
+def test_engine_shapes():
+    from mla_convert.export import engines_for
+
+    assert any("FlashMLA" in engine for engine in engines_for(512, 64))
+    assert any("Triton" in engine for engine in engines_for(256, 64))
+    assert engines_for(256, 32) == []
