@@ -10,6 +10,7 @@ fixtures do it; a test that reads a shared file by path uses `shared_text(NAME)`
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import NoReturn
 
@@ -211,3 +212,32 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# The start of a script for a process where only transformers is installed: importing the plugin (`mla_convert`,
+# `mla_modeling`) fails there, as it does on a machine that was handed a converted folder and nothing else.
+WITHOUT_PLUGIN = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _WithoutThePlugin(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("mla_convert", "mla_modeling"):
+                raise ImportError("the plugin is not installed here")
+            return None
+
+    sys.meta_path.insert(0, _WithoutThePlugin())
+    """
+)
+
+
+def run_without_plugin(script: str, hf_home: Path) -> subprocess.CompletedProcess:
+    """`script` (dedented) in a fresh Python that cannot import the plugin, offline, with its own `HF_HOME` (no
+    remote code cached from an earlier run) and an empty stdin (nobody answers transformers' questions)."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(hf_home)}
+    if "OMP_NUM_THREADS" in os.environ:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_PLUGIN + textwrap.dedent(script)],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip

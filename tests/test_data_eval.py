@@ -1,11 +1,17 @@
-"""Fast tests of text loading, splitting, tokenization, sampling and evaluation, on a tiny random Llama."""
+"""Fast tests of text loading, splitting, tokenization, sampling and evaluation, on a pico Llama.
+
+The shared texts beside the repository are read through the `wikitext` and `shakespeare` fixtures: without them
+the tests that read them skip here and fail in CI, and the others still run."""
 
 import json
+import math
 
+import pyarrow as pa  # installed with datasets: a requirement, never skipped
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mla_convert import data
 from mla_convert.data import (
@@ -16,54 +22,54 @@ from mla_convert.data import (
     open_text_stream,
     tokenize_into_sequences,
 )
-from mla_convert.convert import compare_logits
 from mla_convert.errors import MLAConvertError
 from mla_convert.evaluate import ReferenceLogProbs, ScoredBatch, evaluate, score_batches
 from mla_convert.sampling import sample_from_model
+from mla_convert.verify import compare_logits
 
-from conftest import SHARED_DATA, WIKITEXT  # the project's text, read in place beside the repository
+from conftest import build_pico, byte_tokenizer, shared_text, token_ids
 
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-VOCAB_SIZE = 300
+SOURCE = "llama-gqa"
+VOCAB_SIZE = 258  # the pico models' (256 bytes and 2 specials)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def shakespeare():
+    return shared_text("tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(shakespeare):
     """A 300-token byte-level BPE trained on a little Shakespeare: real enough merges, built in well under a second."""
-    assert SHAKESPEARE.is_file(), f"the shared text is missing: {SHAKESPEARE}"
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=300,
         special_tokens=["<s>", "</s>"],
         initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()),
         show_progress=False,
     )
-    backend.train_from_iterator([SHAKESPEARE.read_text(encoding="utf-8")[:50_000]], trainer)
+    backend.train_from_iterator([shakespeare.read_text(encoding="utf-8")[:50_000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(seed: int, tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The pico models' tokenizer."""
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(0, tokenizer)
+def model():
+    return build_pico(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def other():
+    """Another pico Llama of the same shape: a reference that disagrees with `model`."""
+    return build_pico(SOURCE, seed=1)
 
 
 # --- parts and descriptions -------------------------------------------------------------------------------------
@@ -83,10 +89,10 @@ def test_invalid_part(start, end):
         TextPart(start, end)
 
 
-def test_calibration_and_evaluation_parts_split_a_text_exactly():
-    whole = WIKITEXT.read_text(encoding="utf-8")
-    calibration, calibration_desc = load_text(str(WIKITEXT), CALIBRATION_PART)
-    evaluation, evaluation_desc = load_text(str(WIKITEXT), EVALUATION_PART)
+def test_calibration_and_evaluation_parts_split_a_text_exactly(wikitext):
+    whole = wikitext.read_text(encoding="utf-8")
+    calibration, calibration_desc = load_text(str(wikitext), CALIBRATION_PART)
+    evaluation, evaluation_desc = load_text(str(wikitext), EVALUATION_PART)
     # Together they are the whole text, in order: no overlap and nothing lost.
     assert calibration + evaluation == whole
     # Cut at a line boundary near 80% of the characters.
@@ -97,16 +103,16 @@ def test_calibration_and_evaluation_parts_split_a_text_exactly():
     assert evaluation_desc == f"wikitext2_valid.txt, last 20% (chars {cut}-{len(whole)})"
 
 
-def test_adjacent_parts_tile_the_text():
-    whole = SHAKESPEARE.read_text(encoding="utf-8")
+def test_adjacent_parts_tile_the_text(shakespeare):
+    whole = shakespeare.read_text(encoding="utf-8")
     cuts = [0.0, 0.2, 0.4, 0.9, 1.0]
-    pieces = [load_text(str(SHAKESPEARE), TextPart(a, b))[0] for a, b in zip(cuts, cuts[1:])]
+    pieces = [load_text(str(shakespeare), TextPart(a, b))[0] for a, b in zip(cuts, cuts[1:])]
     assert "".join(pieces) == whole
 
 
-def test_max_chars_keeps_the_start_of_the_part():
-    evaluation, _ = load_text(str(WIKITEXT), EVALUATION_PART)
-    capped, description = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=10_000)
+def test_max_chars_keeps_the_start_of_the_part(wikitext):
+    evaluation, _ = load_text(str(wikitext), EVALUATION_PART)
+    capped, description = load_text(str(wikitext), EVALUATION_PART, max_chars=10_000)
     assert len(capped) <= 10_000 and evaluation.startswith(capped) and capped.endswith("\n")
     assert description.startswith("wikitext2_valid.txt, last 20% (chars ")
 
@@ -123,9 +129,6 @@ def test_records_are_split_by_index(tmp_path):
 
 
 def test_json_parquet_and_folder_sources(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.json").write_text(json.dumps([{"body": "alpha"}, {"body": "beta"}]))
@@ -158,9 +161,6 @@ def test_missing_column(tmp_path):
 
 
 def test_missing_parquet_column(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"content": ["a", "b"]}), path)
     with pytest.raises(MLAConvertError, match=r"no 'text' column; available columns: \['content'\]"):
@@ -177,20 +177,23 @@ def test_empty_text(tmp_path):
 # --- tokenization -------------------------------------------------------------------------------------------------
 
 
-def test_tokenize_into_sequences(tokenizer, monkeypatch):
-    text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
-    sequences = tokenize_into_sequences(tokenizer, text, seq_len=64, max_tokens=1000)
+def test_tokenize_into_sequences(bpe_tokenizer, wikitext, monkeypatch):
+    text, _ = load_text(str(wikitext), EVALUATION_PART, max_chars=20_000)
+    sequences = tokenize_into_sequences(bpe_tokenizer, text, seq_len=64, max_tokens=1000)
     assert sequences.shape == (15, 64) and sequences.dtype == torch.long
     # Without a limit: every whole window of the text, no special tokens added.
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    everything = tokenize_into_sequences(tokenizer, text, seq_len=64, max_tokens=None)
+    ids = bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
+    everything = tokenize_into_sequences(bpe_tokenizer, text, seq_len=64, max_tokens=None)
     assert everything.shape == (len(ids) // 64, 64)
-    assert tokenizer.bos_token_id not in everything
+    # Consecutive windows of the text's tokens, in order; the limit keeps the first ones.
+    assert everything.flatten().tolist() == ids[: everything.numel()]
+    assert torch.equal(sequences, everything[:15])
+    assert bpe_tokenizer.bos_token_id not in everything
 
     # Tokenization stops at the chunk that reaches max_tokens instead of tokenizing the whole text.
     monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 1_000)
     calls = []
-    counting = lambda *args, **kwargs: calls.append(1) or tokenizer(*args, **kwargs)  # noqa: E731
+    counting = lambda *args, **kwargs: calls.append(1) or bpe_tokenizer(*args, **kwargs)  # noqa: E731
     assert tokenize_into_sequences(counting, text, seq_len=64, max_tokens=256).shape == (4, 64)
     assert 1 <= len(calls) < 10
 
@@ -206,9 +209,25 @@ def test_too_little_text(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def sequences(tokenizer):
-    text, _ = load_text(str(WIKITEXT), EVALUATION_PART, max_chars=20_000)
+def sequences(tokenizer, wikitext):
+    text, _ = load_text(str(wikitext), EVALUATION_PART, max_chars=20_000)
     return tokenize_into_sequences(tokenizer, text, seq_len=32, max_tokens=32 * 6)
+
+
+@torch.no_grad()
+def direct_scores(model, reference, sequences) -> dict[str, float]:
+    """The metrics computed in one go from both models' full logits, as their definitions say."""
+    targets = sequences[:, 1:]
+    log_q = model(sequences).logits[:, :-1].log_softmax(-1)
+    log_p = reference(sequences).logits[:, :-1].log_softmax(-1)
+    nll = -log_q.gather(-1, targets[..., None]).mean()
+    reference_nll = -log_p.gather(-1, targets[..., None]).mean()
+    return {
+        "perplexity": float(nll.exp()),
+        "reference_perplexity": float(reference_nll.exp()),
+        "kl": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),  # KL(reference || model) per position
+        "top1_agreement": float((log_q.argmax(-1) == log_p.argmax(-1)).double().mean()),
+    }
 
 
 def test_evaluate_against_itself(model, sequences):
@@ -217,24 +236,27 @@ def test_evaluate_against_itself(model, sequences):
     assert results["kl"] == pytest.approx(0.0, abs=1e-9)
     assert results["top1_agreement"] == 1.0
     assert results["perplexity"] == pytest.approx(results["reference_perplexity"])
-    # An untrained model is close to uniform over the vocabulary.
-    assert 0.5 * VOCAB_SIZE < results["perplexity"] < 2 * VOCAB_SIZE
-    assert evaluate(model, sequences, progress=False).keys() == {"perplexity", "nll", "tokens"}
+    alone = evaluate(model, sequences, progress=False)
+    assert alone.keys() == {"perplexity", "nll", "tokens"}
+    expected = direct_scores(model, model, sequences)["perplexity"]
+    assert alone["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert alone["nll"] == pytest.approx(math.log(expected), rel=1e-5)
 
 
-def test_evaluate_against_another_model(model, tokenizer, sequences):
-    other = tiny_llama(1, tokenizer)
+def test_evaluate_against_another_model(model, other, sequences):
     results = evaluate(model, sequences, reference=other, batch_size=4, progress=False)
-    assert results["kl"] > 0
-    assert results["top1_agreement"] < 1.0
+    expected = direct_scores(model, other, sequences)
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, rel=1e-5), key
+    # The two models differ, so the comparison says something: not a KL of 0 nor full agreement.
+    assert expected["kl"] > 0.01 and expected["top1_agreement"] < 1.0
     # Batching must not change the result.
     one_by_one = evaluate(model, sequences, reference=other, batch_size=1, progress=False)
     assert one_by_one["kl"] == pytest.approx(results["kl"], rel=1e-5)
     assert one_by_one["perplexity"] == pytest.approx(results["perplexity"], rel=1e-5)
 
 
-def test_cached_reference_gives_what_the_reference_model_gives(model, tokenizer, sequences):
-    other = tiny_llama(1, tokenizer)
+def test_cached_reference_gives_what_the_reference_model_gives(model, other, sequences):
     cached = ReferenceLogProbs(other, sequences, batch_size=4, progress=False)
     direct = evaluate(model, sequences, reference=other, batch_size=4, progress=False)
     results = evaluate(model, sequences, reference=cached, batch_size=4, progress=False)
@@ -246,8 +268,8 @@ def test_cached_reference_gives_what_the_reference_model_gives(model, tokenizer,
 
 def test_sequences_beyond_the_models_positions_warn(model, caplog):
     with caplog.at_level("WARNING"):
-        evaluate(model, torch.randint(0, VOCAB_SIZE, (1, 300)), progress=False)
-    assert "longer than the model's max_position_embeddings (256)" in caplog.text
+        evaluate(model, token_ids(1, 520, vocab=VOCAB_SIZE), progress=False)
+    assert "sequences of 520 tokens are longer than the model's max_position_embeddings (512)" in caplog.text
 
 
 def test_evaluate_rejects_foreign_token_ids(model):
@@ -255,7 +277,7 @@ def test_evaluate_rejects_foreign_token_ids(model):
         evaluate(model, torch.full((1, 8), VOCAB_SIZE), progress=False)
 
 
-def test_non_finite_logits_are_never_agreement(model, tokenizer, sequences):
+def test_non_finite_logits_are_never_agreement(model, sequences):
     """NaN logits agree with each other under argmax: the scoring core must count them as broken, not as top-1."""
     logits = torch.randn(2, 5, 11)
     broken = logits.clone()
@@ -266,7 +288,7 @@ def test_non_finite_logits_are_never_agreement(model, tokenizer, sequences):
     with pytest.raises(MLAConvertError, match="NaN or infinite logits at 2 of 10 positions"):
         sums.require_finite("the model")
 
-    nan_model = tiny_llama(0, tokenizer)
+    nan_model = build_pico(SOURCE)
     with torch.no_grad():
         nan_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(MLAConvertError, match="NaN or infinite logits"):
@@ -299,6 +321,14 @@ def test_sample_from_model(model, tokenizer):
     # A partial last row is rounded up to a whole one.
     assert sample_from_model(model, tokenizer, 41, 20, seed=7, batch_size=4, progress=False).shape == (3, 20)
 
+    # End-of-sequence is suppressed so that every row is full length, even from a model that all but insists on it.
+    eager_to_end = build_pico(SOURCE)
+    bump = torch.zeros(VOCAB_SIZE)
+    bump[tokenizer.eos_token_id] = 30.0
+    eager_to_end.lm_head.register_forward_hook(lambda module, args, output: output + bump)
+    rows = sample_from_model(eager_to_end, tokenizer, num_tokens=40, seq_len=20, seed=7, batch_size=2, progress=False)
+    assert rows.shape == (2, 20) and tokenizer.eos_token_id not in rows
+
 
 def test_hub_dataset_is_streamed_by_record_index(monkeypatch):
     """The hub path, with `datasets.load_dataset` replaced by a local stand-in: tests never touch the network."""
@@ -312,6 +342,8 @@ def test_hub_dataset_is_streamed_by_record_index(monkeypatch):
         return dataset
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    # The stand-in is the hub here: reachable whatever HF_HUB_OFFLINE and the network say.
+    monkeypatch.setattr(data, "require_hub", lambda what: None)
     text, description = load_text("someone/corpus:en", EVALUATION_PART)
     assert text == "doc 8\n\ndoc 9"
     assert description == "someone/corpus:en@train, last 20% (records 8-10 of 10, 12 chars)"
@@ -326,13 +358,13 @@ def test_hub_dataset_is_streamed_by_record_index(monkeypatch):
 # --- streaming ----------------------------------------------------------------------------------------------------
 
 
-def test_small_read_blocks_cut_a_text_file_at_the_same_line_starts(monkeypatch):
+def test_small_read_blocks_cut_a_text_file_at_the_same_line_starts(shakespeare, monkeypatch):
     """A text file is read in blocks; where the blocks end must not move the cuts (nor lose characters)."""
-    expected = [load_text(str(SHAKESPEARE), part)[0] for part in (CALIBRATION_PART, EVALUATION_PART)]
+    expected = [load_text(str(shakespeare), part)[0] for part in (CALIBRATION_PART, EVALUATION_PART)]
     monkeypatch.setattr(data, "READ_BLOCK_CHARS", 997)
     monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 5_000)
     for part, text in zip((CALIBRATION_PART, EVALUATION_PART), expected):
-        (record,) = list(open_text_stream(str(SHAKESPEARE), part).records())
+        (record,) = list(open_text_stream(str(shakespeare), part).records())
         pieces = list(record)
         assert "".join(pieces) == text
         assert all(len(piece) <= 5_000 and piece.endswith(("\n", " ")) for piece in pieces[:-1])
@@ -341,9 +373,6 @@ def test_small_read_blocks_cut_a_text_file_at_the_same_line_starts(monkeypatch):
 def test_records_stream_from_any_index(tmp_path):
     """Rows of a folder of .jsonl and .parquet files, in path order, from a record index on (how healing resumes);
     blank records are kept as records without text, so that indexes stay those of the source."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     texts = [f"record {i} " + "word " * (i % 7) for i in range(23)]
     texts[5] = "   "
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts[:10])))

@@ -8,11 +8,16 @@ from transformers import StaticCache
 
 from mla_modeling import MLAConfig, MLAForCausalLM
 
+from conftest import relative_error, token_ids
+
+
+VOCAB = 100
+
 
 def pico_config(**overrides) -> MLAConfig:
     # Latents narrower than the NoPE head, so that both folds pay and are used; biases on every projection.
     values = dict(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         kv_lora_ranks=[8, 6], qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=16,
         rope_frequency_indices=[[0, 1, 2, 3], [7, 5, 3, 1]], attention_bias=True, attention_output_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, max_position_embeddings=128,
@@ -46,10 +51,6 @@ def attentions(model: MLAForCausalLM):
     return [layer.self_attn for layer in model.model.layers]
 
 
-def token_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def decode_logits(model, input_ids: torch.LongTensor, prefill: int = 10, forward=None) -> torch.Tensor:
     """Logits of the last prompt token, then of every token decoded one at a time over the latent cache."""
@@ -62,15 +63,11 @@ def decode_logits(model, input_ids: torch.LongTensor, prefill: int = 10, forward
     return torch.stack(logits, dim=1)
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).detach().abs().max() / expected.abs().max())
-
-
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_folded_decoding_equals_the_unfolded_and_expanded_forms(implementation):
     model = pico_model(implementation=implementation)
     assert all(attention.fold_query and attention.fold_output for attention in attentions(model))
-    input_ids = token_ids(3, 24)
+    input_ids = token_ids(3, 24, vocab=VOCAB)
     folded = decode_logits(model, input_ids)
     assert all(attention.folded_q_weight is not None for attention in attentions(model))
     reference = unfolded(model)
@@ -88,7 +85,7 @@ def test_folded_decoding_equals_the_unfolded_and_expanded_forms(implementation):
 def test_folding_leaves_the_checkpoint_alone(tmp_path):
     model = pico_model()
     keys = set(model.state_dict())
-    decode_logits(model, token_ids(1, 16))
+    decode_logits(model, token_ids(1, 16, vocab=VOCAB))
     assert set(model.state_dict()) == keys
     model.save_pretrained(tmp_path)
     loaded = MLAForCausalLM.from_pretrained(tmp_path).eval()
@@ -98,7 +95,7 @@ def test_folding_leaves_the_checkpoint_alone(tmp_path):
 
 def test_decoding_follows_an_optimizer_step_and_load_state_dict():
     model = pico_model()
-    input_ids = token_ids(2, 20)
+    input_ids = token_ids(2, 20, vocab=VOCAB)
     before = decode_logits(model, input_ids)
 
     # A training step in eval mode: the forward with gradients takes the unfolded path, the step changes the
@@ -120,7 +117,7 @@ def test_decoding_follows_an_optimizer_step_and_load_state_dict():
 
 def test_gradients_reach_the_parameters_through_absorbed_decoding():
     model = pico_model(attention_path="absorbed")
-    input_ids = token_ids(2, 12)
+    input_ids = token_ids(2, 12, vocab=VOCAB)
     with torch.no_grad():
         # This folds (a cache means decoding follows); the step with gradients below must not use the folds.
         cache = model(input_ids[:, :-1], use_cache=True).past_key_values
@@ -136,7 +133,7 @@ def test_gradients_reach_the_parameters_through_absorbed_decoding():
 
 def test_folded_weights_follow_the_dtype():
     model = pico_model()
-    input_ids = token_ids(2, 16)
+    input_ids = token_ids(2, 16, vocab=VOCAB)
     expected = decode_logits(model, input_ids)
     model.to(torch.bfloat16)
     assert all(attention.folded_q_weight is None for attention in attentions(model))
@@ -148,7 +145,7 @@ def test_folded_weights_follow_the_dtype():
 def test_compiled_static_cache_decoding_equals_the_eager_one():
     model = pico_model()
     other = pico_model(seed=1)
-    input_ids = token_ids(2, 16)
+    input_ids = token_ids(2, 16, vocab=VOCAB)
     compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
 
     @torch.no_grad()
@@ -173,7 +170,7 @@ def test_compiled_static_cache_decoding_equals_the_eager_one():
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_padded_batch_absorbed_prefill_and_decoding_equal_the_expanded_form(implementation):
     model = pico_model(implementation=implementation)
-    input_ids = token_ids(2, 14, seed=3)
+    input_ids = token_ids(2, 14, seed=3, vocab=VOCAB)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :5] = 0  # left padding
     results = {}

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import mla_convert  # noqa: F401
 import mla_modeling  # noqa: F401  (registers the MLA model with the Auto classes)
+from mla_convert import data
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.data import CALIBRATION_PART, open_text_stream
 from mla_convert.errors import MLAConvertError
@@ -140,6 +141,8 @@ def test_hub_datasets_are_streamed(monkeypatch):
         return dataset
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    # The stand-in is the hub here: reachable whatever HF_HUB_OFFLINE and the network say.
+    monkeypatch.setattr(data, "require_hub", lambda what: None)
     stream = open_text_stream("someone/corpus:clean", CALIBRATION_PART)
     assert calls == [("someone/corpus", "clean", "train", True)]
     assert stream.description == "someone/corpus:clean@train, first 80% (records 0-4 of 5)"
@@ -210,8 +213,13 @@ def test_healed_folder_loads_and_generates(healed, student):
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     assert type(model).__name__ == "MLAForCausalLM"
     input_ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=5, do_sample=False)
-    assert out.shape == (1, 11)
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=5, do_sample=False, eos_token_id=None
+    )
+    # Greedy decoding over the latent cache picks, at every step, the argmax of a full forward without the cache
+    with torch.no_grad():
+        logits = model(out[:, :-1], use_cache=False).logits
+    assert torch.equal(out[:, :6], input_ids) and torch.equal(out[:, 6:], logits[:, 5:].argmax(-1))
 
 
 def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(healed, student, pico_folders, wikitext, tmp_path):

@@ -8,21 +8,19 @@ and values it replaces, and both attention forms (expanded, absorbed) are exerci
 import copy
 import json
 import re
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert.convert import ConversionOptions, convert
-from mla_modeling import MLAConfig, MLAForCausalLM, MLALatentCacheLayer
+from mla_modeling import MLAForCausalLM, MLALatentCacheLayer
 
-from conftest import load_causal_lm as load, relative_error, token_ids
+from conftest import load_causal_lm as load, relative_error, run_without_plugin, token_ids
 
 
 SOURCE = "llama-gqa"
@@ -288,8 +286,13 @@ def test_dtype_casts(half_folder, dtype):
             logits = model(input_ids).logits
         assert logits.dtype == dtype
         assert relative_error(logits.float(), expected) < 0.05
+        # Greedy decoding over the cache in this dtype picks, at every step, the argmax of a full forward (no cache)
+        # over what precedes it
         generated = model.generate(input_ids[:, :6], max_new_tokens=4, do_sample=False, eos_token_id=None)
-        assert generated.shape == (2, 10)
+        with torch.no_grad():
+            full = model(generated[:, :-1], use_cache=False).logits
+        assert torch.equal(generated[:, :6], input_ids[:, :6])
+        assert torch.equal(generated[:, 6:], full[:, 5:].argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------------- save and load
@@ -315,17 +318,10 @@ def test_save_load_round_trip(half_folder, tmp_path):
 
 
 def test_the_tokenizer_loads_without_the_plugin_or_remote_code(exact_folder, pico_folders, tmp_path):
-    script = textwrap.dedent(
+    # No answer to transformers' question whether to run the folder's code (stdin is empty): the tokenizer must
+    # load without it.
+    result = run_without_plugin(
         f"""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("mla_convert", "mla_modeling"):
-                    raise ImportError("the plugin is not installed here")
-                return None
-
-        sys.meta_path.insert(0, Block())
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained({str(exact_folder)!r})
@@ -334,13 +330,8 @@ def test_the_tokenizer_loads_without_the_plugin_or_remote_code(exact_folder, pic
         assert tokenizer(text).input_ids == source(text).input_ids, (tokenizer(text), source(text))
         assert not any(name.startswith("transformers_modules") for name in sys.modules)
         print("tokenizer OK", type(tokenizer).__name__)
-        """
-    )
-    # No answer to transformers' question whether to run the folder's code (stdin is empty): the tokenizer must
-    # load without it.
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home")},
+        """,
+        hf_home=tmp_path / "hf-home",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizer OK" in result.stdout
@@ -370,7 +361,12 @@ def test_the_tensor_parallel_plan_matches_the_modules(half_folder):
         assert attention.q_proj.out_features == heads * config.qk_head_dim
         assert attention.kv_b_proj.out_features == heads * (config.qk_nope_head_dim + config.v_head_dim)
         assert attention.o_proj.in_features == heads * config.v_head_dim
-    assert all(heads % world_size == 0 for world_size in (2, 4))
+    # What `shard` below does to a layer is what the plan asks: the heads' rows of q_proj and kv_b_proj, their
+    # columns of o_proj
+    styles = {pattern.split(".")[-1]: style for pattern, style in config.base_model_tp_plan.items()}
+    assert (styles["q_proj"], styles["kv_b_proj"], styles["o_proj"]) == ("colwise", "colwise", "rowwise")
+    # and every style is one transformers knows how to apply
+    assert set(config.base_model_tp_plan.values()) <= set(ALL_PARALLEL_STYLES), config.base_model_tp_plan
     assert set(config.base_model_pp_plan) == {"embed_tokens", "layers", "norm"}
     assert set(MLAForCausalLM._tp_plan) == set(MLAForCausalLM._pp_plan) == {"lm_head"}
 

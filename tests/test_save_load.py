@@ -1,9 +1,5 @@
 """Converted folders load through the plugin, and through `trust_remote_code` where the plugin is not installed."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -12,6 +8,8 @@ from transformers import AutoModelForCausalLM
 import mla_convert  # noqa: F401
 from mla_convert.convert import ConversionOptions, convert
 from mla_modeling import MLAConfig, MLAForCausalLM
+
+from conftest import load_causal_lm, run_without_plugin, token_ids
 
 
 def test_per_layer_ranks_survive_save_and_load(tmp_path):
@@ -28,7 +26,7 @@ def test_per_layer_ranks_survive_save_and_load(tmp_path):
     assert loaded.config.kv_lora_ranks == [24, 8, 16]
     assert loaded.config.rope_frequency_indices == [[0, 1, 2, 3], [7, 5, 3, 1], [0, 2, 4, 6]]
     assert [layer.self_attn.kv_b_proj.in_features for layer in loaded.model.layers] == [24, 8, 16]
-    input_ids = torch.randint(0, 100, (1, 20))
+    input_ids = token_ids(1, 20, vocab=100)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids).logits, model(input_ids).logits, atol=1e-6)
 
@@ -43,23 +41,18 @@ def test_invalid_config_is_refused():
 def test_trust_remote_code_loads_without_the_plugin(tmp_path, pico_folders):
     output = tmp_path / "converted"
     convert(str(pico_folders["llama-gqa"]), output, ConversionOptions(kv_budget=1.0))
-    input_ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
-    source = AutoModelForCausalLM.from_pretrained(pico_folders["llama-gqa"]).eval()
+    input_ids = token_ids(1, 24)
+    source = load_causal_lm(pico_folders["llama-gqa"])
+    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
     with torch.no_grad():
         expected = source(input_ids).logits
-    torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "expected.pt")
+    # At full budget the converted model computes what its source computes: greedy decoding picks the same tokens.
+    expected_generated = source.generate(input_ids, **kwargs)
+    expected_outputs = {"input_ids": input_ids, "expected": expected, "generated": expected_generated}
+    torch.save(expected_outputs, tmp_path / "expected.pt")
 
-    script = textwrap.dedent(
+    result = run_without_plugin(
         f"""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("mla_convert", "mla_modeling"):
-                    raise ImportError("the plugin is not installed here")
-                return None
-
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -73,14 +66,11 @@ def test_trust_remote_code_loads_without_the_plugin(tmp_path, pico_folders):
         assert error < 1e-4, error
         cache = model(data["input_ids"], use_cache=True).past_key_values
         assert type(cache.layers[0]).__name__ == "MLALatentCacheLayer", cache.layers[0]
-        generated = model.generate(data["input_ids"], max_new_tokens=5, do_sample=False, eos_token_id=None)
-        assert generated.shape[1] == 29
+        generated = model.generate(data["input_ids"], **{kwargs!r})
+        assert torch.equal(generated, data["generated"]), (generated, data["generated"])
         print("remote code OK", error)
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home")},
+        """,
+        hf_home=tmp_path / "hf-home",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote code OK" in result.stdout
