@@ -241,6 +241,40 @@ def test_latent_norm_is_exact_where_latent_rms_equals_its_weight(pico_folders):
             assert error <= 1e-5 if exact else error > 1e-3, error
 
 
+def test_latent_anchor_changes_nothing_without_the_norm(pico_folders):
+    """The anchor dimension is read by nothing (kv_b_proj's column is zero): without the norm the anchored model
+    computes what the closed form with one latent dimension less computes, with the cache one number wider."""
+    from mla_convert.deepseek import add_latent_anchor, converter, deepseek_closed_form
+
+    source = load_causal_lm(pico_folders["llama-gqa"])
+    calibration = token_ids(8, 64, seed=1)
+    smaller = deepseek_closed_form(source, source.config, 55, 8, calibration, latent_anchor=False)
+    moments, _ = converter("collect_input_moments")(source, calibration)
+    anchored = add_latent_anchor(smaller, moments, [0, 1])
+    assert anchored.config.kv_lora_ranks == [56, 56]
+    ids = token_ids(2, 40, seed=3)
+    with torch.no_grad():
+        assert relative_error(anchored(input_ids=ids).logits, smaller(input_ids=ids).logits) <= 1e-5
+
+
+def test_anchor_direction_finds_the_constant_component():
+    """Inputs with a common component of fixed size along `m` plus noise elsewhere: the anchor lies along `m`, and
+    its relative spread is the noise's share along it."""
+    from mla_convert.deepseek import anchor_direction
+
+    generator = torch.Generator().manual_seed(0)
+    hidden, tokens = 16, 4096
+    common = torch.zeros(hidden)
+    common[3] = 5.0
+    # x: [tokens, hidden], constant 5 along dim 3 up to 1% noise, unit noise elsewhere
+    x = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
+    x[:, 3] = 5.0 * (1 + 0.01 * x[:, 3])
+    augmented = torch.cat((x, torch.ones(tokens, 1, dtype=torch.float64)), dim=1)
+    direction, spread = anchor_direction(augmented.T @ augmented / tokens)
+    assert float(direction.abs().argmax()) == 3
+    assert spread == pytest.approx(0.01, rel=0.2)
+
+
 def test_plain_config_loads_without_norm():
     """Existing folders (no `kv_latent_norm` in config.json) load as before: no norm, no new weight."""
     from mla_modeling import MLAConfig, MLAForCausalLM
