@@ -21,9 +21,10 @@ NoPE key and value by `weight / rms(latent)`. A linear `kv_b_proj` cannot undo a
 layer equals the norm-free closed form only on tokens whose latent RMS equals the weight; elsewhere the token's
 K_nope and V are off by the factor `mean rms / rms` (with the anchor, by about the anchor's spread, 2% on
 SmolLM2). (A latent `c = B n` with `B` an isometry of the normalised attention input `n`, `r >= hidden_size`, would
-have a constant RMS and be exact; no useful budget allows that.) The constrained RoPE table itself already costs exactness against the source whenever the source key has more
-than one component per allowed frequency (any GQA or MHA source), so a `--target deepseek` conversion is never
-exact against its source; the export that follows it is exact against the converted folder.
+have a constant RMS and be exact; no useful budget allows that.) The constrained RoPE table itself already costs
+exactness against the source whenever the source key has more than one component per allowed frequency (any GQA or
+MHA source), so a `--target deepseek` conversion is never exact against its source; the export that follows it is
+exact against the converted folder.
 """
 
 from __future__ import annotations
