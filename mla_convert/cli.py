@@ -5,9 +5,13 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .conversion_options import ConversionOptions
 from .errors import MLAConvertError
+from .heal import add_heal_arguments
+from .options import add_options, check_fields, option, options_from_args
 
 
 EPILOG = """examples:
@@ -43,6 +47,12 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+def add_source_and_output(parser: argparse.ArgumentParser, output_help: str) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
+    parser.add_argument("output", metavar="OUTPUT", help=output_help)
+    parser.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
@@ -63,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=type("ExamplesFormatter", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {}),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (add_convert, add_gqa, add_eval, add_heal, add_generate):
+        add_command(commands)
+    return parser
 
+
+def add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert",
         help="convert a checkpoint to MLA",
@@ -74,85 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "layer is refined by a few gradient steps to reproduce its source layer's attention output, so the choice "
         "of --calibration matters. OUTPUT is written atomically: on any error nothing is left behind.",
     )
-    convert.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
-    convert.add_argument("output", metavar="OUTPUT", help="folder to write the MLA checkpoint to")
-    convert.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
+    add_source_and_output(convert, "folder to write the MLA checkpoint to")
     size = convert.add_argument_group("cache size (give --kv-budget, or --kv-lora-rank with --qk-rope-head-dim)")
-    size.add_argument(
-        "--kv-budget",
-        type=float,
-        metavar="F",
-        help="fraction of the source's KV cache that remains, in (0, 1]; 1.0 is exact (default: 0.5)",
-    )
-    size.add_argument("--kv-lora-rank", type=int, metavar="R", help="latent size per token and layer")
-    size.add_argument(
-        "--qk-rope-head-dim",
-        type=int,
-        metavar="D",
-        help="size of the shared RoPE key (even); default with --kv-budget: a third of the budget, at most the "
-        "source's head_dim; with --kv-lora-rank: the source's head_dim",
-    )
-    size.add_argument(
-        "--rank-allocation",
-        choices=("uniform", "spectrum"),
-        default="spectrum",
-        help="uniform: the same latent size in every layer; spectrum: with --kv-budget, latent sizes per layer where the "
-        "calibration spectra need them (the total cache stays exactly the same; the config carries the per-layer "
-        "sizes); an explicit --kv-lora-rank is used in every layer as given",
-    )
-    convert.add_argument(
-        "--calibration",
-        metavar="DATA",
-        help="calibration text: a .txt/.jsonl/.parquet file or folder (its first 80%% is used), or a datasets name "
-        "NAME[:CONFIG]. Without it, calibration text is sampled from the source model itself (data-free)",
-    )
-    convert.add_argument("--calibration-tokens", type=int, default=32768, metavar="N", help="calibration tokens")
     method = convert.add_argument_group("method (the defaults are the best measured; the rest are for comparison)")
-    method.add_argument(
-        "--init",
-        choices=("pca", "svd"),
-        default="pca",
-        help="pca: joint PCA of [K_nope ; V] on calibration activations, in the metric the layer's output feels; "
-        "svd: weight-only SVD",
-    )
-    method.add_argument(
-        "--rope-strategy",
-        choices=("rorope", "freqfold", "partial"),
-        default="rorope",
-        help="which key components keep RoPE in the shared key. rorope: PCA of the key heads per frequency, keeping "
-        "the components whose loss of RoPE would cost the most attention-score error; freqfold: the same over pairs "
-        "of adjacent frequencies; partial: no mixing, MHA2MLA's 2-norm rule",
-    )
-    method.add_argument(
-        "--key-scale",
-        default="search",
-        metavar="search|A",
-        help="weight of the keys against the values in the joint latent, as a multiple of the weight that balances "
-        "their energies: 'search' tries 0.5, 1, 2 and 4 per layer and keeps the one that reproduces the source "
-        "layer's attention output best on calibration data",
-    )
-    method.add_argument(
-        "--refine-steps",
-        type=int,
-        default=100,
-        metavar="N",
-        help="after the closed-form start, Adam steps per layer fitting each layer's attention output to the "
-        "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off",
-    )
-    method.add_argument("--refine-lr", type=float, default=3e-4, metavar="LR", help="learning rate of refinement")
-    method.add_argument(
-        "--refine-tokens",
-        type=int,
-        default=32768,
-        metavar="N",
-        help="calibration tokens whose attention inputs are kept for refinement (bfloat16, hidden_size x layers x "
-        "2 bytes each: lower it for large models)",
-    )
-    convert.add_argument("--seed", type=int, default=0, help="seed for data-free calibration sampling")
-    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="saved dtype")
-    convert.add_argument("--device", default="cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
+    groups = {"budget": size.add_mutually_exclusive_group(), "size": size, "method": method}
+    add_options(convert, ConversionOptions, groups)
     add_output_arguments(convert)
 
+
+def add_gqa(commands) -> None:
     gqa = commands.add_parser(
         "gqa",
         help="pool KV heads: the GQA baseline that MLA is compared against",
@@ -166,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ordinary model folder of SOURCE's architecture (loads with AutoModelForCausalLM, no mla-convert needed) "
         "in float32, with the tokenizer and conversion.json; it is written atomically.",
     )
-    gqa.add_argument("source", metavar="SOURCE", help="folder with config.json and weights, hub id, or .gguf file")
-    gqa.add_argument("output", metavar="OUTPUT", help="folder to write the pooled checkpoint to")
+    add_source_and_output(gqa, "folder to write the pooled checkpoint to")
     heads = gqa.add_mutually_exclusive_group(required=True)
     heads.add_argument("--num-kv-heads", type=int, metavar="N", help="KV heads after pooling")
     heads.add_argument(
@@ -176,9 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of the source's KV cache that remains (N / source KV heads, e.g. 0.5 for half the heads)",
     )
-    gqa.add_argument("--gguf-file", metavar="NAME", help="GGUF file name inside SOURCE (weights are dequantized)")
     add_output_arguments(gqa)
 
+
+@dataclass
+class EvalOptions:
+    """The `eval` verb's options (the model is its positional argument)."""
+
+    data: str = option("", metavar="FILE_OR_DATASET", required=True, help="evaluation text")
+    reference: str | None = option(None, metavar="SOURCE", help="the source model to compare against")
+    reference_gguf_file: str | None = option(None, metavar="NAME", help="GGUF file name inside the reference folder")
+    # at least a context and a token to predict
+    seq_len: int = option(512, metavar="L", at_least=2, help="tokens per evaluated sequence")
+    max_tokens: int = option(16384, metavar="N", help="evaluate at most this many tokens")
+    batch_size: int = option(4, metavar="B", at_least=1, help="sequences per forward pass")
+    json: str | None = option(None, metavar="FILE", help="also write the results to FILE")
+
+
+def add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="perplexity, and KL / top-1 agreement against a reference",
@@ -188,27 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
         "never reads.",
     )
     evaluate.add_argument("model", metavar="MODEL", help="model folder (MLA or any supported source)")
-    evaluate.add_argument("--data", required=True, metavar="FILE_OR_DATASET", help="evaluation text")
-    evaluate.add_argument("--reference", metavar="SOURCE", help="the source model to compare against")
-    evaluate.add_argument("--reference-gguf-file", metavar="NAME", help="GGUF file name inside the reference folder")
-    evaluate.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per evaluated sequence")
-    evaluate.add_argument("--max-tokens", type=int, default=16384, metavar="N", help="evaluate at most this many tokens")
-    evaluate.add_argument("--batch-size", type=int, default=4, metavar="B", help="sequences per forward pass")
-    evaluate.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    add_options(evaluate, EvalOptions)
 
+
+def add_heal(commands) -> None:
     heal = commands.add_parser(
         "heal",
         help="fine-tune a converted model by distillation from its source",
         usage="%(prog)s MLA_FOLDER OUTPUT --teacher SOURCE --data DATA [options]",
         description="Heal MLA_FOLDER by distillation from --teacher (KL to the teacher's logits; with --kl-weight "
         "below 1, plus next-token loss) on --data, with accelerate: one CPU, one GPU, or `accelerate launch` for "
-        "several processes (DDP, FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume continues the latest. "
-        "OUTPUT is written atomically and loads like any converted folder.",
+        "several processes (DDP, FSDP), bf16 with --mixed-precision. Checkpoints every --save-every steps; --resume "
+        "continues the latest. OUTPUT is written atomically and loads like any converted folder.",
     )
-    from .heal import add_heal_arguments
-
     add_heal_arguments(heal)
 
+
+@dataclass
+class GenerateOptions:
+    """The `generate` verb's options (the model and the prompt are its positional arguments)."""
+
+    max_new_tokens: int = option(64, metavar="N", at_least=1, help="tokens to generate")
+    sample: bool = option(False, help="sample (temperature 0.7) instead of greedy decoding")
+    seed: int = option(0, help="seed for sampling")
+    no_chat_template: bool = option(False, help="feed PROMPT as plain text")
+
+
+def add_generate(commands) -> None:
     generate = commands.add_parser(
         "generate",
         help="generate text",
@@ -217,51 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("model", metavar="MODEL", help="model folder")
     generate.add_argument("prompt", metavar="PROMPT")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--no-chat-template", action="store_true", help="feed PROMPT as plain text")
-    return parser
-
-
-def parse_key_scale(value: str) -> str | float:
-    if value == "search":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {value!r}") from None
+    add_options(generate, GenerateOptions)
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .convert import ConversionOptions, convert
+    from .convert import convert
 
-    if args.kv_budget is not None and args.kv_lora_rank is not None:
-        raise MLAConvertError("give either --kv-budget or --kv-lora-rank, not both")
-    if args.kv_lora_rank is None and args.kv_budget is None:
-        args.kv_budget = 0.5
-    options = ConversionOptions(
-        kv_budget=args.kv_budget,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_rope_head_dim=args.qk_rope_head_dim,
-        init=args.init,
-        rope_strategy=args.rope_strategy,
-        key_scale=parse_key_scale(args.key_scale),
-        rank_allocation=args.rank_allocation,
-        refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr,
-        refine_tokens=args.refine_tokens,
-        calibration=args.calibration,
-        calibration_tokens=args.calibration_tokens,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    options = options_from_args(ConversionOptions, args)
+    if args.kv_lora_rank is not None:
+        # An explicit latent size replaces the budget (argparse refuses both).
+        options = replace(options, kv_budget=None)
     report = convert(
         args.source, args.output, options, gguf_file=args.gguf_file, overwrite=args.overwrite, force=args.force
     )
+    print_conversion_summary(report, args.output)
+
+
+def print_conversion_summary(report: dict, output: str) -> None:
     cache = report["cache"]
-    print(f"wrote {Path(args.output).absolute()}")
+    print(f"wrote {Path(output).absolute()}")
     print(
         f"KV cache per token: {cache['mla_numbers_per_token']} numbers ({cache['mla_bytes_per_token']} bytes in "
         f"{cache['dtype']}) vs. {cache['source_numbers_per_token']} for the source "
@@ -338,26 +277,24 @@ def run_eval(args: argparse.Namespace) -> None:
     from .folders import write_text_atomically
     from .sources import load_model
 
-    if args.seq_len < 2:
-        raise MLAConvertError(f"--seq-len must be at least 2 (a context and a token to predict), got {args.seq_len}")
-    if args.max_tokens < args.seq_len:
-        raise MLAConvertError(f"--max-tokens ({args.max_tokens}) must be at least --seq-len ({args.seq_len})")
-    if args.batch_size < 1:
-        raise MLAConvertError(f"--batch-size must be at least 1, got {args.batch_size}")
-    inputs = {"model": args.model, "reference": args.reference, "data": args.data}
-    json_path = check_json_output(args.json, inputs) if args.json is not None else None
+    options = options_from_args(EvalOptions, args)
+    check_fields(options)
+    if options.max_tokens < options.seq_len:
+        raise MLAConvertError(f"--max-tokens ({options.max_tokens}) must be at least --seq-len ({options.seq_len})")
+    inputs = {"model": args.model, "reference": options.reference, "data": options.data}
+    json_path = check_json_output(options.json, inputs) if options.json is not None else None
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise MLAConvertError(f"no tokenizer found in {args.model}")
-    warn_if_longer_than_trained(model, args.seq_len)
+    warn_if_longer_than_trained(model, options.seq_len)
     reference = None
-    if args.reference:
-        reference, _ = load_model(args.reference, gguf_file=args.reference_gguf_file)
-    text, description = load_text(args.data, EVALUATION_PART)
-    sequences = tokenize_into_sequences(tokenizer, text, args.seq_len, args.max_tokens)
-    results = evaluate(model, sequences, reference=reference, batch_size=args.batch_size)
-    results = {"model": args.model, "reference": args.reference, "data": description, **results}
-    print(f"data: {description}, {results['tokens']} predicted tokens in sequences of {args.seq_len}")
+    if options.reference:
+        reference, _ = load_model(options.reference, gguf_file=options.reference_gguf_file)
+    text, description = load_text(options.data, EVALUATION_PART)
+    sequences = tokenize_into_sequences(tokenizer, text, options.seq_len, options.max_tokens)
+    results = evaluate(model, sequences, reference=reference, batch_size=options.batch_size)
+    results = {"model": args.model, "reference": options.reference, "data": description, **results}
+    print(f"data: {description}, {results['tokens']} predicted tokens in sequences of {options.seq_len}")
     print(f"perplexity: {results['perplexity']:.3f}")
     if reference is not None:
         ratio = results["perplexity"] / results["reference_perplexity"]
@@ -374,22 +311,22 @@ def run_generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise MLAConvertError("PROMPT is empty: give the text to reply to")
-    if args.max_new_tokens < 1:
-        raise MLAConvertError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    options = options_from_args(GenerateOptions, args)
+    check_fields(options)
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise MLAConvertError(f"no tokenizer found in {args.model}")
-    if tokenizer.chat_template and not args.no_chat_template:
+    if tokenizer.chat_template and not options.no_chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
+    torch.manual_seed(options.seed)
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if options.sample else {"do_sample": False}
     output = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=options.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **sampling,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -214,6 +215,20 @@ def save_atomically(output: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_model_atomically(output: Path, model, tokenizer=None, reports: Mapping[str, dict] | None = None) -> None:
+    """A model folder in `output`, atomically: the model (`save_pretrained` also writes generation_config.json), its
+    tokenizer where there is one, and each of `reports` as a JSON file of that name (`conversion.json`)."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        for name, report in (reports or {}).items():
+            (folder / name).write_text(json.dumps(report, indent=2) + "\n")
+
+    save_atomically(output, write)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

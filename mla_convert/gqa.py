@@ -14,18 +14,17 @@ both the query and the KV head counts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .errors import MLAConvertError
-from .folders import prepare_output, save_atomically
+from .folders import prepare_output, save_model_atomically
+from .plan import SourceShape
 from .sources import SUPPORTED_MODEL_TYPES, load_source, load_source_config
 
 
@@ -37,10 +36,8 @@ BUDGET_TOLERANCE = 1e-3
 
 def _head_counts(config: PreTrainedConfig) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim) of a llama/mistral/qwen2 config."""
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return num_heads, num_kv_heads, head_dim
+    shape = SourceShape.from_config(config)
+    return shape.num_heads, shape.num_kv_heads, shape.head_dim
 
 
 def valid_gqa_head_counts(config: PreTrainedConfig) -> list[int]:
@@ -213,12 +210,5 @@ def convert_to_gqa(
         "seconds": round(time.perf_counter() - started, 1),
     }
 
-    def write(folder: Path) -> None:
-        # save_pretrained also writes generation_config.json for generative models.
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        (folder / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    save_atomically(output, write)
+    save_model_atomically(output, model, tokenizer, {"conversion.json": report})
     return report

@@ -40,10 +40,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.convert import ConversionOptions, SourceShape, build_mla, calibrate, plan_ranks, refine
+from mla_convert.calibrate import calibrate
+from mla_convert.convert import ConversionOptions, build_mla, refine
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import ReferenceLogProbs, evaluate
 from mla_convert.gqa import pool_kv_heads, valid_gqa_head_counts
+from mla_convert.plan import SourceShape, plan_ranks
 
 
 DEFAULT_BUDGETS = (0.75, 0.5, 1 / 3, 0.25, 0.17)

@@ -8,19 +8,13 @@ import pytest
 import torch
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
-from mla_convert.convert import (
-    KEY_SCALE_GRID,
-    ConversionOptions,
-    SourceShape,
-    allocate_ranks,
-    build_mla,
-    calibrate,
-    convert,
-    plan_ranks,
-)
+from mla_convert.calibrate import calibrate
+from mla_convert.conversion_options import KEY_SCALE_GRID
+from mla_convert.convert import ConversionOptions, build_mla, convert
 from mla_convert.data import EVALUATION_PART, load_text
 from mla_convert.decompose import SourceAttention, rope_placement, split_rope
 from mla_convert.errors import MLAConvertError
+from mla_convert.plan import SourceShape, allocate_ranks, plan_ranks
 from mla_convert.refine import (
     AttentionTargets,
     RefineOptions,

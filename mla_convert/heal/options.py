@@ -1,13 +1,15 @@
-"""How to heal: `HealOptions`, whose fields carry their command-line help, choices and group, their validation, and
-the `heal` verb's arguments built from them."""
+"""How to heal: `HealOptions`, whose fields carry their command-line help, choices, group and checks (see
+`mla_convert.options`), and the `heal` verb's arguments built from them."""
 
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
+from functools import partial
 
 from ..errors import MLAConvertError
+from ..options import add_options, check_fields, option
+from ..options import options_from_args as read_options
 
 
 TRAIN_CHOICES = ("attention", "all")
@@ -16,32 +18,24 @@ TEACHER_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
 EVAL_PRECISIONS = ("float32", "training")
 
-
-def option(default=MISSING, *, help: str | None = None, group: str = "training", **cli):
-    """A field of `HealOptions` with what its command-line flag needs: `help`, `group`, and argparse keywords
-    (`choices`, `metavar`, `type`, `required`); `help=None` leaves the field off the command line."""
-    metadata = {"help": help, "group": group, "cli": cli}
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: default, metadata=metadata)
-    return field(default=default, metadata=metadata)
+training_option = partial(option, group="training")
+checkpoint_option = partial(option, group="checkpoints")
 
 
 @dataclass
 class HealOptions:
     """How to heal. Token counts are global (over all processes); `batch_size` is per process."""
 
-    teacher: str = option("", help="the source model the student was converted from", group="models",
-                          metavar="SOURCE", required=True)  # fmt: skip
-    teacher_gguf_file: str | None = option(None, help="GGUF file name inside the teacher folder", group="models",
-                                           metavar="NAME")  # fmt: skip
+    teacher: str = option("", help="the source model the student was converted from", metavar="SOURCE",
+                          required=True)  # fmt: skip
+    teacher_gguf_file: str | None = option(None, help="GGUF file name inside the teacher folder", metavar="NAME")
     teacher_dtype: str = option(
-        "float32", choices=TEACHER_DTYPES, group="models",
+        "float32", choices=TEACHER_DTYPES,
         help="dtype of the frozen teacher (bfloat16: faster where bf16 matmuls are, targets slightly rounded)",
     )  # fmt: skip
     any_teacher: bool = option(
-        False, group="models",
-        help="distill from a teacher that is not the student's source (refused without this flag)",
-    )  # fmt: skip
+        False, help="distill from a teacher that is not the student's source (refused without this flag)"
+    )
     data: str = option(
         "", group="data", metavar="DATA", required=True,
         help="training text: a .txt/.jsonl/.json/.parquet file or folder, or a datasets hub name NAME[:CONFIG][@SPLIT] "
@@ -52,82 +46,70 @@ class HealOptions:
         None, group="data", metavar="DATA",
         help="held-out text, same forms as --data; its last 20% is used (if unset: the last 20% of --data)",
     )  # fmt: skip
-    eval_tokens: int = option(8192, help="held-out tokens", group="data", metavar="N")
+    eval_tokens: int = option(8192, help="held-out tokens", group="data", metavar="N", at_least=1)
     eval_seq_len: int | None = option(None, help="held-out sequence length (if unset: --seq-len)", group="data",
-                                      metavar="L", type=int)  # fmt: skip
+                                      metavar="L", at_least=2)  # fmt: skip
     eval_batch_size: int | None = option(None, help="held-out sequences per forward pass (if unset: --batch-size)",
-                                         group="data", metavar="B", type=int)  # fmt: skip
+                                         group="data", metavar="B", at_least=1)  # fmt: skip
     eval_precision: str = option(
         "float32", choices=EVAL_PRECISIONS, group="data",
         help="float32: evaluate without autocast against a float32 teacher (a second copy if --teacher-dtype is "
         "bfloat16); training: in the training precision",
     )  # fmt: skip
-    max_tokens: int = option(100_000, help="training tokens", metavar="N")
-    seq_len: int = option(512, help="tokens per sequence", metavar="L")
-    batch_size: int = option(4, help="sequences per process and micro-step", metavar="B")
-    grad_accum: int = option(1, help="micro-steps per optimizer step", metavar="K")
-    lr: float = option(5e-5, help="peak learning rate (AdamW)")
-    warmup_steps: int | None = option(None, help="linear warmup (if unset: 10% of the steps, 1 to 100)", metavar="N",
-                                      type=int)  # fmt: skip
-    schedule: str = option("cosine", help="after warmup", choices=SCHEDULES)
-    weight_decay: float = option(0.0, help="AdamW", metavar="WD")
-    max_grad_norm: float | None = option(1.0, help="gradient clipping (0: none)", metavar="N", type=float)
-    train: str = option("attention", choices=TRAIN_CHOICES,
-                        help="attention: only the MLA projections (cheapest, least damage); all: every weight")
-    kl_weight: float = option(
-        1.0, metavar="W",
+    max_tokens: int = training_option(100_000, help="training tokens", metavar="N", at_least=1)
+    seq_len: int = training_option(512, help="tokens per sequence", metavar="L", at_least=2)
+    batch_size: int = training_option(4, help="sequences per process and micro-step", metavar="B", at_least=1)
+    grad_accum: int = training_option(1, help="micro-steps per optimizer step", metavar="K", at_least=1)
+    lr: float = training_option(5e-5, help="peak learning rate (AdamW)", positive=True)
+    warmup_steps: int | None = training_option(None, help="linear warmup (if unset: 10% of the steps, 1 to 100)",
+                                               metavar="N", at_least=0)  # fmt: skip
+    schedule: str = training_option("cosine", help="after warmup", choices=SCHEDULES)
+    weight_decay: float = training_option(0.0, help="AdamW", metavar="WD", at_least=0)
+    max_grad_norm: float | None = training_option(1.0, help="gradient clipping (0: none)", metavar="N", at_least=0,
+                                                  zero_means="none")  # fmt: skip
+    train: str = training_option("attention", choices=TRAIN_CHOICES,
+                                 help="attention: only the MLA projections (cheapest, least damage); all: every weight")
+    kl_weight: float = training_option(
+        1.0, metavar="W", at_least=0, at_most=1,
         help="loss = W * KL(teacher || student) + (1 - W) * next-token cross-entropy; 1 is pure KL",
     )  # fmt: skip
-    mixed_precision: str = option("no", choices=MIXED_PRECISION_CHOICES,
-                                  help="autocast of the student (and teacher) forward, by accelerate")  # fmt: skip
-    seed: int = option(0, help="seeds torch, numpy and random")
-    eval_every: int = option(25, help="optimizer steps (0: start and end)", group="checkpoints", metavar="N")
+    mixed_precision: str = training_option("no", choices=MIXED_PRECISION_CHOICES,
+                                           help="autocast of the student (and teacher) forward, by accelerate")
+    seed: int = training_option(0, help="seeds torch, numpy and random")
+    eval_every: int = checkpoint_option(25, help="optimizer steps (0: start and end)", metavar="N", at_least=0,
+                                        zero_means="start and end")  # fmt: skip
     # Also evaluate at the first step that reaches each of these token counts (the healing bench's points).
     eval_at_tokens: tuple[int, ...] = option(())
-    save_every: int = option(20, help="optimizer steps (0: never)", group="checkpoints", metavar="N")
-    checkpoint_dir: str | None = option(None, help="if unset: OUTPUT.checkpoints beside OUTPUT", group="checkpoints",
-                                        metavar="DIR")  # fmt: skip
-    resume: bool = option(False, help="continue from the latest checkpoint", group="checkpoints")
-    keep_checkpoints: bool = option(False, help="keep checkpoints after success", group="checkpoints")
-    overwrite: bool = option(
-        False, group="checkpoints",
-        help="replace OUTPUT if it is an mla-convert output or empty, and discard checkpoints of an earlier run",
-    )  # fmt: skip
-    force: bool = option(False, help="with --overwrite: replace OUTPUT whatever it holds", group="checkpoints")
+    save_every: int = checkpoint_option(20, help="optimizer steps (0: never)", metavar="N", at_least=0,
+                                        zero_means="never")  # fmt: skip
+    checkpoint_dir: str | None = checkpoint_option(None, help="if unset: OUTPUT.checkpoints beside OUTPUT",
+                                                   metavar="DIR")  # fmt: skip
+    resume: bool = checkpoint_option(False, help="continue from the latest checkpoint")
+    keep_checkpoints: bool = checkpoint_option(False, help="keep checkpoints after success")
+    overwrite: bool = checkpoint_option(
+        False, help="replace OUTPUT if it is an mla-convert output or empty, and discard checkpoints of an earlier run"
+    )
+    force: bool = checkpoint_option(False, help="with --overwrite: replace OUTPUT whatever it holds")
     progress: bool = option(True)  # the command line's --no-progress
     # Stop once this many optimizer steps are done, without writing the final model (a planned "kill", for tests).
     stop_after_steps: int | None = option(None)
 
 
-GROUPS = {"models": None, "data": "data", "training": "training", "checkpoints": "evaluation and checkpoints"}
+# The flags' argument groups, in the order `--help` lists them (the models' flags stand with the command's own).
+GROUP_TITLES = {"data": "data", "training": "training", "checkpoints": "evaluation and checkpoints"}
 
 
 def add_heal_arguments(parser: argparse.ArgumentParser) -> None:
     """The `heal` verb's arguments: MLA_FOLDER OUTPUT, then one flag per documented `HealOptions` field."""
     parser.add_argument("student", metavar="MLA_FOLDER", help="converted MLA folder to heal")
     parser.add_argument("output", metavar="OUTPUT", help="folder to write the healed model to (atomically)")
-    groups = {key: parser.add_argument_group(title) if title else parser for key, title in GROUPS.items()}
-    for f in fields(HealOptions):
-        if f.metadata["help"] is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        keywords = {"help": f.metadata["help"].replace("%", "%%"), **f.metadata["cli"]}
-        if isinstance(f.default, bool):
-            keywords["action"] = "store_true"
-        else:
-            keywords.setdefault("type", type(f.default) if f.default is not None else str)
-            keywords["default"] = None if keywords.get("required") else f.default
-        groups[f.metadata["group"]].add_argument(flag, **keywords)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    add_options(parser, HealOptions, groups)
     groups["checkpoints"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def options_from_args(args: argparse.Namespace) -> HealOptions:
-    values = {f.name: getattr(args, f.name) for f in fields(HealOptions) if hasattr(args, f.name)}
-    return HealOptions(**values, progress=not getattr(args, "no_progress", False))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return read_options(HealOptions, args, progress=not getattr(args, "no_progress", False))
 
 
 def check_options(options: HealOptions) -> None:
@@ -136,30 +118,12 @@ def check_options(options: HealOptions) -> None:
         raise MLAConvertError("--teacher is required: the source model the student was converted from")
     if not options.data:
         raise MLAConvertError("--data is required: the training text (its first 80% is used)")
-    for f in fields(HealOptions):
-        choices = f.metadata["cli"].get("choices")
-        value = getattr(options, f.name)
-        if choices and value not in choices:
-            raise MLAConvertError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-    required = {"max_tokens": 1, "batch_size": 1, "grad_accum": 1, "eval_tokens": 1, "seq_len": 2}
-    optional = {"eval_seq_len": 2, "eval_batch_size": 1}  # None: the training value
-    for name, low in {**required, **optional}.items():
-        value = getattr(options, name)
-        if (value is not None or name in required) and not (value is not None and value >= low):
-            raise MLAConvertError(f"{_flag(name)} must be at least {low}, got {value}")
+    check_fields(options)
     eval_seq_len = options.eval_seq_len or options.seq_len
     if options.eval_tokens < eval_seq_len:
         which = "--eval-seq-len" if options.eval_seq_len else "--seq-len (the held-out sequence length by default)"
         raise MLAConvertError(
             f"--eval-tokens ({options.eval_tokens}) must be at least {which} ({eval_seq_len}): one held-out sequence"
         )
-    if not options.lr > 0 or math.isinf(options.lr):
-        raise MLAConvertError(f"--lr must be a positive number, got {options.lr}")
-    if not 0.0 <= options.kl_weight <= 1.0:
-        raise MLAConvertError(f"--kl-weight must be in [0, 1], got {options.kl_weight}")
-    for name in ("eval_every", "save_every", "weight_decay", "warmup_steps", "max_grad_norm"):
-        value = getattr(options, name)
-        if value is not None and not value >= 0:
-            raise MLAConvertError(f"{_flag(name)} must not be negative, got {value}")
     if options.force and not options.overwrite:
         raise MLAConvertError("--force only widens --overwrite: pass both to replace a folder that is not ours")

@@ -1,0 +1,121 @@
+"""Calibration: the text (given, or sampled from the source itself), and what the conversion learns from it: every
+attention layer's input moment and the recorded attention inputs that refinement and the key-scale search fit to."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .conversion_options import ConversionOptions
+from .decompose import weight_only_moment
+from .errors import MLAConvertError
+from .plan import RankPlan, SourceShape
+
+
+@dataclass
+class Calibration:
+    """What a conversion learns from calibration text: the sequences, a description for the report, every attention
+    layer's input moment `[layers, hidden + 1, hidden + 1]`, and the recorded attention inputs of the first
+    sequences (per layer `[sequences, seq, hidden]`, bfloat16) for the key-scale search and refinement."""
+
+    sequences: torch.LongTensor | None
+    info: dict
+    moments: torch.Tensor
+    layer_inputs: list[torch.Tensor]
+
+
+@torch.no_grad()
+def collect_input_moments(
+    model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4, keep_sequences: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`E[[x; 1] [x; 1]^T]` of every attention layer's input, accumulated batch by batch: `[layers, hidden + 1, hidden + 1]`.
+
+    Also returns the attention inputs of the first `keep_sequences` sequences, per layer `[keep, seq, hidden]` (on
+    the CPU, in bfloat16 to halve their memory), for layer-wise refinement; an empty list when `keep_sequences` is 0.
+    """
+    layers = model.model.layers
+    hidden = model.config.hidden_size
+    moments = torch.zeros(len(layers), hidden + 1, hidden + 1, dtype=torch.float64)
+    kept: list[list[torch.Tensor]] = [[] for _ in layers]
+    count = 0
+
+    def make_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+            # x: [tokens, hidden + 1]
+            x = hidden_states.reshape(-1, hidden).float()
+            x = torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), dim=1)
+            # float32 within a batch, float64 across batches: fast, and the sum over many batches stays accurate
+            moments[layer_idx] += (x.T @ x).cpu().to(torch.float64)
+            still_needed = keep_sequences - sum(len(part) for part in kept[layer_idx])
+            if still_needed > 0:
+                kept[layer_idx].append(hidden_states[:still_needed].detach().to("cpu", torch.bfloat16))
+
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(sequences), batch_size), desc="calibrating", unit="batch"):
+            batch = sequences[start : start + batch_size].to(device)
+            # The base model only: the LM head is a fifth of the FLOPs and calibration needs none of it.
+            model.model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    layer_inputs = [torch.cat(parts) for parts in kept] if keep_sequences > 0 else []
+    return moments / max(count, 1), layer_inputs
+
+
+def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
+    """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself."""
+    from .data import CALIBRATION_PART, load_text, tokenize_into_sequences
+    from .sampling import sample_from_model
+
+    if tokenizer is None:
+        raise MLAConvertError("calibration needs the source's tokenizer, and none was found beside the weights")
+    if options.calibration is None:
+        seq_len = min(options.calibration_seq_len, 256)
+        sequences = sample_from_model(model, tokenizer, options.calibration_tokens, seq_len, seed=options.seed)
+        info = {"kind": "sampled", "description": f"sampled from the source model (seed {options.seed})"}
+    else:
+        text, description = load_text(options.calibration, CALIBRATION_PART)
+        sequences = tokenize_into_sequences(tokenizer, text, options.calibration_seq_len, options.calibration_tokens)
+        info = {"kind": "text", "description": description}
+        if sequences.numel() < options.calibration_tokens // options.calibration_seq_len * options.calibration_seq_len:
+            print(
+                f"note: --calibration-tokens {options.calibration_tokens} asked for more than the calibration part of "
+                f"{options.calibration} holds: calibrating on the {sequences.numel()} tokens it gives",
+                file=sys.stderr,
+            )
+    info.update(tokens=int(sequences.numel()), seq_len=int(sequences.shape[1]))
+    return sequences, info
+
+
+def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
+    return not plan.exact and options.init == "pca" and options.key_scale == "search"
+
+
+def calibrate(
+    source_model: PreTrainedModel, tokenizer, shape: SourceShape, plan: RankPlan, options: ConversionOptions
+) -> Calibration:
+    """Reads calibration text (or samples it) and records what the chosen options need of it: nothing for the exact
+    form, only the inputs to refine for weight-only SVD."""
+    refine_steps = 0 if plan.exact else options.refine_steps
+    search = searches_key_scale(plan, options)
+    if plan.exact or (options.init == "svd" and refine_steps == 0):
+        description = "not needed" if plan.exact else "not needed (weight-only SVD)"
+        info = {"kind": "none", "description": description, "tokens": 0}
+        return Calibration(None, info, weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1), [])
+    sequences, info = calibration_sequences(source_model, tokenizer, options)
+    keep = math.ceil(options.refine_tokens / sequences.shape[1]) if refine_steps > 0 or search else 0
+    moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
+    if options.init == "svd":
+        info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
+    return Calibration(sequences, info, moments, layer_inputs)

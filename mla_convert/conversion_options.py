@@ -1,0 +1,110 @@
+"""What to convert to: `ConversionOptions`, whose fields carry the `convert` verb's flags (help, choices, group,
+checks; see `mla_convert.options`), and their check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .decompose import ROPE_STRATEGIES, DecomposeOptions
+from .errors import MLAConvertError
+from .options import check_fields, option
+from .refine import RefineOptions
+
+
+INIT_METHODS = ("pca", "svd")
+RANK_ALLOCATIONS = ("uniform", "spectrum")
+SAVED_DTYPES = ("float32", "bfloat16", "float16")
+# Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
+KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
+
+
+def parse_key_scale(value: str) -> str | float:
+    """`--key-scale`: 'search' or a number (checked by `check_options`)."""
+    if value == "search":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {value!r}") from None
+
+
+def _grid_text() -> str:
+    factors = [f"{factor:g}" for factor in KEY_SCALE_GRID]
+    return ", ".join(factors[:-1]) + " and " + factors[-1]
+
+
+@dataclass
+class ConversionOptions:
+    """What to convert to. Give `kv_budget`, or `kv_lora_rank` (with optional `qk_rope_head_dim`); an explicit
+    `kv_lora_rank` wins over `kv_budget`. Field groups: "size" and "budget" (the cache size; `--kv-budget` and
+    `--kv-lora-rank` exclude each other on the command line), "method", and the command's own options."""
+
+    kv_budget: float | None = option(
+        0.5, group="budget", metavar="F",
+        help="fraction of the source's KV cache that remains, in (0, 1]; 1.0 is exact",
+    )  # fmt: skip
+    kv_lora_rank: int | None = option(None, group="budget", metavar="R", help="latent size per token and layer")
+    qk_rope_head_dim: int | None = option(
+        None, group="size", metavar="D",
+        help="size of the shared RoPE key (even); default with --kv-budget: a third of the budget, at most the "
+        "source's head_dim; with --kv-lora-rank: the source's head_dim",
+    )  # fmt: skip
+    rank_allocation: str = option(
+        "spectrum", group="size", choices=RANK_ALLOCATIONS,
+        help="uniform: the same latent size in every layer; spectrum: with --kv-budget, latent sizes per layer where "
+        "the calibration spectra need them (the total cache stays exactly the same; the config carries the "
+        "per-layer sizes); an explicit --kv-lora-rank is used in every layer as given",
+    )  # fmt: skip
+    calibration: str | None = option(
+        None, metavar="DATA",
+        help="calibration text: a .txt/.jsonl/.parquet file or folder (its first 80% is used), or a datasets name "
+        "NAME[:CONFIG]. Without it, calibration text is sampled from the source model itself (data-free)",
+    )  # fmt: skip
+    calibration_tokens: int = option(32768, metavar="N", help="calibration tokens", at_least=1)
+    calibration_seq_len: int = option(512, at_least=1)
+    init: str = option(
+        DecomposeOptions.init, group="method", choices=INIT_METHODS,
+        help="pca: joint PCA of [K_nope ; V] on calibration activations, in the metric the layer's output feels; "
+        "svd: weight-only SVD",
+    )  # fmt: skip
+    rope_strategy: str = option(
+        DecomposeOptions.rope_strategy, group="method", choices=ROPE_STRATEGIES,
+        help="which key components keep RoPE in the shared key. rorope: PCA of the key heads per frequency, keeping "
+        "the components whose loss of RoPE would cost the most attention-score error; freqfold: the same over pairs "
+        "of adjacent frequencies; partial: no mixing, MHA2MLA's 2-norm rule",
+    )  # fmt: skip
+    # "search": per layer, the multiplier of the K/V balance with the least attention-output error on calibration
+    # data; a number: that multiplier for every layer
+    key_scale: str | float = option(
+        "search", group="method", metavar="search|A", parse=parse_key_scale,
+        help="weight of the keys against the values in the joint latent, as a multiple of the weight that balances "
+        f"their energies: 'search' tries {_grid_text()} per layer and keeps the one that reproduces the source "
+        "layer's attention output best on calibration data",
+    )  # fmt: skip
+    refine_steps: int = option(
+        RefineOptions.steps, group="method", metavar="N", at_least=0, zero_means="off",
+        help="after the closed-form start, Adam steps per layer fitting each layer's attention output to the "
+        "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off",
+    )  # fmt: skip
+    refine_lr: float = option(RefineOptions.lr, group="method", metavar="LR", positive=True,
+                              help="learning rate of refinement")  # fmt: skip
+    # calibration tokens whose attention inputs are kept (in bfloat16) for refinement and the key-scale search
+    refine_tokens: int = option(
+        32768, group="method", metavar="N", at_least=1,
+        help="calibration tokens whose attention inputs are kept for refinement (bfloat16, hidden_size x layers x "
+        "2 bytes each: lower it for large models)",
+    )  # fmt: skip
+    seed: int = option(0, help="seed for data-free calibration sampling")
+    dtype: str = option("float32", choices=SAVED_DTYPES, help="saved dtype")
+    device: str = option("cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
+
+
+def check_options(options: ConversionOptions) -> None:
+    """Refuses bad options with the valid range, naming the flags of `convert`, before anything is loaded (budgets
+    and ranks depend on the source: `plan_ranks` checks them)."""
+    check_fields(options)
+    key_scale = options.key_scale
+    if key_scale != "search" and not (
+        isinstance(key_scale, (int, float)) and not isinstance(key_scale, bool) and 0 < key_scale < float("inf")
+    ):
+        raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {key_scale!r}")

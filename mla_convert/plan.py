@@ -1,0 +1,155 @@
+"""The cache shape of a conversion: the source's attention shape, and the latent and RoPE sizes per layer that a
+budget (or explicit ranks) gives, spread over the layers where the calibration spectra need them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedConfig
+
+from .conversion_options import ConversionOptions
+from .errors import MLAConvertError
+
+
+@dataclass
+class SourceShape:
+    """The source's attention shape, read from its config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config: PreTrainedConfig) -> "SourceShape":
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+        )
+
+    @property
+    def cache_per_layer(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class RankPlan:
+    """Cache shape of the converted model, and of the source for comparison (numbers per token and layer)."""
+
+    kv_lora_ranks: list[int]
+    qk_rope_head_dim: int
+    source_cache_per_layer: int
+    exact: bool
+
+    @property
+    def cache_per_layer(self) -> list[int]:
+        return [rank + self.qk_rope_head_dim for rank in self.kv_lora_ranks]
+
+    @property
+    def kv_budget(self) -> float:
+        return sum(self.cache_per_layer) / (self.source_cache_per_layer * len(self.kv_lora_ranks))
+
+
+def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
+    """Turns a budget (or explicit ranks) into latent and RoPE sizes, with the valid range in every error."""
+    full = shape.cache_per_layer
+    all_rope = shape.num_kv_heads * shape.head_dim
+    if options.kv_lora_rank is not None:
+        rope_dim = options.qk_rope_head_dim if options.qk_rope_head_dim is not None else min(shape.head_dim, all_rope)
+        rank = options.kv_lora_rank
+    else:
+        budget = options.kv_budget if options.kv_budget is not None else 1.0
+        smallest = 3 / full
+        if not (budget > 0 and budget <= 1.0) or math.isnan(budget):
+            raise MLAConvertError(
+                f"--kv-budget must be in ({smallest:.4f}, 1.0] (the fraction of the source's KV cache of "
+                f"{full} numbers per token and layer that remains), got {budget}"
+            )
+        total = round(budget * full)
+        if total < 3:
+            raise MLAConvertError(
+                f"--kv-budget {budget} leaves {total} numbers per token and layer; the smallest valid budget "
+                f"for this model is {smallest:.4f}"
+            )
+        if total == full:
+            # The exact form (MLA.md §2): every key dimension keeps its RoPE, the latent is V itself.
+            return RankPlan([all_rope] * shape.num_layers, all_rope, full, exact=True)
+        rope_dim = options.qk_rope_head_dim
+        if rope_dim is None:
+            # A third of the cache for the RoPE key, at most one head's worth: measured best on SmolLM2 at budgets
+            # 0.5 and 0.25 among a sixth, a third and a half.
+            rope_dim = max(2, min(shape.head_dim, 2 * round(total / 6)))
+        rank = total - rope_dim
+    if rope_dim % 2 or not 2 <= rope_dim <= all_rope:
+        raise MLAConvertError(
+            f"--qk-rope-head-dim must be even and in [2, {all_rope}] for this model "
+            f"({shape.num_kv_heads} kv heads x head_dim {shape.head_dim}), got {rope_dim}"
+        )
+    max_rank = 2 * all_rope - rope_dim
+    if not 1 <= rank <= max_rank:
+        raise MLAConvertError(
+            f"--kv-lora-rank must be in [1, {max_rank}] for this model with --qk-rope-head-dim {rope_dim} "
+            f"(latent + RoPE key at most the source's {full} numbers per token and layer), got {rank}"
+        )
+    exact = rope_dim == all_rope and rank >= all_rope
+    if rope_dim == all_rope:
+        # With every key dimension rotated the latent only carries V, so more than its size would be wasted.
+        rank = min(rank, all_rope)
+    return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=exact)
+
+
+def allocate_ranks(spectra: list[torch.Tensor], total_rank: int, min_rank: int = 1) -> list[int]:
+    """Latent sizes per layer that add up to `total_rank`, spent where the calibration spectra need them.
+
+    `spectra[l]`: layer `l`'s weighted `[k_nope ; v]` eigenvalues, descending. Each further dimension of layer `l`
+    removes `spectra[l][k] / sum(spectra[l])` of that layer's relative reconstruction error; the dimensions with the
+    largest removals win, which minimises the summed relative error of all layers (the spectra are descending, so
+    the winners are a prefix of every layer's). Every layer keeps at least `min_rank`.
+    """
+    num_layers = len(spectra)
+    max_ranks = [len(spectrum) for spectrum in spectra]
+    if not num_layers * min_rank <= total_rank <= sum(max_ranks):
+        raise MLAConvertError(
+            f"cannot spread a latent of {total_rank} over {num_layers} layers with {min_rank} to "
+            f"{min(max_ranks)} per layer"
+        )
+    relative = [spectrum.double() / spectrum.double().sum().clamp_min(1e-30) for spectrum in spectra]
+    # listed dimension by dimension, so that the stable sort spreads ties (flat or zero spectra) evenly over layers
+    gains = [
+        (float(relative[layer_idx][k]), layer_idx)
+        for k in range(min_rank, max(max_ranks))
+        for layer_idx in range(num_layers)
+        if k < max_ranks[layer_idx]
+    ]
+    gains.sort(key=lambda item: -item[0])
+    ranks = [min_rank] * num_layers
+    for _, layer_idx in gains[: total_rank - num_layers * min_rank]:
+        ranks[layer_idx] += 1
+    return ranks
+
+
+def estimated_size(source_config: PreTrainedConfig, plan: RankPlan, dtype: str) -> int:
+    """About how many bytes the converted checkpoint takes: the source's parameters outside attention, plus MLA's."""
+    shape = SourceShape.from_config(source_config)
+    hidden, layers = shape.hidden_size, shape.num_layers
+    tied = bool(getattr(source_config, "tie_word_embeddings", False))
+    embeddings = source_config.vocab_size * hidden * (1 if tied else 2)
+    mlp = 3 * hidden * source_config.intermediate_size
+    qk_head_dim = shape.head_dim + plan.qk_rope_head_dim
+    attention = [
+        hidden * shape.num_heads * qk_head_dim  # q_proj
+        + hidden * (rank + plan.qk_rope_head_dim)  # kv_a_proj_with_mqa
+        + rank * shape.num_heads * 2 * shape.head_dim  # kv_b_proj
+        + shape.num_heads * shape.head_dim * hidden  # o_proj
+        for rank in plan.kv_lora_ranks
+    ]
+    numbers = embeddings + layers * mlp + sum(attention)
+    return numbers * torch.finfo(getattr(torch, dtype)).bits // 8

@@ -1,0 +1,70 @@
+"""The check of a converted model against its source before anything is saved: logits on a few sequences, and
+a refusal of NaN, infinite or (at full budget) inexact results."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import PreTrainedModel
+
+from .errors import MLAConvertError
+from .evaluate import ScoredBatch, score_batches
+from .plan import RankPlan
+
+
+EXACT_RELATIVE_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def compare_logits(source_model: PreTrainedModel, model: PreTrainedModel, input_ids: torch.LongTensor) -> dict:
+    """Max relative logit error, KL(source || converted) and top-1 agreement on every position of `input_ids`.
+    NaN or infinite logits are refused: a broken model is never reported as agreeing with its source."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    reference = source_model(input_ids=input_ids, use_cache=False).logits.float()
+    logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    sums = score_batches([ScoredBatch(logits, reference_logits=reference)])
+    sums.require_finite("the converted model (or its source)")
+    relative_error = float((logits - reference).abs().max() / reference.abs().max())
+    metrics = sums.metrics()
+    return {
+        "max_relative_logit_error": relative_error,
+        "kl": metrics["kl"],
+        "top1_agreement": metrics["top1_agreement"],
+        "tokens": input_ids.numel(),
+    }
+
+
+def verification_ids(vocab_size: int, calibration: torch.LongTensor | None, seed: int) -> torch.LongTensor:
+    if calibration is not None and len(calibration):
+        return calibration[:2, :128]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (2, 64), generator=generator)
+
+
+def check_verification(verification: dict, plan: RankPlan) -> None:
+    """Refuses to save a model whose check against the source failed: nothing broken is ever reported as done."""
+    if not all(math.isfinite(verification[key]) for key in ("max_relative_logit_error", "kl", "top1_agreement")):
+        raise MLAConvertError(
+            "the converted model computes NaN or inf logits on the check against the source; nothing was written "
+            "(lower --refine-lr, or report this with the command that caused it)"
+        )
+    if plan.exact and verification["max_relative_logit_error"] > EXACT_RELATIVE_TOLERANCE:
+        raise MLAConvertError(
+            f"full-budget conversion is not exact (max relative logit error "
+            f"{verification['max_relative_logit_error']:.2e}); nothing was written: please report this source"
+        )
+
+
+def verify(
+    source_model: PreTrainedModel,
+    model: PreTrainedModel,
+    plan: RankPlan,
+    calibration: torch.LongTensor | None,
+    seed: int,
+) -> dict:
+    """The check against the source (in float32, before any cast), refused if it failed; returns its figures."""
+    verification = compare_logits(source_model, model, verification_ids(source_model.config.vocab_size, calibration, seed))
+    check_verification(verification, plan)
+    return verification
