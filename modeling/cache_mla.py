@@ -14,7 +14,31 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 from .configuration_mla import MLA_LATENT_LAYER_TYPE
 
 
-class MLALatentCacheLayer(DynamicLayer):
+class LatentViews:
+    """What both layer types share: one `buffer` holding `[latent ; rope_key]` per token, of which `keys` and `values`
+    (the names transformers' cache utilities read) are views that `_refresh_views` rebuilds after `buffer` moves."""
+
+    def offload(self):
+        # The base classes move `keys` and `values` on their own, which would leave them no longer views of `buffer`.
+        if self.is_initialized:
+            self.buffer = self.buffer.to("cpu", non_blocking=True)
+            self._refresh_views()
+
+    def prefetch(self):
+        if self.is_initialized and self.buffer.device != self.device:
+            self.buffer = self.buffer.to(self.device, non_blocking=True)
+            self._refresh_views()
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.keys
+
+    @property
+    def rope_key(self) -> torch.Tensor | None:
+        return self.values
+
+
+class MLALatentCacheLayer(LatentViews, DynamicLayer):
     """Growing cache layer: `latent` `[batch, 1, seq, kv_lora_rank]` and `rope_key` `[batch, 1, seq, qk_rope_head_dim]`.
 
     Growth is amortised: the buffer is reallocated only when full, with `1 / growth_divisor` of slack, instead
@@ -47,14 +71,6 @@ class MLALatentCacheLayer(DynamicLayer):
         joint = self.buffer[:, :, : self.cumulative_length]
         self.keys = joint[..., : self.kv_lora_rank]
         self.values = joint[..., self.kv_lora_rank :]
-
-    @property
-    def latent(self) -> torch.Tensor | None:
-        return self.keys
-
-    @property
-    def rope_key(self) -> torch.Tensor | None:
-        return self.values
 
     @property
     def joint(self) -> torch.Tensor:
@@ -119,18 +135,8 @@ class MLALatentCacheLayer(DynamicLayer):
             self.buffer = self.buffer[indices, ...]
             self._refresh_views()
 
-    def offload(self):
-        if self.is_initialized:
-            self.buffer = self.buffer.to("cpu", non_blocking=True)
-            self._refresh_views()
 
-    def prefetch(self):
-        if self.is_initialized and self.buffer.device != self.device:
-            self.buffer = self.buffer.to(self.device, non_blocking=True)
-            self._refresh_views()
-
-
-class MLAStaticLatentCacheLayer(StaticLayer):
+class MLAStaticLatentCacheLayer(LatentViews, StaticLayer):
     """Preallocated latent cache layer for `cache_implementation="static"` and `torch.compile`."""
 
     _layer_type = MLA_LATENT_LAYER_TYPE
@@ -158,14 +164,6 @@ class MLAStaticLatentCacheLayer(StaticLayer):
         self.values = self.buffer[..., self.k_head_dim :]
 
     @property
-    def latent(self) -> torch.Tensor | None:
-        return self.keys
-
-    @property
-    def rope_key(self) -> torch.Tensor | None:
-        return self.values
-
-    @property
     def joint(self) -> torch.Tensor:
         return self.buffer
 
@@ -173,17 +171,6 @@ class MLAStaticLatentCacheLayer(StaticLayer):
         # In place: the buffer's address is what compiled graphs hold on to.
         if self.is_initialized:
             self.buffer.copy_(self.buffer.index_select(0, beam_idx.to(self.buffer.device)))
-
-    def offload(self):
-        # The base class moves `keys` and `values` on their own, which would leave them no longer views of `buffer`.
-        if self.is_initialized:
-            self.buffer = self.buffer.to("cpu", non_blocking=True)
-            self._refresh_views()
-
-    def prefetch(self):
-        if self.is_initialized and self.buffer.device != self.device:
-            self.buffer = self.buffer.to(self.device, non_blocking=True)
-            self._refresh_views()
 
 
 __all__ = ["MLALatentCacheLayer", "MLAStaticLatentCacheLayer"]

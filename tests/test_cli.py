@@ -36,7 +36,7 @@ def test_convert_eval_generate_end_to_end(tmp_path, pico_folders, wikitext):
     assert "KV cache per token" in result.stdout
     report = json.loads((output / "conversion.json").read_text())
     assert report["calibration"]["kind"] == "text" and "first 80%" in report["calibration"]["description"]
-    for name in ("config.json", "model.safetensors", "modeling_mla.py", "configuration_mla.py", "cache_mla.py",
+    for name in ("config.json", "model.safetensors", "modeling_mla.py", "attention_mla.py", "configuration_mla.py", "cache_mla.py",
                  "tokenizer.json", "generation_config.json"):
         assert (output / name).exists(), name
 
