@@ -30,6 +30,27 @@ class Calibration:
 
 
 @torch.no_grad()
+def forward_batches(
+    model: PreTrainedModel, sequences: torch.LongTensor, handles: list, batch_size: int = 4, desc: str | None = None
+) -> int:
+    """Runs the base model over `sequences` `[sequences, seq]` batch by batch, for the hooks behind `handles` to
+    see every attention layer's inputs or outputs; removes the hooks afterwards (also on error). Returns the number
+    of tokens run. `desc`: a progress bar's label (None: no bar)."""
+    device = next(model.parameters()).device
+    count = 0
+    try:
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=desc is None):
+            batch = sequences[start : start + batch_size].to(device)
+            # The base model only: the LM head is a fifth of the FLOPs and no hook needs it.
+            model.model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count
+
+
+@torch.no_grad()
 def collect_input_moments(
     model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4, keep_sequences: int = 0
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -42,7 +63,6 @@ def collect_input_moments(
     hidden = model.config.hidden_size
     moments = torch.zeros(len(layers), hidden + 1, hidden + 1, dtype=torch.float64)
     kept: list[list[torch.Tensor]] = [[] for _ in layers]
-    count = 0
 
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
@@ -59,16 +79,7 @@ def collect_input_moments(
         return hook
 
     handles = [layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, len(sequences), batch_size), desc="calibrating", unit="batch"):
-            batch = sequences[start : start + batch_size].to(device)
-            # The base model only: the LM head is a fifth of the FLOPs and calibration needs none of it.
-            model.model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = forward_batches(model, sequences, handles, batch_size, desc="calibrating")
     layer_inputs = [torch.cat(parts) for parts in kept] if keep_sequences > 0 else []
     return moments / max(count, 1), layer_inputs
 
@@ -109,7 +120,9 @@ def calibrate(
     form, only the inputs to refine for weight-only SVD."""
     refine_steps = 0 if plan.exact else options.refine_steps
     search = searches_key_scale(plan, options)
-    if plan.exact or (options.init == "svd" and refine_steps == 0):
+    # --target deepseek always reads text: its latent norm starts at the latent's mean RMS on calibration tokens.
+    weight_only = options.init == "svd" and refine_steps == 0 and options.target != "deepseek"
+    if plan.exact or weight_only:
         description = "not needed" if plan.exact else "not needed (weight-only SVD)"
         info = {"kind": "none", "description": description, "tokens": 0}
         return Calibration(None, info, weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1), [])

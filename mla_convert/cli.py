@@ -21,6 +21,8 @@ EPILOG = """examples:
   mla-convert eval ./smollm2-mla --data ../shared/data/wikitext2_valid.txt --reference ./SmolLM2-135M
   mla-convert heal ./smollm2-mla ./smollm2-mla-healed --teacher ./SmolLM2-135M --data ../shared/data/wikitext2_valid.txt
   mla-convert generate ./smollm2-mla "What is the capital of France?"
+  mla-convert convert ./SmolLM2-135M ./smollm2-ds --target deepseek --kv-lora-rank 256 --qk-rope-head-dim 64
+  mla-convert export ./smollm2-ds ./smollm2-deepseek-v3 --format deepseek-v3   (loads in vLLM, SGLang, transformers)
 """
 
 
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=type("ExamplesFormatter", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {}),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (add_convert, add_gqa, add_eval, add_heal, add_generate):
+    for add_command in (add_convert, add_gqa, add_eval, add_heal, add_generate, add_export):
         add_command(commands)
     return parser
 
@@ -183,6 +185,49 @@ def add_generate(commands) -> None:
     generate.add_argument("model", metavar="MODEL", help="model folder")
     generate.add_argument("prompt", metavar="PROMPT")
     add_options(generate, GenerateOptions)
+
+
+EXPORT_FORMATS = ("deepseek-v3",)
+
+
+def add_export(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a converted model in DeepSeek-V3's format, for vLLM and SGLang",
+        usage="%(prog)s MLA_FOLDER OUTPUT --format deepseek-v3 [--overwrite [--force]]",
+        description="Write MLA_FOLDER, converted with `mla-convert convert --target deepseek`, to OUTPUT as a "
+        "DeepSeek-V3 checkpoint: re-layout only (the softmax scale folded into q_proj, RoPE rows interleaved, "
+        "DeepSeek's names, a dense MLP in every layer, an untied lm_head), so it computes what MLA_FOLDER computes. "
+        "It loads with transformers' own DeepseekV3ForCausalLM (no plugin, no remote code), and in the engines "
+        "that serve DeepSeek-V3 where they accept its shape: vLLM's MLA backends take kv_lora_rank + "
+        "qk_rope_head_dim = 512 + 64, its Triton backend also 256 + 64; the export warns when a shape fits none. "
+        "Refused, with nothing written: folders converted without --target deepseek (per-layer ranks, no latent "
+        "norm, another RoPE table) and attention or MLP biases. OUTPUT is written atomically.",
+    )
+    export.add_argument("mla_folder", metavar="MLA_FOLDER", help="a folder written by convert --target deepseek")
+    export.add_argument("output", metavar="OUTPUT", help="folder to write the DeepSeek-V3 checkpoint to")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="checkpoint format")
+    add_output_arguments(export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    import warnings
+
+    from .export import export_deepseek_v3
+
+    with warnings.catch_warnings():
+        # The summary below says what the export warns about, once, as a note.
+        warnings.simplefilter("ignore", UserWarning)
+        summary = export_deepseek_v3(args.mla_folder, args.output, overwrite=args.overwrite, force=args.force)
+    print(f"wrote {Path(args.output).absolute()} ({summary['format']})")
+    print(
+        f"kv_lora_rank {summary['kv_lora_rank']} + qk_rope_head_dim {summary['qk_rope_head_dim']}: KV cache of "
+        f"{summary['cache_per_token_per_layer']} numbers per token and layer, {summary['cache_per_token']} per token"
+    )
+    engines = "; ".join(summary["engines"]) if summary["engines"] else "none known"
+    print(f"MLA serving kernels that fit this shape: {engines}")
+    for note in summary["warnings"]:
+        print(f"warning: {note}")
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -339,7 +384,14 @@ def run_heal(args: argparse.Namespace) -> None:
     heal_command(args)
 
 
-COMMANDS = {"convert": run_convert, "gqa": run_gqa, "eval": run_eval, "heal": run_heal, "generate": run_generate}
+COMMANDS = {
+    "convert": run_convert,
+    "gqa": run_gqa,
+    "eval": run_eval,
+    "heal": run_heal,
+    "generate": run_generate,
+    "export": run_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,11 @@ from .refine import RefineOptions
 
 INIT_METHODS = ("pca", "svd")
 RANK_ALLOCATIONS = ("uniform", "spectrum")
+# What the folder is for: "mla", our own MLA model (any ranks and RoPE tables); "deepseek", a model that
+# `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint (issue 13)
+TARGETS = ("mla", "deepseek")
+# The RoPE strategies that can keep exactly one component per DeepSeek frequency (freqfold rotates pairs of them)
+DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
@@ -39,6 +44,14 @@ class ConversionOptions:
     `kv_lora_rank` wins over `kv_budget`. Field groups: "size" and "budget" (the cache size; `--kv-budget` and
     `--kv-lora-rank` exclude each other on the command line), "method", and the command's own options."""
 
+    target: str = option(
+        "mla", choices=TARGETS,
+        help="mla: the plugin's MLA model (per-layer latent sizes, free RoPE placement); deepseek: a model under "
+        "DeepSeek-V3's constraints (a latent RMSNorm before the cache, one kv_lora_rank for every layer, so "
+        "--rank-allocation is uniform, and DeepSeek's RoPE table: --qk-rope-head-dim must divide the source's "
+        "head_dim, --rope-strategy rorope or partial; no attention biases), which `mla-convert export --format deepseek-v3` turns into a checkpoint that transformers' own "
+        "DeepseekV3 and vLLM/SGLang load. Never exact, not even at --kv-budget 1.0",
+    )  # fmt: skip
     kv_budget: float | None = option(
         0.5, group="budget", metavar="F",
         help="fraction of the source's KV cache that remains, in (0, 1]; 1.0 is exact",
@@ -53,7 +66,8 @@ class ConversionOptions:
         "spectrum", group="size", choices=RANK_ALLOCATIONS,
         help="uniform: the same latent size in every layer; spectrum: with --kv-budget, latent sizes per layer where "
         "the calibration spectra need them (the total cache stays exactly the same; the config carries the "
-        "per-layer sizes); an explicit --kv-lora-rank is used in every layer as given",
+        "per-layer sizes); an explicit --kv-lora-rank is used in every layer as given. With --target deepseek "
+        "always uniform (DeepSeek-V3 has one kv_lora_rank)",
     )  # fmt: skip
     calibration: str | None = option(
         None, metavar="DATA",
@@ -108,3 +122,14 @@ def check_options(options: ConversionOptions) -> None:
         isinstance(key_scale, (int, float)) and not isinstance(key_scale, bool) and 0 < key_scale < float("inf")
     ):
         raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {key_scale!r}")
+    if options.target == "deepseek" and options.rope_strategy not in DEEPSEEK_ROPE_STRATEGIES:
+        raise MLAConvertError(
+            f"--target deepseek needs --rope-strategy {' or '.join(DEEPSEEK_ROPE_STRATEGIES)}: DeepSeek-V3 rotates "
+            f"each RoPE pair with one frequency of its own table, and {options.rope_strategy} mixes frequencies"
+        )
+
+
+def uses_spectrum_allocation(options: ConversionOptions) -> bool:
+    """Whether latent sizes are spread over the layers by their spectra: only for a --kv-budget of the plain MLA
+    target (DeepSeek-V3 has one kv_lora_rank; an explicit --kv-lora-rank is used in every layer as given)."""
+    return options.rank_allocation == "spectrum" and options.target == "mla" and options.kv_lora_rank is None

@@ -1,8 +1,9 @@
-"""MHA/GQA -> MLA conversion as a pipeline: load -> calibrate -> decompose -> assemble -> (refine) -> verify -> save.
+"""MHA/GQA -> MLA conversion as a pipeline: load -> calibrate -> decompose -> assemble -> (latent norm) -> (refine)
+-> verify -> save.
 
-Each step is a function of its own module: `plan` (cache shape), `calibrate`, `decompose` (one layer; the model's
-layers here), `assemble`, `refine`, `verify`; `convert` runs them in order. `ConversionOptions` and `convert` are
-imported from here.
+Each step is a function of its own module: `plan` (cache shape), `calibrate`, `decompose`, `assemble`, `deepseek`
+(the latent norm of `--target deepseek`), `refine`, `verify`; `convert` runs them in order. `ConversionOptions` and
+`convert` are imported from here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -20,14 +23,20 @@ from mla_modeling import MLAForCausalLM
 
 from .assemble import assemble, mla_config
 from .calibrate import Calibration, calibrate, searches_key_scale
-from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options
-from .decompose import DecomposeOptions, SourceAttention, decompose_layer, weight_only_moment
+from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, uses_spectrum_allocation
+from .decompose import DecomposeOptions, decompose_all, weight_only_moment
+from .deepseek import attach_latent_norm, check_deepseek_source
 from .errors import MLAConvertError
 from .folders import prepare_output, save_model_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import AttentionTargets, RefineOptions, refine_all
 from .sources import check_device, load_source, load_source_config
 from .verify import verify
+
+
+# Calibration sequences whose latent RMS sets the norm of each key-scale candidate of --target deepseek (4096 tokens
+# at the default 512 per sequence: the norm's weight is a mean, and the search runs four candidates)
+KEY_SCALE_SEARCH_NORM_SEQUENCES = 8
 
 
 def convert(
@@ -60,6 +69,8 @@ def convert(
         required_bytes=estimated_size(source_config, plan, options.dtype),
     )
     source_model, tokenizer = load_source(source, gguf_file, dtype=torch.float32, device=options.device)
+    if options.target == "deepseek":
+        plan = check_deepseek_source(source_model, shape, plan)
 
     calibration = calibrate(source_model, tokenizer, shape, plan, options)
     model, plan, layers, refine_stats = build_mla(source_model, source_config, plan, calibration, options)
@@ -101,11 +112,14 @@ def build_mla(
     options: ConversionOptions,
     progress: bool = True,
 ) -> tuple[MLAForCausalLM, RankPlan, list, list[dict]]:
-    """decompose -> assemble -> refine: the MLA model for `plan` (float32, on the source's device), the plan with
-    its final per-layer ranks, the decomposed layers and per-layer refinement stats."""
+    """decompose -> assemble -> (DeepSeek's latent norm) -> refine: the MLA model for `plan` (float32, on the
+    source's device), the plan with its final per-layer ranks, the decomposed layers and per-layer refinement stats.
+    Refinement trains the latent norm's weight with the rest of the layer."""
     plan, layers = decompose(source_model, source_config, plan, calibration, options, progress)
     model = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
     model = model.to(next(source_model.parameters()).device)
+    if options.target == "deepseek":
+        model = attach_latent_norm(model, calibration.moments, calibration.sequences)
     refine_stats = [{} for _ in layers]
     if not plan.exact and options.refine_steps > 0:
         refine_stats = refine(source_model, model, calibration.layer_inputs, options, progress)
@@ -128,18 +142,25 @@ def decompose(
         # Weight-only whatever was calibrated: a calibration shared by several conversions (the quality bench)
         # carries the text's moments, and decomposing in them would be activation-aware PCA, not the SVD baseline.
         moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
-    decompose_options = DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy)
+    decompose_options = DecomposeOptions(
+        init=options.init, rope_strategy=options.rope_strategy, rope_frequencies=plan.rope_frequencies
+    )
     key_scales = [1.0 if options.key_scale == "search" else float(options.key_scale)] * shape.num_layers
     # An explicit --kv-lora-rank is a size per layer, honoured as given; a --kv-budget is a total to spread.
-    if options.rank_allocation == "spectrum" and not plan.exact and options.kv_lora_rank is None:
+    if uses_spectrum_allocation(options) and not plan.exact:
         # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
         layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, False)
         uniform = plan.kv_lora_ranks[0]
         ranks = allocate_ranks([layer.spectrum for layer in layers], sum(plan.kv_lora_ranks), max(1, uniform // 4))
         plan = replace(plan, kv_lora_ranks=ranks)
     if searches_key_scale(plan, options):
+        finish = None
+        if options.target == "deepseek":
+            # Each candidate scored as it will be used: with its anchors and latent norm in place.
+            sequences = calibration.sequences[:KEY_SCALE_SEARCH_NORM_SEQUENCES]
+            finish = partial(attach_latent_norm, moments=calibration.moments, calibration_ids=sequences)
         _, layers = choose_key_scales(
-            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs
+            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs, finish
         )
     else:
         layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, progress)
@@ -154,75 +175,31 @@ def choose_key_scales(
     plan: RankPlan,
     decompose_options: DecomposeOptions,
     layer_inputs: list[torch.Tensor],
+    finish: Callable[[MLAForCausalLM], MLAForCausalLM] | None = None,
 ) -> tuple[list[float], list]:
     """Per layer, the multiplier of the K/V balance (from `KEY_SCALE_GRID`) whose conversion reproduces the source
-    layer's attention output best on calibration windows. Returns the multipliers and the winning layers."""
+    layer's attention output best on calibration windows. Returns the multipliers and the winning layers.
+    `finish`: what the pipeline does to the assembled model before refinement (DeepSeek's latent norm), applied to
+    every candidate before it is scored."""
     targets = AttentionTargets(source_model, layer_inputs)
     candidates, errors = [], []
     for factor in tqdm(KEY_SCALE_GRID, desc="searching K/V balance", unit="scale"):
         layers = decompose_all(source_model, shape, moments, plan, decompose_options, [factor] * shape.num_layers, False)
         model = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
+        model = model.to(targets.device)
+        if finish is not None:
+            model = finish(model)
         candidates.append(layers)
-        errors.append(targets.errors(model.to(targets.device)))
+        errors.append(targets.errors(model))
         del model
     best = [min(range(len(KEY_SCALE_GRID)), key=lambda c: errors[c][layer_idx]) for layer_idx in range(shape.num_layers)]
     return [KEY_SCALE_GRID[c] for c in best], [candidates[c][layer_idx] for layer_idx, c in enumerate(best)]
 
 
-def decompose_all(
-    model: PreTrainedModel,
-    shape: SourceShape,
-    moments: torch.Tensor,
-    plan: RankPlan,
-    options: DecomposeOptions,
-    key_scales: list[float] | None = None,
-    progress: bool = True,
-) -> list:
-    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
-    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
-    # The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
-    # hundredfold when another process competes for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return [
-            decompose_layer(
-                source_attention(model, layer_idx, shape),
-                moments[layer_idx],
-                plan.kv_lora_ranks[layer_idx],
-                plan.qk_rope_head_dim,
-                inv_freq=inv_freq,
-                options=options,
-                key_scale=None if key_scales is None else key_scales[layer_idx],
-            )
-            for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer", disable=not progress)
-        ]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape) -> SourceAttention:
-    attention = model.model.layers[layer_idx].self_attn
-
-    def weight(linear):
-        return linear.weight.detach().to("cpu", torch.float64)
-
-    def bias(linear):
-        return None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64)
-
-    return SourceAttention(
-        q_weight=weight(attention.q_proj),
-        k_weight=weight(attention.k_proj),
-        v_weight=weight(attention.v_proj),
-        o_weight=weight(attention.o_proj),
-        q_bias=bias(attention.q_proj),
-        k_bias=bias(attention.k_proj),
-        v_bias=bias(attention.v_proj),
-        o_bias=bias(attention.o_proj),
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-    )
+def rank_allocation_used(options: ConversionOptions) -> str:
+    if options.kv_lora_rank is not None:
+        return "explicit --kv-lora-rank"
+    return options.rank_allocation if uses_spectrum_allocation(options) else "uniform"
 
 
 def refine(
@@ -266,13 +243,14 @@ def conversion_report(
         "source_model_type": source_config.model_type,
         "requested": {key: value for key, value in asdict(options).items() if key not in ("device",)},
         "kv_budget": plan.kv_budget,
+        "target": options.target,
         "exact": plan.exact,
         "kv_lora_ranks": plan.kv_lora_ranks,
         "qk_rope_head_dim": plan.qk_rope_head_dim,
         "qk_nope_head_dim": layers[0].qk_nope_head_dim,
         "init": options.init,
         "rope_strategy": options.rope_strategy,
-        "rank_allocation": options.rank_allocation if options.kv_lora_rank is None else "explicit --kv-lora-rank",
+        "rank_allocation": rank_allocation_used(options),
         "calibration": calibration_info,
         "cache": {
             "source_numbers_per_token_per_layer": shape.cache_per_layer,

@@ -5,11 +5,23 @@ input, `E[[x; 1] [x; 1]^T]` (the trailing 1 carries the projection biases). Noth
 
 Layout conventions (transformers' `rotate_half` RoPE): in a source head of size `d`, frequency `i` rotates dims
 `i` and `i + d/2`. In the shared RoPE key of size `D`, pair `p` is dims `p` and `p + D/2`.
+
+`decompose_all` runs `decompose_layer` over a loaded source model's layers (the conversion's decompose step).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .plan import RankPlan, SourceShape
 
 
 @dataclass
@@ -198,14 +210,7 @@ def rope_placement(
     heads = query_moment.shape[0]
     group_size = heads // num_kv_heads
     if frequencies is not None:
-        if len(frequencies) != num_pairs or not all(0 <= f < half for f in frequencies):
-            raise ValueError(
-                f"a constrained RoPE table needs {num_pairs} source frequencies in [0, {half}), got {frequencies}"
-            )
-        if len(set(frequencies)) != len(frequencies):
-            raise ValueError(f"a constrained RoPE table uses each frequency once, got {frequencies}")
-        if strategy == "freqfold":
-            raise ValueError("a constrained RoPE table rotates each pair with one source frequency: not freqfold")
+        check_frequency_table(frequencies, num_pairs, half, strategy)
     if strategy == "freqfold" and num_pairs < num_kv_heads * half and half % fold == 0:
         groups = [list(range(start, start + fold)) for start in range(0, half, fold)]
     else:
@@ -220,24 +225,7 @@ def rope_placement(
     group_query = query_moment.view(num_kv_heads, group_size, head_dim, head_dim).sum(1)
     query = slot_moments(torch.block_diag(*group_query), num_kv_heads, head_dim, groups)
 
-    if strategy == "partial":
-        mix = torch.eye(slots, dtype=key.dtype).expand(len(groups), -1, -1).clone()
-    else:
-        # Weighted PCA: a key direction matters as much as the queries that read it.
-        weights = torch.diagonal(query, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-        weighted = weights[:, :, None] * key * weights[:, None, :]
-        _, eigenvectors = torch.linalg.eigh(weighted)
-        mix = eigenvectors.flip(-1).transpose(1, 2).contiguous()
-    # per component: E|k_j|^2 and sum_h E|q_h,j|^2
-    energy = torch.einsum("bjs,bst,bjt->bj", mix, key, mix).clamp_min(0.0)
-    query_energy = torch.einsum("bjs,bst,bjt->bj", mix, query, mix).clamp_min(0.0)
-    if strategy == "partial":
-        error = query_energy.sqrt() * energy.sqrt()
-    else:
-        loss = torch.ones(half, dtype=key.dtype) if inv_freq is None else rope_loss_factor(inv_freq, context)
-        # a group's components rotate together, with the group's mean loss factor
-        group_loss = torch.stack([loss[group].mean() for group in groups])
-        error = query_energy * energy * group_loss[:, None]
+    mix, energy, error = score_components(key, query, groups, strategy, inv_freq, context)
     if frequencies is not None:
         # One group per frequency: pair p keeps group frequencies[p]'s component of largest error, in pair order.
         kept = [(int(torch.argmax(error[frequency])), frequency, frequency) for frequency in frequencies]
@@ -250,6 +238,51 @@ def rope_placement(
         share = mix[b, j].pow(2).view(per_group, num_kv_heads).sum(-1)
         kept.append((j, b, groups[b][int(share.argmax())]))
     return RopePlacement(groups=groups, mix=mix, energy=energy, error=error, kept=kept)
+
+
+def check_frequency_table(frequencies: list[int], num_pairs: int, half: int, strategy: str) -> None:
+    """Refuses a constrained RoPE table that is not one distinct source frequency per pair, or a strategy that
+    mixes frequencies."""
+    if len(frequencies) != num_pairs or not all(0 <= f < half for f in frequencies):
+        raise ValueError(f"a constrained RoPE table needs {num_pairs} source frequencies in [0, {half}), got {frequencies}")
+    if len(set(frequencies)) != len(frequencies):
+        raise ValueError(f"a constrained RoPE table uses each frequency once, got {frequencies}")
+    if strategy == "freqfold":
+        raise ValueError("a constrained RoPE table rotates each pair with one source frequency: not freqfold")
+
+
+def score_components(
+    key: torch.Tensor,
+    query: torch.Tensor,
+    groups: list[list[int]],
+    strategy: str,
+    inv_freq: torch.Tensor | None,
+    context: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The key components of every frequency group and what losing RoPE would cost each (`rope_placement`).
+
+    `key`, `query`: per group the key moment and the summed query moment over its slots `[groups, slots, slots]`.
+    Returns the components `mix` `[groups, components, slots]` (rows), their key energy `[groups, components]` and
+    their error `[groups, components]`, the criterion that ranks them."""
+    slots = key.shape[-1]
+    if strategy == "partial":
+        mix = torch.eye(slots, dtype=key.dtype).expand(len(groups), -1, -1).clone()
+    else:
+        # Weighted PCA: a key direction matters as much as the queries that read it.
+        weights = torch.diagonal(query, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        weighted = weights[:, :, None] * key * weights[:, None, :]
+        _, eigenvectors = torch.linalg.eigh(weighted)
+        mix = eigenvectors.flip(-1).transpose(1, 2).contiguous()
+    # per component: E|k_j|^2 and sum_h E|q_h,j|^2
+    energy = torch.einsum("bjs,bst,bjt->bj", mix, key, mix).clamp_min(0.0)
+    query_energy = torch.einsum("bjs,bst,bjt->bj", mix, query, mix).clamp_min(0.0)
+    if strategy == "partial":
+        return mix, energy, query_energy.sqrt() * energy.sqrt()
+    half = sum(len(group) for group in groups)
+    loss = torch.ones(half, dtype=key.dtype) if inv_freq is None else rope_loss_factor(inv_freq, context)
+    # a group's components rotate together, with the group's mean loss factor
+    group_loss = torch.stack([loss[group].mean() for group in groups])
+    return mix, energy, query_energy * energy * group_loss[:, None]
 
 
 def split_rope(
@@ -489,4 +522,62 @@ def decompose_layer(
         rope_frequency_indices=placement.frequency_indices,
         spectrum=spectrum,
         stats=stats,
+    )
+
+
+def decompose_all(
+    model: PreTrainedModel,
+    shape: SourceShape,
+    moments: torch.Tensor,
+    plan: RankPlan,
+    options: DecomposeOptions,
+    key_scales: list[float] | None = None,
+    progress: bool = True,
+) -> list[MLAAttentionWeights]:
+    """Every layer of `model` decomposed for `plan` (`moments`: per layer `E[[x; 1] [x; 1]^T]`; `key_scales`: per
+    layer K/V balance multipliers, None: `options.key_scale`)."""
+    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
+    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
+    # The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
+    # hundredfold when another process competes for the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [
+            decompose_layer(
+                source_attention(model, layer_idx, shape),
+                moments[layer_idx],
+                plan.kv_lora_ranks[layer_idx],
+                plan.qk_rope_head_dim,
+                inv_freq=inv_freq,
+                options=options,
+                key_scale=None if key_scales is None else key_scales[layer_idx],
+            )
+            for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer", disable=not progress)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape) -> SourceAttention:
+    attention = model.model.layers[layer_idx].self_attn
+
+    def weight(linear):
+        return linear.weight.detach().to("cpu", torch.float64)
+
+    def bias(linear):
+        return None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64)
+
+    return SourceAttention(
+        q_weight=weight(attention.q_proj),
+        k_weight=weight(attention.k_proj),
+        v_weight=weight(attention.v_proj),
+        o_weight=weight(attention.o_proj),
+        q_bias=bias(attention.q_proj),
+        k_bias=bias(attention.k_proj),
+        v_bias=bias(attention.v_proj),
+        o_bias=bias(attention.o_proj),
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
     )

@@ -8,9 +8,11 @@ DeepSeek-V3's attention differs from a plain MLA conversion in three ways that a
   of size `d` is source frequency `i * d / qk_rope_head_dim` (`decompose.deepseek_frequency_indices`), one key
   component per frequency.
 
-`build_deepseek_mla` decomposes a source under those constraints (closed form, no refinement) and adds the norm,
-initialised so that the layer starts as close to the norm-free closed form as a per-layer constant allows: the
-norm's weight is the mean RMS of the latent over calibration tokens, and `kv_b_proj` is unchanged. Where the
+`mla-convert convert --target deepseek` decomposes a source under those constraints (`check_deepseek_source` gives
+the RoPE table) and, after assembling, adds the norm (`attach_latent_norm`) before refinement, which trains the
+norm's weight with the rest of the layer; `build_deepseek_mla` is its closed form alone. The norm is initialised so
+that the layer starts as close to the norm-free closed form as a per-layer constant allows: the norm's weight is
+the mean RMS of the latent over calibration tokens, and `kv_b_proj` is unchanged. Where the
 attention input has a nearly constant direction (trained pre-norm models do), one latent dimension becomes an
 anchor along it (`add_latent_anchor`), so that the latent's RMS, and with it the norm's divisor, hardly changes from
 token to token. On SmolLM2-135M at 256 + 64 the norm without the anchor raises the closed form's perplexity from
@@ -30,14 +32,18 @@ exact against the converted folder.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from mla_modeling import MLAConfig, MLAForCausalLM
+from mla_modeling import MLAForCausalLM
 
-from .decompose import DecomposeOptions, deepseek_frequency_indices, weight_only_moment
+from .assemble import assemble, mla_config
+from .calibrate import collect_input_moments, forward_batches
+from .decompose import DecomposeOptions, decompose_all, deepseek_frequency_indices, weight_only_moment
 from .errors import MLAConvertError
+from .plan import RankPlan, SourceShape
 
 
 # The anchor's calibration energy over the latent content's (`add_latent_anchor`): the content then moves a token's
@@ -141,7 +147,6 @@ def latent_rms_statistics(
     layers = model.model.layers
     sums = [0.0] * len(layers)
     squares = [0.0] * len(layers)
-    count = 0
 
     def make_hook(layer_idx: int):
         def hook(module, args, output):
@@ -158,15 +163,7 @@ def latent_rms_statistics(
     handles = [
         layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)
     ]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(input_ids), batch_size):
-            batch = input_ids[start : start + batch_size].to(device)
-            model.model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = forward_batches(model, input_ids, handles, batch_size)
     statistics = []
     for total, total_square in zip(sums, squares):
         mean = total / max(count, 1)
@@ -204,24 +201,6 @@ def with_latent_norm(model: MLAForCausalLM, norm_weights: list[float]) -> MLAFor
     normed.load_state_dict(state, strict=True)
     normed.generation_config = model.generation_config
     return normed.to(next(model.parameters()).device).eval()
-
-
-# The converter's building blocks, by name, and the modules that may hold them (convert.py is being split).
-CONVERTER_MODULES = ("plan", "calibrate", "assemble", "convert")
-
-
-def converter(name: str):
-    """`name` from whichever of the converter's modules defines it (imported lazily)."""
-    import importlib
-
-    for module_name in CONVERTER_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ImportError:
-            continue
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise ImportError(f"no converter module defines {name}")
 
 
 def anchor_direction(moment: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -292,6 +271,77 @@ def add_latent_anchor(model: MLAForCausalLM, moments: torch.Tensor, anchored_lay
     return anchored.to(next(model.parameters()).device).eval()
 
 
+def check_deepseek_source(source_model: PreTrainedModel, shape: SourceShape, plan: RankPlan) -> RankPlan:
+    """`--target deepseek`, once the source is loaded: refuses what DeepSeek-V3 cannot hold (attention or MLP biases,
+    a RoPE table DeepSeek's does not reproduce); returns `plan` with DeepSeek's table of source frequencies."""
+    attention = source_model.model.layers[0].self_attn
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+    if any(projection.bias is not None for projection in projections):
+        raise MLAConvertError(
+            "--target deepseek cannot convert this source: its attention has biases (q/k/v, as Qwen2's has), and "
+            "DeepSeek-V3's attention (and vLLM's DeepSeek path) has none, so every attention score would change"
+        )
+    if getattr(source_model.config, "mlp_bias", False):
+        raise MLAConvertError("--target deepseek cannot convert this source: its MLP has biases, DeepSeek-V3's none")
+    frequencies = check_deepseek_rope(source_model, shape.head_dim, plan.qk_rope_head_dim)
+    return replace(plan, rope_frequencies=frequencies)
+
+
+def anchored_layers(
+    model: MLAForCausalLM, moments: torch.Tensor, calibration_ids: torch.LongTensor, latent_anchor: bool | None
+) -> list[int]:
+    """The layers that get a latent anchor (`add_latent_anchor`): None, those where the anchor's spread on the
+    calibration tokens is smaller than the plain latent's RMS spread; True: every layer; False: none. Never a layer
+    whose latent has fewer than 2 dimensions (the anchor takes one)."""
+    layers = range(model.config.num_hidden_layers)
+    if latent_anchor is False or model.config.kv_lora_rank < 2:
+        return []
+    if latent_anchor:
+        return list(layers)
+    plain_spread = [spread for _, spread in latent_rms_statistics(model, calibration_ids)]
+    anchor_spread = [anchor_direction(moment)[1] for moment in moments]
+    return [i for i in layers if anchor_spread[i] < plain_spread[i]]
+
+
+def drop_last_latent_dimension(model: MLAForCausalLM, layers: list[int]) -> MLAForCausalLM:
+    """`model` with the last latent dimension of `layers` removed (its row of `kv_a_proj_with_mqa`, its column of
+    `kv_b_proj`). The decomposition's latent is a PCA, ordered by variance, so this is the same layer decomposed one
+    dimension smaller: what an anchor replaces."""
+    config = copy.deepcopy(model.config)
+    config.kv_lora_ranks = [rank - (i in layers) for i, rank in enumerate(config.kv_lora_ranks)]
+    config.kv_lora_rank = max(config.kv_lora_ranks)
+    state = dict(model.state_dict())
+    for layer_idx in layers:
+        rank = model.config.kv_lora_ranks[layer_idx]
+        prefix = f"model.layers.{layer_idx}.self_attn."
+        keep = [i for i in range(state[prefix + "kv_a_proj_with_mqa.weight"].shape[0]) if i != rank - 1]
+        for name in ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias"):
+            if prefix + name in state:
+                state[prefix + name] = state[prefix + name][keep]
+        state[prefix + "kv_b_proj.weight"] = state[prefix + "kv_b_proj.weight"][:, : rank - 1]
+    smaller = MLAForCausalLM(config)
+    smaller.load_state_dict(state, strict=True)
+    smaller.generation_config = model.generation_config
+    return smaller.to(next(model.parameters()).device).eval()
+
+
+def attach_latent_norm(
+    model: MLAForCausalLM,
+    moments: torch.Tensor,
+    calibration_ids: torch.LongTensor,
+    latent_anchor: bool | None = None,
+) -> MLAForCausalLM:
+    """A norm-free MLA model with one `kv_lora_rank` -> the same under DeepSeek's latent norm: in the layers that
+    `anchored_layers` picks, the last latent dimension becomes an anchor (`add_latent_anchor`), then the norm is
+    added with its weight at the mean latent RMS on `calibration_ids` `[sequences, seq]` (`with_latent_norm`), so
+    the layer starts as near the norm-free model as a per-layer constant allows. `moments`: per layer
+    `E[[x; 1] [x; 1]^T]` of the attention inputs, from calibration text."""
+    anchored = anchored_layers(model, moments, calibration_ids, latent_anchor)
+    if anchored:
+        model = add_latent_anchor(drop_last_latent_dimension(model, anchored), moments, anchored)
+    return with_latent_norm(model, latent_rms(model, calibration_ids))
+
+
 def build_deepseek_mla(
     source_model: PreTrainedModel,
     source_config: PreTrainedConfig,
@@ -304,7 +354,7 @@ def build_deepseek_mla(
 ) -> MLAForCausalLM:
     """The closed-form MLA model of `source_model` under DeepSeek-V3's constraints (`deepseek_closed_form`) with the
     latent norm added, its weight the mean latent RMS on `calibration_ids` `[sequences, seq]` (`with_latent_norm`).
-    This is where layer-wise refinement and healing start; they keep the norm in place."""
+    What `mla-convert convert --target deepseek --refine-steps 0 --key-scale K` computes, without the command."""
     plain = deepseek_closed_form(
         source_model, source_config, kv_lora_rank, qk_rope_head_dim, calibration_ids, init=init, key_scale=key_scale,
         latent_anchor=latent_anchor,
@@ -327,37 +377,26 @@ def deepseek_closed_form(
     the latent norm. `calibration_ids` `[sequences, seq]` give the activation moments of `init="pca"`.
 
     `latent_anchor` (activation-aware `init="pca"` only): `kv_lora_rank - 1` dimensions of content and one anchor
-    dimension (`add_latent_anchor`) that keeps the latent norm from rescaling tokens unevenly. None (the default):
-    in each layer where the anchor's spread on the calibration tokens is smaller than the plain latent's RMS
-    spread; True: in every layer; False: in none."""
-    shape = converter("SourceShape").from_config(source_config)
+    dimension (`add_latent_anchor`) that keeps the latent norm from rescaling tokens unevenly, in the layers that
+    `anchored_layers` picks (None: where it helps; True: all; False: none)."""
+    shape = SourceShape.from_config(source_config)
+    # (No refusal of biases here, unlike `convert --target deepseek`: the tests export such a model to see the
+    # export refuse it.)
     frequencies = check_deepseek_rope(source_model, shape.head_dim, qk_rope_head_dim)
+    plan = RankPlan([kv_lora_rank] * shape.num_layers, qk_rope_head_dim, shape.cache_per_layer, False, frequencies)
     if init == "pca":
-        moments, _ = converter("collect_input_moments")(source_model, calibration_ids)
+        moments, _ = collect_input_moments(source_model, calibration_ids)
     else:
         moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
-    options = DecomposeOptions(init=init, rope_strategy="rorope", key_scale=key_scale, rope_frequencies=frequencies)
-
-    def closed_form(ranks: list[int]) -> MLAForCausalLM:
-        plan = converter("RankPlan")(ranks, qk_rope_head_dim, shape.cache_per_layer, exact=False)
-        layers = converter("decompose_all")(source_model, shape, moments, plan, options, progress=False)
-        config: MLAConfig = converter("mla_config")(source_config, source_model, plan, layers)
-        return converter("assemble")(source_model, config, layers)
-
-    plain = closed_form([kv_lora_rank] * shape.num_layers)
-    if latent_anchor is False or init != "pca" or kv_lora_rank < 2:
+    options = DecomposeOptions(
+        init=init, rope_strategy="rorope", key_scale=key_scale, rope_frequencies=plan.rope_frequencies
+    )
+    layers = decompose_all(source_model, shape, moments, plan, options, progress=False)
+    plain = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
+    anchored = anchored_layers(plain, moments, calibration_ids, latent_anchor if init == "pca" else False)
+    if not anchored:
         return plain
-    if latent_anchor:
-        anchored_layers = list(range(shape.num_layers))
-    else:
-        plain_spread = [spread for _, spread in latent_rms_statistics(plain, calibration_ids)]
-        anchor_spread = [anchor_direction(moment)[1] for moment in moments]
-        anchored_layers = [i for i in range(shape.num_layers) if anchor_spread[i] < plain_spread[i]]
-    if not anchored_layers:
-        return plain
-    # The anchored layers' content one dimension smaller; the others as decomposed at full rank.
-    ranks = [kv_lora_rank - (i in anchored_layers) for i in range(shape.num_layers)]
-    return add_latent_anchor(closed_form(ranks), moments, anchored_layers)
+    return add_latent_anchor(drop_last_latent_dimension(plain, anchored), moments, anchored)
 
 
 def save_mla_folder(model: MLAForCausalLM, tokenizer, output, report: dict) -> None:
@@ -383,11 +422,14 @@ def save_mla_folder(model: MLAForCausalLM, tokenizer, output, report: dict) -> N
 __all__ = [
     "add_latent_anchor",
     "anchor_direction",
+    "anchored_layers",
+    "attach_latent_norm",
     "build_deepseek_mla",
     "check_deepseek_rope",
-    "converter",
+    "check_deepseek_source",
     "deepseek_closed_form",
     "deepseek_rope_table",
+    "drop_last_latent_dimension",
     "latent_rms",
     "latent_rms_statistics",
     "rope_table_mismatch",

@@ -126,6 +126,20 @@ def check_exportable(config, folder: str | os.PathLike) -> list[int]:
     return frequencies
 
 
+def check_is_mla_folder(folder: Path) -> None:
+    """Refuses, saying what to do, a folder that holds another model than a converted MLA one (an unreadable
+    config is left to `load_student_config`, which says why)."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    if model_type is not None and model_type != "mla":
+        raise MLAConvertError(
+            f"{folder} holds a {model_type!r} model, not a converted MLA one: convert it first with "
+            "`mla-convert convert --target deepseek`, then export that folder"
+        )
+
+
 def deepseek_config(config, dtype: torch.dtype):
     """The DeepseekV3Config of the same model: dense MLP everywhere, full-rank query, interleaved RoPE rows."""
     from transformers import DeepseekV3Config
@@ -260,6 +274,7 @@ def export_deepseek_v3(
     from .sources import load_student_config, load_student_tokenizer
 
     folder = Path(mla_folder)
+    check_is_mla_folder(folder)
     config = load_student_config(folder)
     check_exportable(config, folder)
     output = prepare_output(output, inputs={"MLA folder": folder}, overwrite=overwrite, force=force)

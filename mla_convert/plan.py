@@ -48,6 +48,10 @@ class RankPlan:
     qk_rope_head_dim: int
     source_cache_per_layer: int
     exact: bool
+    # A fixed RoPE table (pair p of the shared key rotates with source frequency rope_frequencies[p]), set for
+    # --target deepseek once the source's own table has been checked (`deepseek.check_deepseek_rope`); None: the
+    # RoPE strategy places the shared key freely
+    rope_frequencies: list[int] | None = None
 
     @property
     def cache_per_layer(self) -> list[int]:
@@ -60,6 +64,8 @@ class RankPlan:
 
 def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
     """Turns a budget (or explicit ranks) into latent and RoPE sizes, with the valid range in every error."""
+    if options.target == "deepseek":
+        return plan_deepseek_ranks(shape, options)
     full = shape.cache_per_layer
     all_rope = shape.num_kv_heads * shape.head_dim
     if options.kv_lora_rank is not None:
@@ -104,6 +110,48 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
         # With every key dimension rotated the latent only carries V, so more than its size would be wasted.
         rank = min(rank, all_rope)
     return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=exact)
+
+
+def plan_deepseek_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
+    """`--target deepseek`: one latent size for every layer and a RoPE key whose size divides the source's head_dim
+    (DeepSeek's table holds every `head_dim / qk_rope_head_dim`-th source frequency). A `--kv-budget` becomes
+    `round(budget * full) - qk_rope_head_dim`; `--kv-lora-rank R --qk-rope-head-dim D` are used as given. Never
+    exact: the latent norm rescales each token (`deepseek` module docstring), even at full budget."""
+    full = shape.cache_per_layer
+    head_dim = shape.head_dim
+    if options.kv_lora_rank is not None:
+        rope_dim = options.qk_rope_head_dim if options.qk_rope_head_dim is not None else head_dim
+        total = options.kv_lora_rank + rope_dim
+    else:
+        budget = options.kv_budget if options.kv_budget is not None else 1.0
+        if math.isnan(budget) or not 0 < budget <= 1.0:
+            raise MLAConvertError(
+                f"--kv-budget must be in (0, 1.0] (the fraction of the source's KV cache of {full} numbers per token "
+                f"and layer that remains), got {budget}"
+            )
+        total = round(budget * full)
+        rope_dim = options.qk_rope_head_dim
+        if rope_dim is None:
+            # As for the plain target, about a third of the cache, rounded down to a size DeepSeek's table has.
+            third = max(2, min(head_dim, 2 * round(total / 6)))
+            rope_dim = max(d for d in range(2, third + 1, 2) if head_dim % d == 0)
+    if rope_dim < 2 or rope_dim % 2 or head_dim % rope_dim:
+        sizes = ", ".join(str(d) for d in range(2, head_dim + 1, 2) if head_dim % d == 0)
+        raise MLAConvertError(
+            f"--target deepseek needs a --qk-rope-head-dim that is even and divides the source's head_dim {head_dim} "
+            f"(DeepSeek's RoPE table then holds every head_dim / qk_rope_head_dim-th source frequency): one of "
+            f"{sizes}, got {rope_dim}"
+        )
+    rank = total - rope_dim
+    max_rank = full - rope_dim
+    if not 1 <= rank <= max_rank:
+        flag = "--kv-lora-rank" if options.kv_lora_rank is not None else f"--kv-budget {options.kv_budget}"
+        raise MLAConvertError(
+            f"{flag} gives a latent of {rank} with --qk-rope-head-dim {rope_dim}; --target deepseek needs one in "
+            f"[1, {max_rank}] for this model (latent + RoPE key at most the source's {full} numbers per token and "
+            "layer)"
+        )
+    return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=False)
 
 
 def allocate_ranks(spectra: list[torch.Tensor], total_rank: int, min_rank: int = 1) -> list[int]:

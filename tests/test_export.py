@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import byte_tokenizer, leftovers, load_causal_lm, relative_error, token_ids
+from conftest import (
+    byte_tokenizer,
+    leftovers,
+    load_causal_lm,
+    relative_error,
+    run_cli,
+    run_without_plugin,
+    token_ids,
+)
 
 from mla_convert.decompose import deepseek_frequency_indices
 from mla_convert.errors import MLAConvertError
@@ -244,12 +252,13 @@ def test_latent_norm_is_exact_where_latent_rms_equals_its_weight(pico_folders):
 def test_latent_anchor_changes_nothing_without_the_norm(pico_folders):
     """The anchor dimension is read by nothing (kv_b_proj's column is zero): without the norm the anchored model
     computes what the closed form with one latent dimension less computes, with the cache one number wider."""
-    from mla_convert.deepseek import add_latent_anchor, converter, deepseek_closed_form
+    from mla_convert.calibrate import collect_input_moments
+    from mla_convert.deepseek import add_latent_anchor, deepseek_closed_form
 
     source = load_causal_lm(pico_folders["llama-gqa"])
     calibration = token_ids(8, 64, seed=1)
     smaller = deepseek_closed_form(source, source.config, 55, 8, calibration, latent_anchor=False)
-    moments, _ = converter("collect_input_moments")(source, calibration)
+    moments, _ = collect_input_moments(source, calibration)
     anchored = add_latent_anchor(smaller, moments, [0, 1])
     assert anchored.config.kv_lora_ranks == [56, 56]
     ids = token_ids(2, 40, seed=3)
@@ -298,15 +307,18 @@ def test_plain_config_loads_without_norm():
 
 def plain_folder(name: str, pico_folders, folder, kv_lora_ranks: list[int], qk_rope_head_dim: int, norm: bool):
     """An MLA folder converted without DeepSeek's RoPE table (free RoRoPE), with these ranks, with or without norm."""
-    from mla_convert.decompose import DecomposeOptions
-    from mla_convert.deepseek import converter, with_latent_norm
+    from mla_convert.assemble import assemble, mla_config
+    from mla_convert.calibrate import collect_input_moments
+    from mla_convert.decompose import DecomposeOptions, decompose_all
+    from mla_convert.deepseek import with_latent_norm
+    from mla_convert.plan import RankPlan, SourceShape
 
     source = load_causal_lm(pico_folders[name])
-    shape = converter("SourceShape").from_config(source.config)
-    plan = converter("RankPlan")(kv_lora_ranks, qk_rope_head_dim, shape.cache_per_layer, exact=False)
-    moments, _ = converter("collect_input_moments")(source, token_ids(4, 64, seed=1))
-    layers = converter("decompose_all")(source, shape, moments, plan, DecomposeOptions(), progress=False)
-    model = converter("assemble")(source, converter("mla_config")(source.config, source, plan, layers), layers)
+    shape = SourceShape.from_config(source.config)
+    plan = RankPlan(kv_lora_ranks, qk_rope_head_dim, shape.cache_per_layer, exact=False)
+    moments, _ = collect_input_moments(source, token_ids(4, 64, seed=1))
+    layers = decompose_all(source, shape, moments, plan, DecomposeOptions(), progress=False)
+    model = assemble(source, mla_config(source.config, source, plan, layers), layers)
     if norm:
         model = with_latent_norm(model, [1.0] * len(kv_lora_ranks))
     save_mla(model, folder, budget=0.5)
@@ -354,3 +366,127 @@ def test_engine_shapes():
     assert any("FlashMLA" in engine for engine in engines_for(512, 64))
     assert any("Triton" in engine for engine in engines_for(256, 64))
     assert engines_for(256, 32) == []
+
+
+# ---------------------------------------------------------------------------------------- through the command line
+
+# name -> (convert's cache-size flags, the uniform kv_lora_rank and qk_rope_head_dim they give). A budget of 0.5 is
+# 64 of MHA's 128 numbers (a RoPE key of head_dim 16 and a latent of 48) and 32 of GQA's 64 (a third of the budget,
+# rounded down to a size that divides head_dim: 8, and 24); the GQA Llama is given its shape explicitly.
+CLI_SHAPES = {
+    "llama-mha": (["--kv-budget", "0.5"], 48, 16),
+    "llama-gqa": (["--kv-lora-rank", "24", "--qk-rope-head-dim", "8"], 24, 8),
+    "mistral": (["--kv-budget", "0.5"], 24, 8),
+}
+
+
+def native_without_plugin(folder, ids: torch.LongTensor, tmp_path) -> dict:
+    """What transformers' own DeepseekV3 computes on `ids` from `folder`, in a Python that cannot import the plugin."""
+    ids_path, out_path = tmp_path / "ids.pt", tmp_path / "native.pt"
+    torch.save(ids, ids_path)
+    arguments = f"import sys\nsys.argv = ['-', {str(folder)!r}, {str(ids_path)!r}, {str(out_path)!r}]\n"
+    result = run_without_plugin(arguments + NATIVE_SCRIPT, tmp_path / "hf-home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def cli_convert_and_export(source, root, size_flags: list[str], wikitext) -> tuple[object, object, str]:
+    """`mla-convert convert --target deepseek` then `mla-convert export`, as a user runs them; returns the MLA
+    folder, the exported folder and what export printed. `size_flags` come last, so they may override the rest."""
+    mla_folder, exported_folder = root / "mla", root / "deepseek"
+    converted = run_cli(
+        "convert", str(source), str(mla_folder), "--target", "deepseek", "--calibration", str(wikitext),
+        "--calibration-tokens", "2048", "--refine-steps", "10", *size_flags,
+    )  # fmt: skip
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    exported = run_cli("export", str(mla_folder), str(exported_folder), "--format", "deepseek-v3")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    return mla_folder, exported_folder, exported.stdout
+
+
+@pytest.fixture(scope="module", params=sorted(CLI_SHAPES))
+def cli_exported(request, pico_folders, wikitext, tmp_path_factory):
+    """(name, MLA folder, exported folder, export's output) for each source, made through the command line."""
+    name = request.param
+    root = tmp_path_factory.mktemp(f"cli-export-{name}")
+    return name, *cli_convert_and_export(pico_folders[name], root, CLI_SHAPES[name][0], wikitext)
+
+
+def test_cli_conversion_is_deepseek_shaped(cli_exported):
+    """`--target deepseek` gives one latent size, DeepSeek's RoPE table and the latent norm, whose weight refinement
+    trained (it starts the same in every latent dimension); the report says which target it was."""
+    name, mla_folder, _, _ = cli_exported
+    _, kv_lora_rank, qk_rope_head_dim = CLI_SHAPES[name]
+    report = json.loads((mla_folder / "conversion.json").read_text())
+    assert report["target"] == "deepseek" and report["exact"] is False
+    assert report["kv_lora_ranks"] == [kv_lora_rank] * 2 and report["qk_rope_head_dim"] == qk_rope_head_dim
+    mla = load_causal_lm(mla_folder)
+    assert mla.config.kv_latent_norm
+    assert mla.config.rope_frequency_indices in (None, [deepseek_frequency_indices(16, qk_rope_head_dim)] * 2)
+    for layer in mla.model.layers:
+        weight = layer.self_attn.kv_a_layernorm.weight.detach()
+        assert float(weight.max() - weight.min()) > 0, "refinement left the latent norm's weight untrained"
+
+
+def test_cli_export_loads_natively_and_matches_mla_folder(cli_exported, tmp_path):
+    name, mla_folder, exported_folder, printed = cli_exported
+    _, kv_lora_rank, qk_rope_head_dim = CLI_SHAPES[name]
+    assert f"{kv_lora_rank + qk_rope_head_dim} numbers per token and layer" in printed
+    ids = token_ids(2, 48, seed=11)
+    native = native_without_plugin(exported_folder, ids, tmp_path)
+    assert native["class"] == "DeepseekV3ForCausalLM" and native["plugin_imported"] == []
+
+    mla = load_causal_lm(mla_folder)
+    with torch.no_grad():
+        logits = mla(input_ids=ids).logits
+        greedy = mla.generate(ids[:1, :16], max_new_tokens=12, do_sample=False)
+    error = relative_error(native["logits"], logits)
+    assert error <= EXPORT_TOLERANCE, f"{name}: exported logits differ from the MLA folder's by {error:.2e}"
+    assert torch.equal(native["greedy"], greedy)
+    assert native["cache_latent"].shape[-1] == kv_lora_rank and native["cache_rope"].shape[-1] == qk_rope_head_dim
+
+
+def test_heal_keeps_and_trains_the_latent_norm(pico_folders, wikitext, tmp_path):
+    """`heal --train attention` trains DeepSeek's latent norm with the projections; the healed folder still has it,
+    still exports, and its export computes what the healed folder computes."""
+    source = pico_folders["llama-gqa"]
+    mla_folder, _, _ = cli_convert_and_export(source, tmp_path, CLI_SHAPES["llama-gqa"][0], wikitext)
+    healed, exported = tmp_path / "healed", tmp_path / "healed-deepseek"
+    result = run_cli(
+        "heal", str(mla_folder), str(healed), "--teacher", str(source), "--data", str(wikitext), "--max-tokens",
+        "1024", "--seq-len", "64", "--batch-size", "2", "--lr", "1e-3", "--eval-tokens", "256", "--train",
+        "attention", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_causal_lm(mla_folder), load_causal_lm(healed)
+    assert after.config.kv_latent_norm
+    for old, new in zip(before.model.layers, after.model.layers):
+        assert not torch.equal(old.self_attn.kv_a_layernorm.weight, new.self_attn.kv_a_layernorm.weight)
+
+    assert run_cli("export", str(healed), str(exported), "--format", "deepseek-v3").returncode == 0
+    ids = token_ids(2, 40, seed=5)
+    native = native_without_plugin(exported, ids, tmp_path)
+    with torch.no_grad():
+        logits = after(input_ids=ids).logits
+    assert relative_error(native["logits"], logits) <= EXPORT_TOLERANCE
+
+
+@pytest.mark.real_model
+def test_real_model_cli_export_matches_natively(smollm2_folder, wikitext, tmp_path):
+    """SmolLM2-135M at 256 + 64 (the shape vLLM's Triton MLA backend serves): convert --target deepseek, export,
+    and transformers' own DeepseekV3 gives the MLA folder's logits and greedy tokens."""
+    flags = ["--kv-lora-rank", "256", "--qk-rope-head-dim", "64", "--refine-steps", "20", "--key-scale", "1"]
+    mla_folder, exported_folder, printed = cli_convert_and_export(
+        smollm2_folder, tmp_path, [*flags, "--calibration-tokens", "4096"], wikitext
+    )
+    assert "Triton MLA backend" in printed
+    config = json.loads((exported_folder / "config.json").read_text())
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["qk_nope_head_dim"]) == (256, 64, 64)
+    ids = token_ids(2, 64, seed=3, vocab=config["vocab_size"])
+    native = native_without_plugin(exported_folder, ids, tmp_path)
+    mla = load_causal_lm(mla_folder)
+    with torch.no_grad():
+        logits = mla(input_ids=ids).logits
+        greedy = mla.generate(ids[:1, :16], max_new_tokens=12, do_sample=False)
+    assert relative_error(native["logits"], logits) <= EXPORT_TOLERANCE
+    assert torch.equal(native["greedy"], greedy)

@@ -101,7 +101,39 @@ def convert_student(work: Path) -> None:
     convert(str(work / "src"), work / "student", ConversionOptions(kv_budget=1.0))
 
 
+def qwen_source(work: Path) -> None:
+    """`qwen/`: a pico Qwen2, whose attention has q/k/v biases."""
+    from conftest import build_pico, byte_tokenizer
+
+    build_pico("qwen2").save_pretrained(work / "qwen")
+    byte_tokenizer().save_pretrained(work / "qwen")
+
+
+def convert_per_layer_ranks(work: Path) -> None:
+    """`spectrum/`: the pico source converted at budget 0.5 with latent sizes per layer (the default allocation)."""
+    from mla_convert.convert import ConversionOptions, convert
+
+    options = ConversionOptions(
+        kv_budget=0.5, calibration=str(work / "text.txt"), calibration_tokens=1024, refine_steps=0, key_scale=1.0
+    )
+    report = convert(str(work / "src"), work / "spectrum", options)
+    assert len(set(report["kv_lora_ranks"])) > 1, "the case needs a folder with per-layer ranks"
+
+
+def convert_deepseek_student(work: Path) -> None:
+    """`deepseek/`: the pico source converted with --target deepseek, ready to export."""
+    from mla_convert.convert import ConversionOptions, convert
+
+    options = ConversionOptions(
+        target="deepseek", kv_budget=0.5, calibration=str(work / "text.txt"), calibration_tokens=1024,
+        refine_steps=0, key_scale=1.0,
+    )  # fmt: skip
+    convert(str(work / "src"), work / "deepseek", options)
+
+
 HEAL = ["heal", "student", "{out}", "--teacher", "src", "--data", "{data}", "--max-tokens", "256", "--seq-len", "64"]
+EXPORT = ["--format", "deepseek-v3"]
+DEEPSEEK = ["--target", "deepseek"]
 
 
 CASES = [
@@ -170,6 +202,23 @@ CASES = [
          env={"HF_HUB_OFFLINE": "1"}),
     Case("dataset name while offline", ["convert", "{src}", "{out}", "--calibration", "wikitext:wikitext-2-raw-v1"],
          "HF_HUB_OFFLINE", env={"HF_HUB_OFFLINE": "1"}),
+    # 5. --target deepseek and export: what DeepSeek-V3's format cannot hold is refused before any work
+    Case("deepseek target with attention biases", ["convert", "qwen", "{out}", *DEEPSEEK, "--kv-budget", "0.5"],
+         "its attention has biases", qwen_source),
+    Case("deepseek target with frequency folding", ["convert", "{src}", "{out}", *DEEPSEEK, "--rope-strategy", "freqfold"],
+         "needs --rope-strategy rorope or partial"),
+    Case("deepseek RoPE key that does not divide head_dim",
+         ["convert", "{src}", "{out}", *DEEPSEEK, "--kv-lora-rank", "24", "--qk-rope-head-dim", "6"],
+         "divides the source's head_dim 16"),
+    Case("deepseek budget below one latent dimension", ["convert", "{src}", "{out}", *DEEPSEEK, "--kv-budget", "0.01"],
+         "--target deepseek needs one in [1, "),
+    Case("export a plain-target folder", ["export", "student", "{out}", *EXPORT], "convert with --target deepseek",
+         convert_student),
+    Case("export per-layer ranks", ["export", "spectrum", "{out}", *EXPORT], "one kv_lora_rank for all layers",
+         convert_per_layer_ranks),
+    Case("export a source model", ["export", "{src}", "{out}", *EXPORT], "not a converted MLA one"),
+    Case("export onto its input", ["export", "deepseek", "deepseek", *EXPORT, "--overwrite"], "is the MLA folder",
+         convert_deepseek_student),
 ]
 
 
@@ -224,7 +273,7 @@ def test_argparse_errors_are_the_usage_line_and_the_error():
     assert len(lines) == 2 and lines[0].startswith("usage:") and "--no-such-option" in lines[1], result.stderr
 
 
-@pytest.mark.parametrize("command", ["convert", "gqa", "eval", "heal", "generate"])
+@pytest.mark.parametrize("command", ["convert", "gqa", "eval", "heal", "generate", "export"])
 def test_help_says_each_default_once_and_no_raw_format_codes(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
