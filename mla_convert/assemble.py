@@ -59,16 +59,7 @@ def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> 
     state = {key: value for key, value in source_model.state_dict().items() if ".self_attn." not in key}
     for layer_idx, weights in enumerate(layers):
         prefix = f"model.layers.{layer_idx}.self_attn."
-        entries = {
-            "q_proj.weight": weights.q_weight,
-            "q_proj.bias": weights.q_bias,
-            "kv_a_proj_with_mqa.weight": weights.kv_a_weight,
-            "kv_a_proj_with_mqa.bias": weights.kv_a_bias,
-            "kv_b_proj.weight": weights.kv_b_weight,
-            "o_proj.weight": weights.o_weight,
-            "o_proj.bias": weights.o_bias,
-        }
-        state.update({prefix + name: tensor for name, tensor in entries.items() if tensor is not None})
+        state.update({prefix + name: tensor for name, tensor in attention_entries(weights).items()})
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model = MLAForCausalLM(config)
@@ -76,3 +67,17 @@ def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> 
     model.load_state_dict(state, strict=True)
     model.generation_config = source_model.generation_config
     return model.eval()
+
+
+def attention_entries(weights) -> dict[str, torch.Tensor]:
+    """One decomposed layer's `MLAAttention` parameters by name (within `self_attn.`), as they are stored."""
+    entries = {
+        "q_proj.weight": weights.q_weight,
+        "q_proj.bias": weights.q_bias,
+        "kv_a_proj_with_mqa.weight": weights.kv_a_weight,
+        "kv_a_proj_with_mqa.bias": weights.kv_a_bias,
+        "kv_b_proj.weight": weights.kv_b_weight,
+        "o_proj.weight": weights.o_weight,
+        "o_proj.bias": weights.o_bias,
+    }
+    return {name: tensor for name, tensor in entries.items() if tensor is not None}

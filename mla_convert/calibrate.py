@@ -50,6 +50,16 @@ def forward_batches(
     return count
 
 
+def moment_sum(hidden_states: torch.Tensor) -> torch.Tensor:
+    """`sum [x; 1] [x; 1]^T` over the tokens of one batch of attention inputs `[..., hidden]`: `[hidden + 1, hidden + 1]`
+    float64 on the CPU (the whole-model and the streaming conversion accumulate it alike)."""
+    # x: [tokens, hidden + 1]
+    x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
+    x = torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), dim=1)
+    # float32 within a batch, float64 across batches: fast, and the sum over many batches stays accurate
+    return (x.T @ x).cpu().to(torch.float64)
+
+
 @torch.no_grad()
 def collect_input_moments(
     model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4, keep_sequences: int = 0
@@ -67,11 +77,7 @@ def collect_input_moments(
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
             hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-            # x: [tokens, hidden + 1]
-            x = hidden_states.reshape(-1, hidden).float()
-            x = torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)), dim=1)
-            # float32 within a batch, float64 across batches: fast, and the sum over many batches stays accurate
-            moments[layer_idx] += (x.T @ x).cpu().to(torch.float64)
+            moments[layer_idx] += moment_sum(hidden_states)
             still_needed = keep_sequences - sum(len(part) for part in kept[layer_idx])
             if still_needed > 0:
                 kept[layer_idx].append(hidden_states[:still_needed].detach().to("cpu", torch.bfloat16))
@@ -113,21 +119,31 @@ def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
     return not plan.exact and options.init == "pca" and options.key_scale == "search"
 
 
+def needs_text(plan: RankPlan, options: ConversionOptions) -> bool:
+    """Whether the conversion reads calibration text: not for the exact form, nor for weight-only SVD that is not
+    refined (--target deepseek always does: its latent norm starts at the latent's mean RMS on calibration tokens)."""
+    refine_steps = 0 if plan.exact else options.refine_steps
+    weight_only = options.init == "svd" and refine_steps == 0 and options.target != "deepseek"
+    return not (plan.exact or weight_only)
+
+
+def kept_sequences(plan: RankPlan, options: ConversionOptions, seq_len: int) -> int:
+    """How many calibration sequences' attention inputs refinement and the key-scale search need (0: none)."""
+    refine_steps = 0 if plan.exact else options.refine_steps
+    return math.ceil(options.refine_tokens / seq_len) if refine_steps > 0 or searches_key_scale(plan, options) else 0
+
+
 def calibrate(
     source_model: PreTrainedModel, tokenizer, shape: SourceShape, plan: RankPlan, options: ConversionOptions
 ) -> Calibration:
     """Reads calibration text (or samples it) and records what the chosen options need of it: nothing for the exact
     form, only the inputs to refine for weight-only SVD."""
-    refine_steps = 0 if plan.exact else options.refine_steps
-    search = searches_key_scale(plan, options)
-    # --target deepseek always reads text: its latent norm starts at the latent's mean RMS on calibration tokens.
-    weight_only = options.init == "svd" and refine_steps == 0 and options.target != "deepseek"
-    if plan.exact or weight_only:
+    if not needs_text(plan, options):
         description = "not needed" if plan.exact else "not needed (weight-only SVD)"
         info = {"kind": "none", "description": description, "tokens": 0}
         return Calibration(None, info, weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1), [])
     sequences, info = calibration_sequences(source_model, tokenizer, options)
-    keep = math.ceil(options.refine_tokens / sequences.shape[1]) if refine_steps > 0 or search else 0
+    keep = kept_sequences(plan, options, sequences.shape[1])
     moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
     if options.init == "svd":
         info["decomposition"] = "weight-only SVD (calibration text only for refinement)"

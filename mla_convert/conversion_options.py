@@ -21,6 +21,7 @@ DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
+STREAMING_MODES = ("auto", "on", "off")
 
 
 def parse_key_scale(value: str) -> str | float:
@@ -111,6 +112,16 @@ class ConversionOptions:
     seed: int = option(0, help="seed for data-free calibration sampling")
     dtype: str = option("float32", choices=SAVED_DTYPES, help="saved dtype")
     device: str = option("cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
+    streaming: str = option(
+        "auto", choices=STREAMING_MODES,
+        help="on: convert one decoder layer at a time, reading each from the safetensors shards (memory: about two "
+        "layers, the embeddings and the calibration activations, whatever the depth); off: load the whole source; "
+        "auto: on when the source would not fit comfortably in the available memory",
+    )  # fmt: skip
+    max_shard_size: str = option(
+        "2GB", metavar="SIZE",
+        help="streaming: the largest weights file written (e.g. 500MB, 2GB); larger outputs are sharded with an index",
+    )  # fmt: skip
 
 
 def check_options(options: ConversionOptions) -> None:

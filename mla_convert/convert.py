@@ -54,6 +54,10 @@ def convert(
     options = options or ConversionOptions()
     check_options(options)
     check_device(options.device)
+    from .stream import convert_streaming, peak_rss, streams  # the streaming pipeline reuses this module's steps
+
+    if streams(source, gguf_file, options):
+        return convert_streaming(source, output, options, overwrite=overwrite, force=force)
     started = time.perf_counter()
 
     # load (config first: bad budgets, architectures and outputs fail before any weight is read)
@@ -80,6 +84,7 @@ def convert(
     verification = verify(source_model, model, plan, sequences, options.seed)
     report = conversion_report(source, gguf_file, source_config, options, plan, layers, refine_stats, calibration_info)
     report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
+    report.update(streaming=False, peak_rss_bytes=peak_rss())
     save_converted(model, tokenizer, report, output, options.dtype)
     return report
 
@@ -142,10 +147,8 @@ def decompose(
         # Weight-only whatever was calibrated: a calibration shared by several conversions (the quality bench)
         # carries the text's moments, and decomposing in them would be activation-aware PCA, not the SVD baseline.
         moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
-    decompose_options = DecomposeOptions(
-        init=options.init, rope_strategy=options.rope_strategy, rope_frequencies=plan.rope_frequencies
-    )
-    key_scales = [1.0 if options.key_scale == "search" else float(options.key_scale)] * shape.num_layers
+    decompose_options = decompose_options_for(plan, options)
+    key_scales = [first_key_scale(options)] * shape.num_layers
     # An explicit --kv-lora-rank is a size per layer, honoured as given; a --kv-budget is a total to spread.
     if uses_spectrum_allocation(options) and not plan.exact:
         # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
@@ -165,6 +168,15 @@ def decompose(
     else:
         layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, progress)
     return plan, layers
+
+
+def decompose_options_for(plan: RankPlan, options: ConversionOptions) -> DecomposeOptions:
+    return DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy, rope_frequencies=plan.rope_frequencies)
+
+
+def first_key_scale(options: ConversionOptions) -> float:
+    """The K/V balance of the first decomposition (spectra for rank allocation, or the final one without a search)."""
+    return 1.0 if options.key_scale == "search" else float(options.key_scale)
 
 
 def choose_key_scales(

@@ -11,6 +11,7 @@ Layout conventions (transformers' `rotate_half` RoPE): in a source head of size 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -538,11 +539,7 @@ def decompose_all(
     layer K/V balance multipliers, None: `options.key_scale`)."""
     # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
     inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
-    # The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
-    # hundredfold when another process competes for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return [
             decompose_layer(
                 source_attention(model, layer_idx, shape),
@@ -555,12 +552,26 @@ def decompose_all(
             )
             for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer", disable=not progress)
         ]
+
+
+@contextmanager
+def single_thread():
+    """The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
+    hundredfold when another process competes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
 def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape) -> SourceAttention:
-    attention = model.model.layers[layer_idx].self_attn
+    return attention_weights(model.model.layers[layer_idx].self_attn, shape)
+
+
+def attention_weights(attention: torch.nn.Module, shape: SourceShape) -> SourceAttention:
+    """One loaded source attention module's weights, float64 on the CPU."""
 
     def weight(linear):
         return linear.weight.detach().to("cpu", torch.float64)

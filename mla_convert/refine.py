@@ -58,8 +58,13 @@ def attention_implementation(models: list[nn.Module], device: torch.device):
 
 def position_embeddings(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's RoPE tables for positions `0 .. window - 1` of `inputs` `[batch, window, hidden]`."""
+    return rope_tables(model.model.rotary_emb, inputs)
+
+
+def rope_tables(rotary_emb: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_emb`'s tables for positions `0 .. window - 1` of `inputs` `[batch, window, hidden]`."""
     position_ids = torch.arange(inputs.shape[1], device=inputs.device)[None]
-    return model.model.rotary_emb(inputs[:1], position_ids)
+    return rotary_emb(inputs[:1], position_ids)
 
 
 def causal_mask(inputs: torch.Tensor) -> torch.Tensor:
@@ -89,7 +94,7 @@ class AttentionTargets:
     def __init__(self, source_model: nn.Module, layer_inputs: list[torch.Tensor], window: int = 256, count: int = 8):
         self.device = next(source_model.parameters()).device
         # per layer: [count, window, hidden]
-        self.inputs = [windows(inputs, window)[:count].to(self.device, torch.float32) for inputs in layer_inputs]
+        self.inputs = [target_inputs(inputs, self.device, window, count) for inputs in layer_inputs]
         with torch.no_grad(), attention_implementation([source_model], self.device):
             rope = position_embeddings(source_model, self.inputs[0])
             self.targets = [
@@ -103,9 +108,20 @@ class AttentionTargets:
         with attention_implementation([model], self.device):
             rope = position_embeddings(model, self.inputs[0])
             return [
-                float(relative_error(attention_outputs(model.model.layers[i].self_attn, inputs, rope, len(inputs)), target))
+                attention_error(model.model.layers[i].self_attn, inputs, target, rope)
                 for i, (inputs, target) in enumerate(zip(self.inputs, self.targets))
             ]
+
+
+def target_inputs(inputs: torch.Tensor, device: torch.device, window: int = 256, count: int = 8) -> torch.Tensor:
+    """The windows of one layer's recorded inputs that candidates are scored on: `[count, window, hidden]` float32."""
+    return windows(inputs, window)[:count].to(device, torch.float32)
+
+
+@torch.no_grad()
+def attention_error(attention: nn.Module, inputs: torch.Tensor, target: torch.Tensor, rope) -> float:
+    """The relative error of one attention layer's output on `inputs` against the source's `target`."""
+    return float(relative_error(attention_outputs(attention, inputs, rope, len(inputs)), target))
 
 
 def refine_layer(

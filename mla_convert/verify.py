@@ -24,6 +24,11 @@ def compare_logits(source_model: PreTrainedModel, model: PreTrainedModel, input_
     input_ids = input_ids.to(device)
     reference = source_model(input_ids=input_ids, use_cache=False).logits.float()
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    return logit_agreement(logits, reference)
+
+
+def logit_agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """`compare_logits`' figures from the converted model's and the source's logits `[batch, seq, vocab]`."""
     sums = score_batches([ScoredBatch(logits, reference_logits=reference)])
     sums.require_finite("the converted model (or its source)")
     relative_error = float((logits - reference).abs().max() / reference.abs().max())
@@ -32,7 +37,7 @@ def compare_logits(source_model: PreTrainedModel, model: PreTrainedModel, input_
         "max_relative_logit_error": relative_error,
         "kl": metrics["kl"],
         "top1_agreement": metrics["top1_agreement"],
-        "tokens": input_ids.numel(),
+        "tokens": logits.shape[0] * logits.shape[1],
     }
 
 

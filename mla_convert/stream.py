@@ -1,0 +1,634 @@
+"""Streaming conversion: the pipeline of `convert`, one decoder layer at a time, in memory bounded by one layer.
+
+The embeddings and the calibration sequences first; then, per layer: read the layer's source weights from the
+safetensors shards (lazily, in their stored dtype; only this layer is ever cast to float32), run the calibration
+hidden states through it, take its input moment, decompose (with the K/V balance search), assemble the MLA layer,
+refine it, carry the hidden states on, write the layer's tensors to the output shard, free the layer.
+
+The hidden states carried from layer to layer are the SOURCE's (`tokens x hidden`, float32): the whole-model path
+records every layer's inputs from the source model, so both paths decompose and refine on the same activations and
+give the same weights. The check against the source carries two more streams (source and MLA) on the verification
+sequences, and compares their logits at the end as `verify` does.
+
+Rank allocation by spectrum needs every layer's spectrum before the first rank is fixed: a first pass reads and runs
+every source layer and decomposes it once (about the cost of the main pass without refinement and key-scale search).
+`--target deepseek` and data-free calibration (sampling text from the source) need the whole model and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.masking_utils import create_causal_mask
+
+from mla_modeling import MLAConfig, MLAForCausalLM
+from mla_modeling.attention_mla import rope_gather_index
+from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
+
+from .assemble import attention_entries, mla_config
+from .calibrate import calibration_sequences, kept_sequences, moment_sum, needs_text, searches_key_scale
+from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, uses_spectrum_allocation
+from .convert import check_sliding_window, conversion_report, decompose_options_for, first_key_scale
+from .decompose import MLAAttentionWeights, attention_weights, decompose_layer, single_thread, weight_only_moment
+from .errors import MLAConvertError
+from .folders import prepare_output, save_atomically
+from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
+from .refine import (
+    RefineOptions,
+    attention_error,
+    attention_outputs,
+    refine_layer,
+    rope_tables,
+    target_inputs,
+    windows,
+)
+from .sources import _load_tokenizer, _safetensors_shapes, check_device, load_source_config
+from .verify import check_verification, logit_agreement, verification_ids
+
+
+# The whole-model path holds the source and the MLA model in float32 beside each other: auto streams when that would
+# take more than this share of the memory available now.
+AUTO_MEMORY_SHARE = 0.6
+# Sequences per forward batch, as `calibrate.collect_input_moments` (the moments are summed in the same order)
+BATCH_SIZE = 4
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+# ---------------------------------------------------------------------------------------------- choosing the path
+
+
+def streams(source: str, gguf_file: str | None, options: ConversionOptions) -> bool:
+    """Whether `convert` takes the streaming path: as asked, or (auto) when the whole-model path would not fit."""
+    if options.streaming != "auto":
+        return options.streaming == "on"
+    if gguf_file is not None or not Path(os.fspath(source)).is_dir():
+        return False
+    return whole_model_bytes(Path(source)) > AUTO_MEMORY_SHARE * psutil.virtual_memory().available
+
+
+def whole_model_bytes(folder: Path) -> int:
+    """What the whole-model path holds, from the safetensors headers: the source and the MLA model in float32."""
+    shapes = _safetensors_shapes(folder) or {}
+    return 2 * 4 * sum(math.prod(shape) for shape in shapes.values())
+
+
+def parse_size(text: str) -> int:
+    """`--max-shard-size`: `500MB`, `2GB`, `1GiB` or a number of bytes, as transformers reads it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise MLAConvertError(f"--max-shard-size must be a size like 500MB or 2GB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def check_streamable(source: str, gguf_file: str | None, options: ConversionOptions) -> Path:
+    """Refuses, in one line, what the streaming path cannot do; returns the source folder."""
+    if options.target == "deepseek":
+        raise MLAConvertError(
+            "--target deepseek is not streamed yet (its latent norm and anchors are fitted on the whole model): "
+            "convert it with --streaming off"
+        )
+    path = Path(os.fspath(source)).expanduser()
+    if gguf_file is not None or path.suffix.lower() == ".gguf":
+        raise MLAConvertError("streaming conversion reads safetensors shards, not GGUF: convert with --streaming off")
+    if not path.is_dir():
+        raise MLAConvertError(f"streaming conversion reads a local model folder, and {source} is none: download it first")
+    if _safetensors_shapes(path) is None:
+        raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")
+    parse_size(options.max_shard_size)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ memory and time
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class Meter:
+    """Seconds per stage and the peak resident memory sampled at every stage's end."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    peak: int = 0
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+            self.peak = max(self.peak, rss())
+
+    def report(self) -> dict:
+        return {
+            "peak_rss_bytes": max(self.peak, rss()),
+            "seconds_per_stage": {name: round(value, 2) for name, value in self.seconds.items()},
+        }
+
+
+# ------------------------------------------------------------------------------------------- reading the source
+
+
+class LazySource:
+    """The source's safetensors shards, read one tensor at a time in the stored dtype (nothing is read up front)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        else:
+            self.weight_map = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as f:
+                    self.weight_map.update({name: path.name for name in f.keys()})
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self.folder / self.weight_map[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensor = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MLAConvertError(
+                f"the weights in {self.folder} contain NaN or inf values (first in {name}): the checkpoint is broken"
+            )
+        return tensor
+
+    def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors, named within the layer (`self_attn.q_proj.weight`, ...)."""
+        prefix = f"model.layers.{layer_idx}."
+        return {name[len(prefix) :]: self.read(name) for name in self.weight_map if name.startswith(prefix)}
+
+
+def load_module(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """`module` (built on the meta device) holding `state` in float32 on `device`."""
+    module.load_state_dict({name: t.to(device, torch.float32) for name, t in state.items()}, strict=True, assign=True)
+    return module.eval()
+
+
+@dataclass
+class Stream:
+    """What every layer's step needs: the lazily read source, its skeleton (on the meta device: the modules' classes
+    and config, no weights), the RoPE modules, and the options."""
+
+    reader: LazySource
+    source_config: PreTrainedConfig
+    skeleton: nn.Module
+    rotary: nn.Module
+    shape: SourceShape
+    options: ConversionOptions
+    device: torch.device
+    meter: Meter
+    progress: bool = True
+
+    @classmethod
+    def open(cls, folder: Path, source_config, options: ConversionOptions, meter: Meter, progress: bool) -> "Stream":
+        device = torch.device(options.device)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(source_config)
+        # RoPE tables are computed from the config, not read: a real module on the conversion's device
+        rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
+        shape = SourceShape.from_config(source_config)
+        return cls(LazySource(folder), source_config, skeleton, rotary, shape, options, device, meter, progress)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.rotary.inv_freq.detach().to("cpu", torch.float64)
+
+    def source_layer(self, layer_idx: int) -> nn.Module:
+        with torch.device("meta"):
+            layer = type(self.skeleton.model.layers[layer_idx])(self.skeleton.config, layer_idx)
+        return load_module(layer, self.reader.layer_state(layer_idx), self.device)
+
+    def embed(self, ids: torch.LongTensor, weight: torch.Tensor) -> torch.Tensor:
+        """Hidden states `[sequences, seq, hidden]` float32 of `ids` `[sequences, seq]` (only their rows are cast)."""
+        return weight[ids].to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- one layer's steps
+
+
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, config, rotary: nn.Module, device: torch.device, moment: bool = False,
+    keep: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`layer` over `hidden` `[sequences, seq, hidden]` (CPU) in batches, as the whole model runs it.
+
+    Returns the layer's output (CPU, float32), and on request its attention input's moment `E[[x; 1] [x; 1]^T]`
+    `[hidden + 1, hidden + 1]` and the attention inputs of the first `keep` sequences (bfloat16, CPU)."""
+    outputs, kept = [], []
+    total = torch.zeros(hidden.shape[-1] + 1, hidden.shape[-1] + 1, dtype=torch.float64) if moment else None
+    count = 0
+    with torch.no_grad():
+        for batch in hidden.split(BATCH_SIZE):
+            batch = batch.to(device)
+            position_ids = torch.arange(batch.shape[1], device=device)[None]
+            if moment or len(kept) * BATCH_SIZE < keep:
+                normed = layer.input_layernorm(batch)
+                if moment:
+                    total += moment_sum(normed)
+                    count += batch.shape[0] * batch.shape[1]
+                still_needed = keep - sum(len(part) for part in kept)
+                if still_needed > 0:
+                    kept.append(normed[:still_needed].to("cpu", torch.bfloat16))
+            mask = create_causal_mask(config, batch, None, None, position_ids)
+            output = layer(batch, attention_mask=mask, position_embeddings=rotary(batch, position_ids), position_ids=position_ids)
+            outputs.append((output[0] if isinstance(output, tuple) else output).to("cpu", torch.float32))
+    return torch.cat(outputs), (total / max(count, 1) if moment else None), (torch.cat(kept) if kept else None)
+
+
+@contextmanager
+def eager_on_cpu(configs: list, device: torch.device):
+    """`refine.attention_implementation` for layer modules: eager attention on the CPU while scoring and refining."""
+    previous = [config._attn_implementation for config in configs]
+    if device.type == "cpu":
+        for config in configs:
+            config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for config, implementation in zip(configs, previous):
+            config._attn_implementation = implementation
+
+
+@dataclass
+class MLAStream:
+    """The MLA side: the working config (each layer's RoPE table filled in as it is decomposed), its RoPE module."""
+
+    config: MLAConfig
+    rotary: nn.Module
+
+    @classmethod
+    def start(cls, stream: Stream, plan: RankPlan, first: MLAAttentionWeights) -> "MLAStream":
+        config = mla_config(stream.source_config, stream.skeleton, plan, [first] * stream.shape.num_layers)
+        config.rope_frequency_indices = [list(first.rope_frequency_indices) for _ in range(stream.shape.num_layers)]
+        with torch.device("meta"):
+            MLAForCausalLM(config)  # resolves the attention implementation on the config, as the whole model does
+        return cls(config, MLARotaryEmbedding(config).to(stream.device))
+
+    def layer(self, layer_idx: int, source_state: dict, weights: MLAAttentionWeights, device: torch.device) -> nn.Module:
+        """The MLA decoder layer: the source layer's norms and MLP, the decomposed attention (float32, on `device`)."""
+        self.config.rope_frequency_indices[layer_idx] = list(weights.rope_frequency_indices)
+        state = {name: t for name, t in source_state.items() if not name.startswith("self_attn.")}
+        state.update({"self_attn." + name: t for name, t in attention_entries(weights).items()})
+        with torch.device("meta"):
+            layer = MLADecoderLayer(self.config, layer_idx)
+        layer = load_module(layer, state, device)
+        # non-persistent: rebuilt from the table, as `MLAPreTrainedModel._init_weights` does
+        layer.self_attn.rope_index = rope_gather_index(weights.rope_frequency_indices).to(device)
+        return layer
+
+
+def decompose_streamed(
+    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, layer_idx: int, key_scale: float
+) -> MLAAttentionWeights:
+    with single_thread():
+        return decompose_layer(
+            attention_weights(layer.self_attn, stream.shape),
+            moment,
+            plan.kv_lora_ranks[layer_idx],
+            plan.qk_rope_head_dim,
+            inv_freq=stream.inv_freq,
+            options=decompose_options_for(plan, stream.options),
+            key_scale=key_scale,
+        )
+
+
+def choose_key_scale(
+    stream: Stream,
+    mla: MLAStream,
+    source_layer: nn.Module,
+    source_state: dict,
+    candidates: list[MLAAttentionWeights],
+    inputs: torch.Tensor,
+    layer_idx: int,
+) -> MLAAttentionWeights:
+    """`convert.choose_key_scales` for one layer: the candidate whose attention output is closest to the source's
+    on the first windows of the recorded inputs `[sequences, seq, hidden]`."""
+    # inputs: [count, window, hidden] float32 on the device
+    inputs = target_inputs(inputs, stream.device)
+    with eager_on_cpu([stream.skeleton.config, mla.config], stream.device):
+        target = attention_outputs(source_layer.self_attn, inputs, rope_tables(stream.rotary, inputs), len(inputs))
+        rope = rope_tables(mla.rotary, inputs)
+        errors = []
+        for candidate in candidates:
+            layer = mla.layer(layer_idx, source_state, candidate, stream.device)
+            errors.append(attention_error(layer.self_attn, inputs, target, rope))
+            del layer
+    return candidates[min(range(len(candidates)), key=lambda c: errors[c])]
+
+
+# ------------------------------------------------------------------------------------------------ the output
+
+
+class ShardWriter:
+    """Writes tensors into `model-0000x-of-0000N.safetensors` shards of at most `max_bytes` (a tensor larger than
+    that gets a shard of its own) plus `model.safetensors.index.json`, or one `model.safetensors`, as transformers'
+    `save_pretrained` does. Only the shard being filled is held in memory."""
+
+    def __init__(self, folder: Path, max_bytes: int, dtype: torch.dtype):
+        self.folder, self.max_bytes, self.dtype = folder, max_bytes, dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = self.total_parameters = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        # a copy in the saved dtype: the source's float32 tensors are not kept alive by the buffer
+        tensor = tensor.detach().to("cpu", self.dtype, copy=True).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.total_parameters += tensor.numel()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f".shard-{len(self.shards)}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (path, names) in enumerate(self.shards, start=1):
+            name = f"model-{number:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(path, self.folder / name)
+            weight_map.update({tensor: name for tensor in names})
+        index = {
+            "metadata": {"total_parameters": self.total_parameters, "total_size": self.total_bytes},
+            "weight_map": weight_map,
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_files(folder: Path, stream: Stream, plan: RankPlan, layers: list, dtype: str) -> None:
+    """config.json (with `auto_map`), the modeling files and generation_config.json, as `convert.save_converted`
+    writes them through `save_pretrained`."""
+    config = mla_config(stream.source_config, stream.skeleton, plan, layers)
+    with torch.device("meta"):
+        model = MLAForCausalLM(config)
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForCausalLM")
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, folder, config=config)
+    config.save_pretrained(folder)
+    try:
+        generation_config = GenerationConfig.from_pretrained(stream.reader.folder)
+    except OSError:
+        generation_config = GenerationConfig.from_model_config(stream.source_config)
+    generation_config.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------- the passes
+
+
+@dataclass
+class LayerRecord:
+    """What the report and the config keep of a converted layer once its weights are written and freed."""
+
+    qk_nope_head_dim: int
+    rope_frequency_indices: list[int]
+    stats: dict
+
+
+def layer_moment(stream: Stream, moment: torch.Tensor | None) -> torch.Tensor:
+    # weight-only SVD decomposes in the isotropic moment whatever was calibrated, as `convert.decompose` does
+    if moment is None or stream.options.init == "svd":
+        return weight_only_moment(stream.shape.hidden_size)
+    return moment
+
+
+def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None) -> list[torch.Tensor]:
+    """First pass for `--rank-allocation spectrum`: every layer's spectrum at the uniform rank, in the balanced
+    metric, layer by layer (reads and runs each source layer once)."""
+    hidden = None
+    if sequences is not None:
+        hidden = stream.embed(sequences, stream.reader.read("model.embed_tokens.weight"))
+    spectra = []
+    for layer_idx in tqdm(range(stream.shape.num_layers), desc="spectra (pass 1)", unit="layer", disable=not stream.progress):
+        layer = stream.source_layer(layer_idx)
+        moment = None
+        if hidden is not None:
+            last = layer_idx == stream.shape.num_layers - 1
+            output, moment, _ = run_layer(layer, hidden, stream.skeleton.config, stream.rotary, stream.device, moment=True)
+            hidden = None if last else output
+        weights = decompose_streamed(stream, layer, layer_moment(stream, moment), plan, layer_idx, first_key_scale(stream.options))
+        spectra.append(weights.spectrum)
+        del layer, weights
+    return spectra
+
+
+def convert_layers(
+    stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None, check_ids: torch.LongTensor, writer: ShardWriter
+) -> tuple[list[LayerRecord], list[dict], dict]:
+    """The main pass: every layer converted, written and freed in turn. Returns the layers' records, their
+    refinement stats and the check against the source."""
+    options, meter, device = stream.options, stream.meter, stream.device
+    config = stream.skeleton.config
+    refine_steps = 0 if plan.exact else options.refine_steps
+    search = searches_key_scale(plan, options)
+    keep = kept_sequences(plan, options, sequences.shape[1]) if sequences is not None else 0
+    refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+    generator = torch.Generator().manual_seed(options.seed)
+
+    with meter.stage("embeddings"):
+        embed = stream.reader.read("model.embed_tokens.weight")
+        writer.add("model.embed_tokens.weight", embed)
+        # hidden: [sequences, seq, hidden]; the check streams: [2, check_seq, hidden]
+        hidden = stream.embed(sequences, embed) if sequences is not None else None
+        source_check = stream.embed(check_ids, embed)
+        mla_check = source_check.clone()
+        del embed
+
+    mla: MLAStream | None = None
+    records, refine_stats = [], []
+    bar = tqdm(range(stream.shape.num_layers), desc="converting (streamed)", unit="layer", disable=not stream.progress)
+    for layer_idx in bar:
+        with meter.stage("read"):
+            source_state = stream.reader.layer_state(layer_idx)
+            source_layer = load_module(
+                _meta_layer(stream, layer_idx), {k: v for k, v in source_state.items()}, device
+            )
+        moment = kept = None
+        if hidden is not None:
+            with meter.stage("calibrate"):
+                hidden, moment, kept = run_layer(source_layer, hidden, config, stream.rotary, device, moment=True, keep=keep)
+        with meter.stage("decompose"):
+            moment = layer_moment(stream, moment)
+            factors = KEY_SCALE_GRID if search else (first_key_scale(options),)
+            candidates = [decompose_streamed(stream, source_layer, moment, plan, layer_idx, f) for f in factors]
+            if mla is None:
+                mla = MLAStream.start(stream, plan, candidates[0])
+        if search:
+            with meter.stage("key-scale search"):
+                weights = choose_key_scale(stream, mla, source_layer, source_state, candidates, kept, layer_idx)
+        else:
+            weights = candidates[0]
+        del candidates
+        mla_layer = mla.layer(layer_idx, source_state, weights, device)
+        stats = {}
+        if refine_steps > 0:
+            with meter.stage("refine"), eager_on_cpu([config, mla.config], device):
+                inputs = windows(kept, refine_options.window).to(device, torch.float32)
+                stats = refine_layer(
+                    source_layer.self_attn,
+                    mla_layer.self_attn,
+                    inputs,
+                    rope_tables(stream.rotary, inputs),
+                    rope_tables(mla.rotary, inputs),
+                    refine_options,
+                    generator,
+                )
+                del inputs
+        with meter.stage("verify"):
+            source_check = run_layer(source_layer, source_check, config, stream.rotary, device)[0]
+            mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device)[0]
+        with meter.stage("write"):
+            for name, tensor in mla_layer.state_dict().items():
+                writer.add(f"model.layers.{layer_idx}.{name}", tensor)
+        records.append(LayerRecord(weights.qk_nope_head_dim, list(weights.rope_frequency_indices), weights.stats))
+        refine_stats.append(stats)
+        del source_state, source_layer, mla_layer, weights, kept, moment
+        bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
+
+    with meter.stage("verify"):
+        verification = final_check(stream, writer, source_check, mla_check)
+    return records, refine_stats, verification
+
+
+def _meta_layer(stream: Stream, layer_idx: int) -> nn.Module:
+    with torch.device("meta"):
+        return type(stream.skeleton.model.layers[layer_idx])(stream.skeleton.config, layer_idx)
+
+
+def final_check(stream: Stream, writer: ShardWriter, source_check: torch.Tensor, mla_check: torch.Tensor) -> dict:
+    """The final norm and the LM head (written too), then `verify`'s comparison of the two streams' logits."""
+    with torch.device("meta"):
+        norm = type(stream.skeleton.model.norm)(stream.shape.hidden_size, eps=stream.source_config.rms_norm_eps)
+    norm_weight = stream.reader.read("model.norm.weight")
+    writer.add("model.norm.weight", norm_weight)
+    norm = load_module(norm, {"weight": norm_weight}, torch.device("cpu"))
+    tied = bool(stream.source_config.tie_word_embeddings)
+    head = stream.reader.read("model.embed_tokens.weight" if tied else "lm_head.weight")
+    if not tied:
+        writer.add("lm_head.weight", head)
+    with torch.no_grad():
+        # logits: [2, check_seq, vocab], the head cast to float32 a slice of the vocabulary at a time
+        logits = [
+            torch.cat([nn.functional.linear(norm(states), part.to(torch.float32)) for part in head.split(8192)], dim=-1)
+            for states in (mla_check, source_check)
+        ]
+    return logit_agreement(*logits)
+
+
+def convert_streaming(
+    source: str,
+    output: str | os.PathLike,
+    options: ConversionOptions | None = None,
+    gguf_file: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`convert`, layer by layer from the safetensors shards (see the module's docstring); the same report, plus
+    peak memory and seconds per stage."""
+    options = options or ConversionOptions()
+    check_options(options)
+    check_device(options.device)
+    started = time.perf_counter()
+    meter = Meter()
+    folder = check_streamable(source, gguf_file, options)
+    source_config = load_source_config(str(folder))
+    shape = SourceShape.from_config(source_config)
+    plan = plan_ranks(shape, options)
+    check_sliding_window(source_config, options)
+    text = needs_text(plan, options)
+    if text and options.calibration is None:
+        raise MLAConvertError(
+            "streaming conversion needs --calibration text: sampling calibration text from the source runs the "
+            "whole model (or convert with --streaming off)"
+        )
+    output = prepare_output(
+        output,
+        inputs={"source": source, "calibration data": options.calibration},
+        overwrite=overwrite,
+        force=force,
+        required_bytes=estimated_size(source_config, plan, options.dtype),
+    )
+    tokenizer = _load_tokenizer(str(folder), None)
+    stream = Stream.open(folder, source_config, options, meter, progress)
+
+    with meter.stage("calibration text"):
+        if text:
+            sequences, calibration_info = calibration_sequences(None, tokenizer, options)
+            if options.init == "svd":
+                calibration_info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
+        else:
+            sequences = None
+            description = "not needed" if plan.exact else "not needed (weight-only SVD)"
+            calibration_info = {"kind": "none", "description": description, "tokens": 0}
+    if uses_spectrum_allocation(options) and not plan.exact:
+        with meter.stage("spectrum pass"):
+            spectra = collect_spectra(stream, plan, sequences)
+            uniform = plan.kv_lora_ranks[0]
+            plan = replace(plan, kv_lora_ranks=allocate_ranks(spectra, sum(plan.kv_lora_ranks), max(1, uniform // 4)))
+    check_ids = verification_ids(source_config.vocab_size, sequences, options.seed)
+    dtype = getattr(torch, options.dtype)
+
+    def write(staging: Path) -> None:
+        writer = ShardWriter(staging, parse_size(options.max_shard_size), dtype)
+        records, refine_stats, verification = convert_layers(stream, plan, sequences, check_ids, writer)
+        check_verification(verification, plan)
+        with meter.stage("write"):
+            writer.finish()
+            write_model_files(staging, stream, plan, records, options.dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        report = conversion_report(
+            source, None, source_config, options, plan, records, refine_stats, calibration_info
+        )
+        report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
+        report.update(streaming=True, **meter.report())
+        (staging / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        reports.append(report)
+
+    reports: list[dict] = []
+    save_atomically(output, write)
+    return reports[0]
