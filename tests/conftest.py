@@ -108,13 +108,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
 
 
-def build_pico(name: str, seed: int = 0):
+def build_pico(name: str, seed: int = 0, num_layers: int = 2):
     config_class, model_class, kv_heads, extra = PICO_ARCHITECTURES[name]
     config = config_class(
         vocab_size=258,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,

@@ -1,0 +1,226 @@
+"""Streaming conversion (one decoder layer at a time from the safetensors shards) against the whole-model path.
+
+Sources: 3-layer pico checkpoints, one float32 in one file, one Qwen2 (biases, tied embeddings) stored in bfloat16,
+and one Mistral written in several shards with an index.
+"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
+from mla_convert import stream
+from mla_convert.convert import ConversionOptions, convert
+from mla_convert.errors import MLAConvertError
+
+from conftest import assert_clean_failure, build_pico, byte_tokenizer, leftovers, load_causal_lm, relative_error, run_cli, token_ids
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream-sources")
+    tokenizer = byte_tokenizer()
+    folders = {"float32": root / "float32", "bfloat16": root / "bfloat16", "sharded": root / "sharded"}
+    build_pico("llama-gqa", num_layers=3).save_pretrained(folders["float32"])
+    build_pico("qwen2", num_layers=3).to(torch.bfloat16).save_pretrained(folders["bfloat16"])
+    build_pico("mistral", num_layers=3).save_pretrained(folders["sharded"], max_shard_size="60KB")
+    for folder in folders.values():
+        tokenizer.save_pretrained(folder)
+    assert (folders["sharded"] / "model.safetensors.index.json").is_file()
+    return folders
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model, whether in one file or in shards."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def options(budget: float, calibration: Path, **overrides) -> ConversionOptions:
+    settings = dict(
+        kv_budget=budget, calibration=str(calibration), calibration_tokens=1024, calibration_seq_len=128,
+        refine_tokens=1024, refine_steps=0,
+    )  # fmt: skip
+    return ConversionOptions(**{**settings, **overrides})
+
+
+def convert_both(source: Path, output: Path, conversion: ConversionOptions) -> tuple[dict, dict]:
+    whole = convert(str(source), output / "whole", conversion.__class__(**{**conversion.__dict__, "streaming": "off"}))
+    streamed = convert(str(source), output / "streamed", conversion.__class__(**{**conversion.__dict__, "streaming": "on"}))
+    assert whole["streaming"] is False and streamed["streaming"] is True
+    return whole, streamed
+
+
+SETTINGS = {
+    # at full budget both are exact
+    "exact": dict(budget=1.0),
+    # below it: calibration text, the K/V balance search, latent sizes by spectrum, refinement
+    "compressed": dict(budget=0.5, key_scale="search", rank_allocation="spectrum", refine_steps=10),
+    "svd-refined": dict(budget=0.5, init="svd", key_scale=1.0, refine_steps=5),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "sharded"])
+def test_streaming_gives_the_whole_model_paths_weights_and_logits(tmp_path, sources, wikitext, kind, setting):
+    budget, overrides = SETTINGS[setting]["budget"], {k: v for k, v in SETTINGS[setting].items() if k != "budget"}
+    whole, streamed = convert_both(sources[kind], tmp_path, options(budget, wikitext, **overrides))
+
+    assert streamed["kv_lora_ranks"] == whole["kv_lora_ranks"]
+    assert [layer.get("key_scale_factor") for layer in streamed["layers"]] == [
+        layer.get("key_scale_factor") for layer in whole["layers"]
+    ]
+    expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "streamed")
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert relative_error(actual[name].float(), tensor.float()) < 1e-5, name
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert streamed["verification"]["max_relative_logit_error"] == pytest.approx(
+        whole["verification"]["max_relative_logit_error"], rel=1e-3, abs=1e-6
+    )
+
+    ids = token_ids(2, 48)
+    with torch.no_grad():
+        logits = load_causal_lm(tmp_path / "streamed")(ids).logits
+        assert relative_error(logits, load_causal_lm(tmp_path / "whole")(ids).logits) < 1e-4
+        if setting == "exact":
+            assert relative_error(logits, load_causal_lm(sources[kind])(ids).logits) < 1e-4
+    if setting == "compressed":
+        assert all("refine_error_after" in layer for layer in streamed["layers"])
+
+
+def test_the_report_records_peak_memory_and_time_per_stage(tmp_path, sources, wikitext):
+    report = convert(
+        str(sources["float32"]), tmp_path / "out", options(0.5, wikitext, streaming="on", refine_steps=2)
+    )
+    assert report == json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert report["peak_rss_bytes"] > 0
+    stages = report["seconds_per_stage"]
+    assert {"spectrum pass", "read", "calibrate", "decompose", "key-scale search", "refine", "verify", "write"} <= set(stages)
+
+
+def test_sharded_output_has_an_index_and_loads(tmp_path, sources, wikitext):
+    output = tmp_path / "out"
+    report = convert(str(sources["float32"]), output, options(0.5, wikitext, streaming="on", max_shard_size="40KB"))
+    shards = sorted(path.name for path in output.glob("*.safetensors"))
+    assert len(shards) > 1 and all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s) for s in shards)
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    tensors = weights(output)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+    convert(str(sources["float32"]), tmp_path / "whole", options(0.5, wikitext, streaming="off"))
+    ids = token_ids(2, 40)
+    with torch.no_grad():
+        logits = load_causal_lm(output)(ids).logits
+        assert relative_error(logits, load_causal_lm(tmp_path / "whole")(ids).logits) < 1e-5
+    assert report["kv_budget"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "sharded"])
+def test_streaming_holds_one_source_layer_at_a_time_in_its_stored_dtype(tmp_path, sources, wikitext, monkeypatch, kind):
+    """Every tensor read from the source is tracked until it is freed: at no read is more than one layer alive."""
+    alive: dict[int, int] = {}
+    most_alive_layers, dtypes = [0], set()
+    read = stream.LazySource.read
+
+    def tracked_read(self, name):
+        tensor = read(self, name)
+        dtypes.add(tensor.dtype)
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match:
+            layer = int(match.group(1))
+            alive[layer] = alive.get(layer, 0) + 1
+            weakref.finalize(tensor, lambda: alive.__setitem__(layer, alive[layer] - 1))
+            most_alive_layers[0] = max(most_alive_layers[0], sum(1 for count in alive.values() if count > 0))
+        return tensor
+
+    monkeypatch.setattr(stream.LazySource, "read", tracked_read)
+    convert(str(sources[kind]), tmp_path / "out", options(0.5, wikitext, streaming="on", refine_steps=2))
+    assert most_alive_layers[0] == 1
+    assert dtypes == {torch.bfloat16 if kind == "bfloat16" else torch.float32}
+
+
+def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch):
+    class Memory:
+        available = 10 * 2**30
+
+    monkeypatch.setattr(stream.psutil, "virtual_memory", lambda: Memory)
+    assert convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))["streaming"] is False
+    Memory.available = stream.whole_model_bytes(sources["float32"])  # the whole model would take all of it
+    assert convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))["streaming"] is True
+
+
+def test_a_failed_streaming_conversion_leaves_nothing_behind(tmp_path, sources, wikitext):
+    """NaN in the last layer is found only when that layer is read, after the first layers were written."""
+    source = tmp_path / "nan"
+    build_pico("llama-gqa", num_layers=3).save_pretrained(source, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(source)
+    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    from safetensors.torch import load_file, save_file
+
+    shard = source / index["model.layers.2.mlp.up_proj.weight"]
+    state = load_file(shard)
+    state["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(MLAConvertError, match="NaN"):
+        convert(str(source), tmp_path / "out", options(1.0, wikitext, streaming="on", max_shard_size="30KB"))
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+KILLED = """
+import os, signal, sys
+from mla_convert import stream
+from mla_convert.cli import main
+
+flush = stream.ShardWriter.flush
+def flush_then_die(self):
+    flush(self)
+    if len(self.shards) == 2:  # the first layers are on disk, the rest is not
+        os.kill(os.getpid(), signal.SIGKILL)
+
+stream.ShardWriter.flush = flush_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_up(tmp_path, sources, wikitext):
+    argv = ["convert", str(sources["sharded"]), str(tmp_path / "out"), "--kv-budget", "1.0", "--streaming", "on",
+            "--max-shard-size", "30KB"]  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", KILLED, *argv], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path), "the killed run's staging folder should be there for the next run to remove"
+    result = run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(tmp_path) == []
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--target", "deepseek", "--calibration", "{data}"], "--target deepseek is not streamed yet"),
+        ([], "streaming conversion needs --calibration text"),
+        (["--calibration", "{data}", "--max-shard-size", "lots"], "--max-shard-size must be a size"),
+    ],
+)
+def test_streaming_refuses_what_it_cannot_do_in_one_line(tmp_path, sources, wikitext, extra, fragment):
+    args = [arg.replace("{data}", str(wikitext)) for arg in extra]
+    result = run_cli("convert", str(sources["float32"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on", *args)
+    assert_clean_failure(result, fragment)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
