@@ -22,6 +22,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -32,7 +33,6 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
@@ -352,33 +352,50 @@ def choose_key_scale(
 class ShardWriter:
     """Writes tensors into `model-0000x-of-0000N.safetensors` shards of at most `max_bytes` (a tensor larger than
     that gets a shard of its own) plus `model.safetensors.index.json`, or one `model.safetensors`, as transformers'
-    `save_pretrained` does. Only the shard being filled is held in memory."""
+    `save_pretrained` does.
+
+    Nothing is held in memory: each tensor's bytes go to the open shard's data file at once, and a full shard gets
+    its safetensors header written in front of them (the header needs every offset, so it comes last)."""
+
+    DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
     def __init__(self, folder: Path, max_bytes: int, dtype: torch.dtype):
         self.folder, self.max_bytes, self.dtype = folder, max_bytes, dtype
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
+        self.header: dict[str, dict] = {}
+        self.data = None
+        self.offset = 0
         self.total_bytes = self.total_parameters = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        # a copy in the saved dtype: the source's float32 tensors are not kept alive by the buffer
-        tensor = tensor.detach().to("cpu", self.dtype, copy=True).contiguous()
+        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
+        if self.header and self.offset + size > self.max_bytes:
             self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += size
+        if self.data is None:
+            self.data = open(self.folder / f".shard-{len(self.shards)}.data", "wb")
+        self.data.write(tensor.view(-1).view(torch.uint8).numpy().data)
+        entry = {"dtype": self.DTYPES[self.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        self.header[name] = entry
+        self.offset += size
         self.total_bytes += size
         self.total_parameters += tensor.numel()
 
     def flush(self) -> None:
-        if not self.pending:
+        if self.data is None:
             return
+        self.data.close()
+        data_path = Path(self.data.name)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         path = self.folder / f".shard-{len(self.shards)}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        with open(path, "wb") as shard, open(data_path, "rb") as data:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            shutil.copyfileobj(data, shard, 16 * 2**20)
+        data_path.unlink()
+        self.shards.append((path, list(self.header)))
+        self.header, self.data, self.offset = {}, None, 0
 
     def finish(self) -> None:
         self.flush()
