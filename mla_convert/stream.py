@@ -32,6 +32,9 @@ from pathlib import Path
 
 import psutil
 import torch
+from mla_modeling import MLAConfig, MLAForCausalLM
+from mla_modeling.attention_mla import rope_gather_index
+from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,15 +42,33 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfi
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask
 
-from mla_modeling import MLAConfig, MLAForCausalLM
-from mla_modeling.attention_mla import rope_gather_index
-from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
-
 from .assemble import attention_entries, mla_config
-from .calibrate import calibration_sequences, kept_sequences, moment_sum, needs_text, searches_key_scale
-from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, uses_spectrum_allocation
-from .convert import check_sliding_window, conversion_report, decompose_options_for, first_key_scale
-from .decompose import MLAAttentionWeights, attention_weights, decompose_layer, single_thread, weight_only_moment
+from .calibrate import (
+    calibration_sequences,
+    kept_sequences,
+    moment_sum,
+    needs_text,
+    searches_key_scale,
+)
+from .conversion_options import (
+    KEY_SCALE_GRID,
+    ConversionOptions,
+    check_options,
+    uses_spectrum_allocation,
+)
+from .convert import (
+    check_sliding_window,
+    conversion_report,
+    decompose_options_for,
+    first_key_scale,
+)
+from .decompose import (
+    MLAAttentionWeights,
+    attention_weights,
+    decompose_layer,
+    single_thread,
+    weight_only_moment,
+)
 from .errors import MLAConvertError
 from .folders import prepare_output, save_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
@@ -60,9 +81,13 @@ from .refine import (
     target_inputs,
     windows,
 )
-from .sources import _load_tokenizer, _safetensors_shapes, check_device, load_source_config
+from .sources import (
+    _load_tokenizer,
+    _safetensors_shapes,
+    check_device,
+    load_source_config,
+)
 from .verify import check_verification, logit_agreement, verification_ids
-
 
 # The whole-model path holds the source and the MLA model in float32 beside each other: auto streams when that would
 # take more than this share of the memory available now.
@@ -210,7 +235,7 @@ class Stream:
     progress: bool = True
 
     @classmethod
-    def open(cls, folder: Path, source_config, options: ConversionOptions, meter: Meter, progress: bool) -> "Stream":
+    def open(cls, folder: Path, source_config, options: ConversionOptions, meter: Meter, progress: bool) -> Stream:
         device = torch.device(options.device)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(source_config)
@@ -223,10 +248,11 @@ class Stream:
     def inv_freq(self) -> torch.Tensor:
         return self.rotary.inv_freq.detach().to("cpu", torch.float64)
 
-    def source_layer(self, layer_idx: int) -> nn.Module:
+    def source_layer(self, layer_idx: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The source decoder layer in float32 on the device, from `state` (read from the shards when None)."""
         with torch.device("meta"):
             layer = type(self.skeleton.model.layers[layer_idx])(self.skeleton.config, layer_idx)
-        return load_module(layer, self.reader.layer_state(layer_idx), self.device)
+        return load_module(layer, self.reader.layer_state(layer_idx) if state is None else state, self.device)
 
     def embed(self, ids: torch.LongTensor, weight: torch.Tensor) -> torch.Tensor:
         """Hidden states `[sequences, seq, hidden]` float32 of `ids` `[sequences, seq]` (only their rows are cast)."""
@@ -287,7 +313,7 @@ class MLAStream:
     rotary: nn.Module
 
     @classmethod
-    def start(cls, stream: Stream, plan: RankPlan, first: MLAAttentionWeights) -> "MLAStream":
+    def start(cls, stream: Stream, plan: RankPlan, first: MLAAttentionWeights) -> MLAStream:
         config = mla_config(stream.source_config, stream.skeleton, plan, [first] * stream.shape.num_layers)
         config.rope_frequency_indices = [list(first.rope_frequency_indices) for _ in range(stream.shape.num_layers)]
         with torch.device("meta"):
@@ -322,28 +348,27 @@ def decompose_streamed(
         )
 
 
-def choose_key_scale(
-    stream: Stream,
-    mla: MLAStream,
-    source_layer: nn.Module,
-    source_state: dict,
-    candidates: list[MLAAttentionWeights],
-    inputs: torch.Tensor,
-    layer_idx: int,
-) -> MLAAttentionWeights:
-    """`convert.choose_key_scales` for one layer: the candidate whose attention output is closest to the source's
-    on the first windows of the recorded inputs `[sequences, seq, hidden]`."""
-    # inputs: [count, window, hidden] float32 on the device
-    inputs = target_inputs(inputs, stream.device)
-    with eager_on_cpu([stream.skeleton.config, mla.config], stream.device):
-        target = attention_outputs(source_layer.self_attn, inputs, rope_tables(stream.rotary, inputs), len(inputs))
-        rope = rope_tables(mla.rotary, inputs)
-        errors = []
-        for candidate in candidates:
-            layer = mla.layer(layer_idx, source_state, candidate, stream.device)
-            errors.append(attention_error(layer.self_attn, inputs, target, rope))
-            del layer
-    return candidates[min(range(len(candidates)), key=lambda c: errors[c])]
+@dataclass
+class KeyScaleTarget:
+    """`refine.AttentionTargets` for one layer: the first windows of its recorded inputs `[count, window, hidden]`
+    (float32, on the device), the source attention's output on them and the MLA RoPE tables for them."""
+
+    inputs: torch.Tensor
+    target: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, stream: Stream, mla: MLAStream, source_layer: nn.Module, kept: torch.Tensor) -> KeyScaleTarget:
+        inputs = target_inputs(kept, stream.device)
+        with eager_on_cpu([stream.skeleton.config], stream.device):
+            target = attention_outputs(source_layer.self_attn, inputs, rope_tables(stream.rotary, inputs), len(inputs))
+        return cls(inputs, target, rope_tables(mla.rotary, inputs))
+
+    def error(self, stream: Stream, mla: MLAStream, layer_idx: int, source_state: dict, candidate) -> float:
+        """The relative attention-output error of `candidate`, as `convert.choose_key_scales` scores it."""
+        layer = mla.layer(layer_idx, source_state, candidate, stream.device)
+        with eager_on_cpu([mla.config], stream.device):
+            return attention_error(layer.self_attn, self.inputs, self.target, self.rope)
 
 
 # ------------------------------------------------------------------------------------------------ the output
@@ -500,25 +525,28 @@ def convert_layers(
     for layer_idx in bar:
         with meter.stage("read"):
             source_state = stream.reader.layer_state(layer_idx)
-            source_layer = load_module(
-                _meta_layer(stream, layer_idx), {k: v for k, v in source_state.items()}, device
-            )
+            source_layer = stream.source_layer(layer_idx, source_state)
         moment = kept = None
         if hidden is not None:
             with meter.stage("calibrate"):
                 hidden, moment, kept = run_layer(source_layer, hidden, config, stream.rotary, device, moment=True, keep=keep)
-        with meter.stage("decompose"):
-            moment = layer_moment(stream, moment)
-            factors = KEY_SCALE_GRID if search else (first_key_scale(options),)
-            candidates = [decompose_streamed(stream, source_layer, moment, plan, layer_idx, f) for f in factors]
-            if mla is None:
-                mla = MLAStream.start(stream, plan, candidates[0])
-        if search:
+        moment = layer_moment(stream, moment)
+        # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
+        weights = best_error = target = None
+        for factor in KEY_SCALE_GRID if search else (first_key_scale(options),):
+            with meter.stage("decompose"):
+                candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor)
+            mla = mla or MLAStream.start(stream, plan, candidate)
+            if not search:
+                weights = candidate
+                break
             with meter.stage("key-scale search"):
-                weights = choose_key_scale(stream, mla, source_layer, source_state, candidates, kept, layer_idx)
-        else:
-            weights = candidates[0]
-        del candidates
+                target = target or KeyScaleTarget.of(stream, mla, source_layer, kept)
+                error = target.error(stream, mla, layer_idx, source_state, candidate)
+            if weights is None or error < best_error:  # ties: the first, as `choose_key_scales`
+                weights, best_error = candidate, error
+            del candidate
+        del target
         mla_layer = mla.layer(layer_idx, source_state, weights, device)
         stats = {}
         if refine_steps > 0:
@@ -548,11 +576,6 @@ def convert_layers(
     with meter.stage("verify"):
         verification = final_check(stream, writer, source_check, mla_check)
     return records, refine_stats, verification
-
-
-def _meta_layer(stream: Stream, layer_idx: int) -> nn.Module:
-    with torch.device("meta"):
-        return type(stream.skeleton.model.layers[layer_idx])(stream.skeleton.config, layer_idx)
 
 
 def final_check(stream: Stream, writer: ShardWriter, source_check: torch.Tensor, mla_check: torch.Tensor) -> dict:

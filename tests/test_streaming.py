@@ -14,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    assert_clean_failure,
+    build_pico,
+    byte_tokenizer,
+    leftovers,
+    load_causal_lm,
+    relative_error,
+    run_cli,
+    token_ids,
+)
 from safetensors import safe_open
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert import stream
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.errors import MLAConvertError
-
-from conftest import assert_clean_failure, build_pico, byte_tokenizer, leftovers, load_causal_lm, relative_error, run_cli, token_ids
 
 
 @pytest.fixture(scope="session")
