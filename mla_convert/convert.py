@@ -54,11 +54,12 @@ def convert(
     options = options or ConversionOptions()
     check_options(options)
     check_device(options.device)
-    from .stream import convert_streaming, peak_rss, streams  # the streaming pipeline reuses this module's steps
+    from .stream import Meter, convert_streaming, streams  # the streaming pipeline reuses this module's steps
 
     if streams(source, gguf_file, options):
-        return convert_streaming(source, output, options, overwrite=overwrite, force=force)
+        return convert_streaming(source, output, options, gguf_file, overwrite=overwrite, force=force)
     started = time.perf_counter()
+    meter = Meter()
 
     # load (config first: bad budgets, architectures and outputs fail before any weight is read)
     source_config = load_source_config(source, gguf_file)
@@ -75,16 +76,20 @@ def convert(
     source_model, tokenizer = load_source(source, gguf_file, dtype=torch.float32, device=options.device)
     if options.target == "deepseek":
         plan = check_deepseek_source(source_model, shape, plan)
+    meter.lap("load")
 
     calibration = calibrate(source_model, tokenizer, shape, plan, options)
+    meter.lap("calibrate")
     model, plan, layers, refine_stats = build_mla(source_model, source_config, plan, calibration, options)
+    meter.lap("decompose, assemble and refine")
     sequences, calibration_info = calibration.sequences, calibration.info
     del calibration  # its recorded layer inputs are the largest thing a conversion holds
 
     verification = verify(source_model, model, plan, sequences, options.seed)
+    meter.lap("verify")
     report = conversion_report(source, gguf_file, source_config, options, plan, layers, refine_stats, calibration_info)
     report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
-    report.update(streaming=False, peak_rss_bytes=peak_rss())
+    report.update(streaming=False, **meter.report())
     save_converted(model, tokenizer, report, output, options.dtype)
     return report
 

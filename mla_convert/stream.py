@@ -106,7 +106,15 @@ def streams(source: str, gguf_file: str | None, options: ConversionOptions) -> b
         return options.streaming == "on"
     if gguf_file is not None or not Path(os.fspath(source)).is_dir():
         return False
-    return whole_model_bytes(Path(source)) > AUTO_MEMORY_SHARE * psutil.virtual_memory().available
+    needed, available = whole_model_bytes(Path(source)), psutil.virtual_memory().available
+    if needed <= AUTO_MEMORY_SHARE * available:
+        return False
+    print(
+        f"note: converting layer by layer (--streaming auto): the whole-model path would hold about "
+        f"{needed / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB are available",
+        file=sys.stderr,
+    )
+    return True
 
 
 def whole_model_bytes(folder: Path) -> int:
@@ -160,6 +168,7 @@ class Meter:
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     peak: int = 0
+    last: float = field(default_factory=time.perf_counter)
 
     @contextmanager
     def stage(self, name: str):
@@ -170,9 +179,19 @@ class Meter:
             self.seconds[name] += time.perf_counter() - started
             self.peak = max(self.peak, rss())
 
+    def lap(self, name: str) -> None:
+        """Ends stage `name`, which began at the previous lap (or when the meter was made)."""
+        now = time.perf_counter()
+        self.seconds[name] += now - self.last
+        self.last = now
+        self.peak = max(self.peak, rss())
+
     def report(self) -> dict:
         return {
+            # sampled at the end of every stage (and every layer); the process's own peak since it started (a CLI
+            # run: the conversion's) bounds it from above, whatever happened between the samples
             "peak_rss_bytes": max(self.peak, rss()),
+            "process_peak_rss_bytes": peak_rss(),
             "seconds_per_stage": {name: round(value, 2) for name, value in self.seconds.items()},
         }
 
@@ -484,7 +503,8 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
     if sequences is not None:
         hidden = stream.embed(sequences, stream.reader.read("model.embed_tokens.weight"))
     spectra = []
-    for layer_idx in tqdm(range(stream.shape.num_layers), desc="spectra (pass 1)", unit="layer", disable=not stream.progress):
+    bar = tqdm(range(stream.shape.num_layers), desc="spectra (pass 1)", unit="layer", disable=not stream.progress)
+    for layer_idx in bar:
         layer = stream.source_layer(layer_idx)
         moment = None
         if hidden is not None:
@@ -494,6 +514,7 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
         weights = decompose_streamed(stream, layer, layer_moment(stream, moment), plan, layer_idx, first_key_scale(stream.options))
         spectra.append(weights.spectrum)
         del layer, weights
+        bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
     return spectra
 
 

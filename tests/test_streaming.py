@@ -10,26 +10,21 @@ import signal
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    assert_clean_failure,
-    build_pico,
-    byte_tokenizer,
-    leftovers,
-    load_causal_lm,
-    relative_error,
-    run_cli,
-    token_ids,
-)
 from safetensors import safe_open
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert import stream
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.errors import MLAConvertError
+
+from conftest import (
+    assert_clean_failure, build_pico, byte_tokenizer, leftovers, load_causal_lm, relative_error, run_cli, token_ids,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +59,8 @@ def options(budget: float, calibration: Path, **overrides) -> ConversionOptions:
 
 
 def convert_both(source: Path, output: Path, conversion: ConversionOptions) -> tuple[dict, dict]:
-    whole = convert(str(source), output / "whole", conversion.__class__(**{**conversion.__dict__, "streaming": "off"}))
-    streamed = convert(str(source), output / "streamed", conversion.__class__(**{**conversion.__dict__, "streaming": "on"}))
+    whole = convert(str(source), output / "whole", replace(conversion, streaming="off"))
+    streamed = convert(str(source), output / "streamed", replace(conversion, streaming="on"))
     assert whole["streaming"] is False and streamed["streaming"] is True
     return whole, streamed
 
@@ -115,9 +110,11 @@ def test_the_report_records_peak_memory_and_time_per_stage(tmp_path, sources, wi
         str(sources["float32"]), tmp_path / "out", options(0.5, wikitext, streaming="on", refine_steps=2)
     )
     assert report == json.loads((tmp_path / "out" / "conversion.json").read_text())
-    assert report["peak_rss_bytes"] > 0
+    assert 0 < report["peak_rss_bytes"] <= report["process_peak_rss_bytes"]
     stages = report["seconds_per_stage"]
     assert {"spectrum pass", "read", "calibrate", "decompose", "key-scale search", "refine", "verify", "write"} <= set(stages)
+    whole = convert(str(sources["float32"]), tmp_path / "whole", options(0.5, wikitext, streaming="off", refine_steps=2))
+    assert whole["peak_rss_bytes"] > 0 and {"load", "calibrate", "verify"} <= set(whole["seconds_per_stage"])
 
 
 def test_sharded_output_has_an_index_and_loads(tmp_path, sources, wikitext):
@@ -163,7 +160,7 @@ def test_streaming_holds_one_source_layer_at_a_time_in_its_stored_dtype(tmp_path
     assert dtypes == {torch.bfloat16 if kind == "bfloat16" else torch.float32}
 
 
-def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch):
+def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch, capsys):
     class Memory:
         available = 10 * 2**30
 
@@ -171,6 +168,7 @@ def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wiki
     assert convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))["streaming"] is False
     Memory.available = stream.whole_model_bytes(sources["float32"])  # the whole model would take all of it
     assert convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))["streaming"] is True
+    assert "converting layer by layer (--streaming auto)" in capsys.readouterr().err
 
 
 def test_a_failed_streaming_conversion_leaves_nothing_behind(tmp_path, sources, wikitext):
