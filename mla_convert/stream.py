@@ -188,8 +188,8 @@ class Meter:
 
     def report(self) -> dict:
         return {
-            # sampled at the end of every stage (and every layer); the process's own peak since it started (a CLI
-            # run: the conversion's) bounds it from above, whatever happened between the samples
+            # sampled at the end of every stage (and every layer); beside it the kernel's high-water mark of the
+            # process since it started (a CLI run: the conversion's), which sees what fell between the samples
             "peak_rss_bytes": max(self.peak, rss()),
             "process_peak_rss_bytes": peak_rss(),
             "seconds_per_stage": {name: round(value, 2) for name, value in self.seconds.items()},
