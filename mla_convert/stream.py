@@ -545,8 +545,9 @@ def convert_layers(
     bar = tqdm(range(stream.shape.num_layers), desc="converting (streamed)", unit="layer", disable=not stream.progress)
     for layer_idx in bar:
         with meter.stage("read"):
-            source_state = stream.reader.layer_state(layer_idx)
-            source_layer = stream.source_layer(layer_idx, source_state)
+            source_layer = stream.source_layer(layer_idx)
+            # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
+            source_state = source_layer.state_dict()
         moment = kept = None
         if hidden is not None:
             with meter.stage("calibrate"):
