@@ -105,6 +105,18 @@ def test_streaming_gives_the_whole_model_paths_weights_and_logits(tmp_path, sour
         assert all("refine_error_after" in layer for layer in streamed["layers"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streaming_on_cuda_gives_the_whole_model_paths_weights(tmp_path, sources, wikitext):
+    """--device cuda: one layer at a time on the GPU, the same result as the whole model on the GPU."""
+    conversion = options(0.5, wikitext, device="cuda", key_scale="search", refine_steps=10)
+    whole, streamed = convert_both(sources["bfloat16"], tmp_path, conversion)
+    assert streamed["kv_lora_ranks"] == whole["kv_lora_ranks"]
+    expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "streamed")
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert relative_error(actual[name].float(), tensor.float()) < 1e-3, name
+
+
 def test_the_report_records_peak_memory_and_time_per_stage(tmp_path, sources, wikitext):
     report = convert(
         str(sources["float32"]), tmp_path / "out", options(0.5, wikitext, streaming="on", refine_steps=2)
