@@ -257,6 +257,8 @@ def print_conversion_summary(report: dict, output: str) -> None:
         f"{verification['max_relative_logit_error']:.2e}, KL {verification['kl']:.4f}, "
         f"top-1 agreement {verification['top1_agreement']:.3f}; took {report['seconds']} s"
     )
+    if report.get("streaming"):
+        print(f"converted layer by layer (streaming); peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB")
     refined = [layer for layer in report["layers"] if "refine_error_before" in layer]
     if refined:
         before = sum(layer["refine_error_before"] for layer in refined) / len(refined)

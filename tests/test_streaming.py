@@ -227,6 +227,7 @@ def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_
     assert result.returncode == 0, result.stderr
     assert leftovers(tmp_path) == []
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert "converted layer by layer (streaming); peak memory" in result.stdout
 
 
 @pytest.mark.parametrize(
