@@ -23,7 +23,13 @@ from mla_modeling import MLAForCausalLM
 
 from .assemble import assemble, mla_config
 from .calibrate import Calibration, calibrate, searches_key_scale
-from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, uses_spectrum_allocation
+from .conversion_options import (
+    KEY_SCALE_GRID,
+    ConversionOptions,
+    check_options,
+    refine_lr,
+    uses_spectrum_allocation,
+)
 from .decompose import DecomposeOptions, decompose_all, weight_only_moment
 from .deepseek import attach_latent_norm, check_deepseek_source
 from .errors import MLAConvertError
@@ -210,7 +216,7 @@ def refine(
     progress: bool = True,
 ) -> list[dict]:
     """Fits each MLA layer of `model` to its source layer on the recorded calibration inputs (`--refine-steps`)."""
-    refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+    refine_options = RefineOptions(steps=options.refine_steps, lr=refine_lr(options))
     return refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
 
 
@@ -262,6 +268,7 @@ def conversion_report(
             "dtype": options.dtype,
         },
         "refine_steps": 0 if plan.exact else options.refine_steps,
+        "refine_lr": refine_lr(options),
         "layers": [
             dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])
             for i, layer in enumerate(layers)
