@@ -183,8 +183,8 @@ class MLASlidingLatentCacheLayer(MLALatentCacheLayer):
         # visible: [batch, 1, kept + new, kv_lora_rank + qk_rope_head_dim]
         self.visible = torch.cat((self.buffer, torch.cat((key_states, value_states), dim=-1)), dim=-2)
         self.cumulative_length += key_states.shape[-2]
-        keep = self.sliding_window - 1
-        kept = self.visible[:, :, self.visible.shape[-2] - keep :] if keep > 0 else self.visible[:, :, :0]
+        # kept: [batch, 1, min(kept + new, sliding_window - 1), kv_lora_rank + qk_rope_head_dim]
+        kept = self.visible[:, :, max(self.visible.shape[-2] - (self.sliding_window - 1), 0) :]
         # After a long prefill, a copy: a view would hold on to the whole prompt's storage.
         self.buffer = kept.clone() if self.visible.shape[-2] > self.sliding_window else kept
         self._refresh_views()

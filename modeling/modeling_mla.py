@@ -252,6 +252,27 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+        # LongRoPE (Phi-3's long variants) rotates with other frequencies once the sequence passes the original
+        # context, which invalidates the keys cached before: as Phi-3 does, the step that crosses it recomputes the
+        # whole sequence (one slower step; the cached latents and RoPE keys are rebuilt with the long factors).
+        rope_parameters = self.config.rope_parameters or {}
+        original_context = rope_parameters.get("original_max_position_embeddings")
+        # The cache keyword: `cache` from transformers 5.24, `past_key_values` in 5.23
+        name = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(name)
+        if (
+            rope_parameters.get("rope_type") == "longrope"
+            and original_context is not None
+            and cache is not None
+            and input_ids.shape[1] > original_context
+            and cache.get_seq_length() <= original_context
+        ):
+            kwargs[name] = None
+            if "next_sequence_length" in kwargs:
+                kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
