@@ -61,7 +61,8 @@ def rope_tables(layers: list, qk_rope_head_dim: int, head_dim: int) -> list[list
 def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> MLAForCausalLM:
     """Copies everything but attention from the source and fills in the MLA projections."""
     # Phi-3's fused gate/up projection split into the MLA model's (Llama's) two
-    state = {key: value for key, value in llama_layout_state(source_model.state_dict()).items() if ".self_attn." not in key}
+    state = llama_layout_state(source_model.state_dict())
+    state = {key: value for key, value in state.items() if ".self_attn." not in key}
     for layer_idx, weights in enumerate(layers):
         prefix = f"model.layers.{layer_idx}.self_attn."
         entries = {

@@ -43,7 +43,7 @@ from .assemble import assemble, mla_config
 from .calibrate import collect_input_moments, forward_batches
 from .decompose import DecomposeOptions, decompose_all, deepseek_frequency_indices, weight_only_moment
 from .errors import MLAConvertError
-from .families import attention_projections, rotary_dim
+from .families import attention_projections, rotary_dim, sliding_window, source_layer_types
 from .plan import RankPlan, SourceShape
 
 
@@ -280,6 +280,11 @@ def check_deepseek_source(source_model: PreTrainedModel, shape: SourceShape, pla
         raise MLAConvertError(
             "--target deepseek cannot convert this source: its attention has biases (q/k/v, as Qwen2's has), and "
             "DeepSeek-V3's attention (and vLLM's DeepSeek path) has none, so every attention score would change"
+        )
+    if source_layer_types(source_model.config) is not None:
+        raise MLAConvertError(
+            f"--target deepseek cannot convert this source: it attends over a sliding window of "
+            f"{sliding_window(source_model.config)} tokens, and DeepSeek-V3 over the whole context"
         )
     if rotary_dim(source_model.config) != shape.head_dim:
         raise MLAConvertError(

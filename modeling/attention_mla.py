@@ -169,8 +169,7 @@ class MLAAttention(nn.Module):
         self.num_key_value_groups = 1
         # A local layer attends to the last `sliding_window` tokens: the mask says so for eager, sdpa and flex (and
         # the absorbed form), flash kernels read the window itself.
-        attention_layer_types = config.attention_layer_types or []
-        is_sliding = layer_idx < len(attention_layer_types) and attention_layer_types[layer_idx] == SLIDING_ATTENTION
+        is_sliding = bool(config.attention_layer_types) and config.attention_layer_types[layer_idx] == SLIDING_ATTENTION
         self.sliding_window = config.sliding_window if is_sliding else None
 
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)

@@ -187,7 +187,8 @@ class MLAConfig(PreTrainedConfig):
 
     def _remove_keys_not_serialized(self, config_dict: dict) -> None:
         super()._remove_keys_not_serialized(config_dict)
-        # `layer_types` follows from `attention_layer_types` (or `num_hidden_layers`) and is rebuilt on load. Left out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
+        # `layer_types` follows from `attention_layer_types` (or `num_hidden_layers`) and is rebuilt on load. Left
+        # out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
         # what `AutoTokenizer` falls back to where the plugin is not installed and remote code is not trusted.
         config_dict.pop("layer_types", None)
 

@@ -101,7 +101,9 @@ class MLADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = MLAAttention(config=config, layer_idx=layer_idx)
-        self.attention_type = (config.attention_layer_types or [FULL_ATTENTION] * (layer_idx + 1))[layer_idx]
+        # Which mask this layer reads: the sliding-window one on local layers
+        attention_layer_types = config.attention_layer_types or [FULL_ATTENTION] * config.num_hidden_layers
+        self.attention_type = attention_layer_types[layer_idx]
         self.mlp = MLAMLP(config)
         self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)

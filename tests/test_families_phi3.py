@@ -268,6 +268,24 @@ def test_unsupported_family_gets_one_line_naming_the_supported_ones(tmp_path, ph
 
 def test_gqa_pooling_refuses_phi3_in_one_line(tmp_path, phi3_folders):
     output = tmp_path / "out"
-    with pytest.raises(MLAConvertError, match=r"cannot pool the KV heads of a 'phi3' model; supported model types: llama"):
+    message = r"cannot pool the KV heads of a 'phi3' model; supported model types: llama"
+    with pytest.raises(MLAConvertError, match=message):
         convert_to_gqa(str(phi3_folders["phi3-mha"]), output, num_kv_heads=2)
     assert not output.exists()
+
+
+def test_healing_recognises_a_phi3_teacher_by_its_weights(phi3_folders, exact_folders):
+    """heal's teacher check compares the student's MLP with the teacher's fused one, split as the converter does."""
+    from mla_convert.heal.models import shares_weights
+
+    student = load(exact_folders["phi3-mha"])
+    source = load(phi3_folders["phi3-mha"])
+    assert shares_weights(student, source)
+    source_parameters = dict(source.named_parameters())
+    other = build_phi3("phi3-mha", seed=1)
+    with torch.no_grad():
+        # the same embeddings, norms and down projection: only the fused gate/up projection tells them apart
+        for name, parameter in other.named_parameters():
+            if "gate_up_proj" not in name:
+                parameter.copy_(source_parameters[name])
+    assert not shares_weights(student, other)

@@ -276,3 +276,13 @@ def test_windowed_folder_loads_without_the_plugin(tmp_path, windowed_folders, ex
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote code OK" in result.stdout
+
+
+def test_deepseek_target_refuses_a_sliding_window_in_one_line(tmp_path, windowed_folders):
+    from mla_convert.errors import MLAConvertError
+
+    output = tmp_path / "out"
+    options = ConversionOptions(kv_budget=0.5, target="deepseek")
+    with pytest.raises(MLAConvertError, match=f"sliding window of {WINDOW} tokens, and DeepSeek-V3 over the whole"):
+        convert(str(windowed_folders["mistral"]), output, options)
+    assert not output.exists() or not any(output.iterdir())
