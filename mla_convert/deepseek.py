@@ -286,6 +286,12 @@ def check_deepseek_source(source_model: PreTrainedModel, shape: SourceShape, pla
             f"--target deepseek cannot convert this source: it attends over a sliding window of "
             f"{sliding_window(source_model.config)} tokens, and DeepSeek-V3 over the whole context"
         )
+    rope_type = (source_model.config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type == "longrope":
+        raise MLAConvertError(
+            "--target deepseek cannot convert this source: its RoPE is longrope (Phi-3's long variants), whose "
+            "per-frequency factors and switch at the original context DeepSeek-V3's RoPE types do not have"
+        )
     if rotary_dim(source_model.config) != shape.head_dim:
         raise MLAConvertError(
             "--target deepseek cannot convert this source: it rotates only part of each head "

@@ -289,3 +289,20 @@ def test_healing_recognises_a_phi3_teacher_by_its_weights(phi3_folders, exact_fo
             if "gate_up_proj" not in name:
                 parameter.copy_(source_parameters[name])
     assert not shares_weights(student, other)
+
+
+def test_deepseek_target_refuses_what_its_rope_cannot_express(tmp_path, phi3_folders):
+    partial = tmp_path / "partial"
+    config = build_phi3("phi3-mha").config
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    Phi3ForCausalLM(config).save_pretrained(partial)
+    byte_tokenizer().save_pretrained(partial)
+    cases = {
+        phi3_folders["phi3-mqa-longrope"]: "its RoPE is longrope",
+        partial: "it rotates only part of each head",
+    }
+    for source, reason in cases.items():
+        output = tmp_path / "out"
+        with pytest.raises(MLAConvertError, match=f"--target deepseek cannot convert this source: {reason}"):
+            convert(str(source), output, ConversionOptions(kv_budget=0.5, target="deepseek"))
+        assert not output.exists() or not any(output.iterdir())

@@ -286,3 +286,19 @@ def test_deepseek_target_refuses_a_sliding_window_in_one_line(tmp_path, windowed
     with pytest.raises(MLAConvertError, match=f"sliding window of {WINDOW} tokens, and DeepSeek-V3 over the whole"):
         convert(str(windowed_folders["mistral"]), output, options)
     assert not output.exists() or not any(output.iterdir())
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_padded_batch_and_beam_search_generate_as_the_source(windowed_folders, exact_folders, name):
+    """Left padding (the 2-D mask sliced to the window) and beam reordering of the sliding cache."""
+    source = load(windowed_folders[name])
+    model = load(exact_folders[name])
+    prompts = token_ids(2, 12, seed=11)
+    attention_mask = torch.ones_like(prompts)
+    attention_mask[0, :5] = 0
+    prompts = prompts.masked_fill(attention_mask == 0, 257)
+    kwargs = {"max_new_tokens": 2 * WINDOW, "do_sample": False, "eos_token_id": None, "pad_token_id": 257}
+    expected = source.generate(prompts, attention_mask=attention_mask, **kwargs)
+    assert torch.equal(model.generate(prompts, attention_mask=attention_mask, **kwargs), expected)
+    beams = {**kwargs, "num_beams": 3}
+    assert torch.equal(model.generate(prompts[1:], **beams), source.generate(prompts[1:], **beams))
