@@ -33,6 +33,7 @@ from .conversion_options import (
 from .decompose import DecomposeOptions, decompose_all, weight_only_moment
 from .deepseek import attach_latent_norm, check_deepseek_source
 from .errors import MLAConvertError
+from .families import check_source_family, sliding_window, source_layer_types
 from .folders import prepare_output, save_model_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import AttentionTargets, RefineOptions, refine_all
@@ -64,9 +65,9 @@ def convert(
 
     # load (config first: bad budgets, architectures and outputs fail before any weight is read)
     source_config = load_source_config(source, gguf_file)
+    check_source_family(source_config)
     shape = SourceShape.from_config(source_config)
     plan = plan_ranks(shape, options)
-    check_sliding_window(source_config, options)
     output = prepare_output(
         output,
         inputs={"source": source, "calibration data": options.calibration},
@@ -88,26 +89,6 @@ def convert(
     report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
     save_converted(model, tokenizer, report, output, options.dtype)
     return report
-
-
-def check_sliding_window(source_config: PreTrainedConfig, options: ConversionOptions) -> None:
-    """Refuses a source whose sliding window is shorter than the calibration windows, up front.
-
-    The MLA model attends to the whole context; within the window that is what the source computes, beyond it not,
-    and a conversion calibrated and checked on longer windows than the source ever attends over would be wrong.
-    """
-    window = sliding_window(source_config)
-    if window is not None and window < options.calibration_seq_len:
-        raise MLAConvertError(
-            f"the source attends over a sliding window of {window} tokens, shorter than the "
-            f"{options.calibration_seq_len}-token calibration windows; MLA models do not honour sliding windows yet, "
-            "so this source cannot be converted"
-        )
-
-
-def sliding_window(source_config: PreTrainedConfig) -> int | None:
-    window = getattr(source_config, "sliding_window", None)
-    return window if window is not None and getattr(source_config, "use_sliding_window", True) else None
 
 
 def build_mla(
@@ -279,10 +260,12 @@ def conversion_report(
 
 def conversion_notes(source_config: PreTrainedConfig) -> list[str]:
     notes = []
-    window = sliding_window(source_config)
-    if window is not None:
+    layer_types = source_layer_types(source_config)
+    if layer_types is not None:
+        local = layer_types.count("sliding_attention")
+        window = sliding_window(source_config)
         notes.append(
-            f"the source uses a sliding window of {window} tokens; the MLA model attends to the full context, "
-            f"so it matches the source only up to {window} tokens"
+            f"the source attends over a sliding window of {window} tokens in {local} of its {len(layer_types)} "
+            f"layers; the MLA model does the same, and its cache keeps at most {window - 1} tokens in those layers"
         )
     return notes

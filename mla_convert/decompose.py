@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .families import attention_projections, source_inv_freq
+
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -536,8 +538,9 @@ def decompose_all(
 ) -> list[MLAAttentionWeights]:
     """Every layer of `model` decomposed for `plan` (`moments`: per layer `E[[x; 1] [x; 1]^T]`; `key_scales`: per
     layer K/V balance multipliers, None: `options.key_scale`)."""
-    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
-    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
+    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each; pass-through
+    # dims of a partial RoPE are pairs of frequency 0
+    inv_freq = source_inv_freq(model)
     # The matrices are small (a few hundred wide): one thread is fastest, and multi-threaded LAPACK can slow down a
     # hundredfold when another process competes for the cores.
     threads = torch.get_num_threads()
@@ -560,23 +563,20 @@ def decompose_all(
 
 
 def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape) -> SourceAttention:
-    attention = model.model.layers[layer_idx].self_attn
-
-    def weight(linear):
-        return linear.weight.detach().to("cpu", torch.float64)
-
-    def bias(linear):
-        return None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64)
-
+    # Fused projections split and partial RoPE laid out over the whole head (`families`): Llama's layout for all.
+    projections = attention_projections(model.model.layers[layer_idx].self_attn, model.config)
+    (q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias), (o_weight, o_bias) = (
+        projections[name] for name in "qkvo"
+    )
     return SourceAttention(
-        q_weight=weight(attention.q_proj),
-        k_weight=weight(attention.k_proj),
-        v_weight=weight(attention.v_proj),
-        o_weight=weight(attention.o_proj),
-        q_bias=bias(attention.q_proj),
-        k_bias=bias(attention.k_proj),
-        v_bias=bias(attention.v_proj),
-        o_bias=bias(attention.o_proj),
+        q_weight=q_weight,
+        k_weight=k_weight,
+        v_weight=v_weight,
+        o_weight=o_weight,
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        o_bias=o_bias,
         num_heads=shape.num_heads,
         num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,

@@ -104,6 +104,11 @@ def check_exportable(config, folder: str | os.PathLike) -> list[int]:
         raise MLAConvertError(f"{where}: its MLP has biases, and DeepSeek-V3's dense MLP has none")
     if config.q_lora_rank is not None:
         raise MLAConvertError(f"{where}: a low-rank query (q_lora_rank) is not supported")
+    if "sliding_attention" in (getattr(config, "attention_layer_types", None) or []):
+        raise MLAConvertError(
+            f"{where}: its layers attend over a sliding window of {config.sliding_window} tokens, and DeepSeek-V3 "
+            "attends over the whole context, so every position past the window would change"
+        )
     try:
         frequencies = deepseek_frequency_indices(config.head_dim, config.qk_rope_head_dim)
     except ValueError as e:

@@ -15,7 +15,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_mla import MLAConfig
+from .configuration_mla import SLIDING_ATTENTION, MLAConfig
 
 
 # The attention implementations whose interface the absorbed form calls: it hands them every head's query as a row of
@@ -167,6 +167,10 @@ class MLAAttention(nn.Module):
         self.is_causal = True
         # Both forms hand the backend one key head per query head (expanded) or one query row per head (absorbed).
         self.num_key_value_groups = 1
+        # A local layer attends to the last `sliding_window` tokens: the mask says so for eager, sdpa and flex (and
+        # the absorbed form), flash kernels read the window itself.
+        is_sliding = bool(config.attention_layer_types) and config.attention_layer_types[layer_idx] == SLIDING_ATTENTION
+        self.sliding_window = config.sliding_window if is_sliding else None
 
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
@@ -307,6 +311,7 @@ class MLAAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            sliding_window=self.sliding_window,
             **kwargs,
         )
         # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]

@@ -7,6 +7,12 @@ from transformers.modeling_rope_utils import RopeParameters
 
 # The cache layer type registered by `cache_mla.MLALatentCacheLayer`: one latent and one shared RoPE key per token.
 MLA_LATENT_LAYER_TYPE = "mla_latent"
+# ... and by `cache_mla.MLASlidingLatentCacheLayer`: the same, for the last `sliding_window` tokens only.
+MLA_SLIDING_LATENT_LAYER_TYPE = "mla_latent_sliding"
+
+# How a layer attends, in transformers' names (`attention_layer_types`): over the whole context, or over a window.
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 
 @strict
@@ -28,6 +34,11 @@ class MLAConfig(PreTrainedConfig):
     - `kv_latent_norm`: DeepSeek's `kv_a_layernorm`, an RMSNorm over the latent part of `kv_a_proj_with_mqa`'s
       output, applied before the cache (the cache holds the normalised latent, as DeepSeek's does). Off for a plain
       conversion; needs one `kv_lora_rank` for all layers (the export to DeepSeek-V3's format requires it).
+    - `sliding_window` and `attention_layer_types`: the source's local attention (Mistral's `sliding_window`, Qwen2's
+      `use_sliding_window` with `max_window_layers`, Phi-3's). Per layer `"full_attention"` or `"sliding_attention"`
+      (transformers' names; `None`: every layer full); a sliding layer attends to the last `sliding_window` tokens
+      (itself included) and caches only those. `layer_types`, which transformers' cache utilities read, follows:
+      `"mla_latent"` or `"mla_latent_sliding"` per layer.
     - `attention_path`: `"auto"` decodes over the latent (absorbed) and lets prefill pick the cheaper form;
       `"absorbed"` and `"expanded"` force one form (for checks and benchmarks).
     """
@@ -84,6 +95,8 @@ class MLAConfig(PreTrainedConfig):
     attention_output_bias: bool = False
     kv_latent_norm: bool = False
     attention_path: str = "auto"
+    sliding_window: int | None = None
+    attention_layer_types: list[str] | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -95,7 +108,13 @@ class MLAConfig(PreTrainedConfig):
         if self.softmax_scale is None:
             self.softmax_scale = self.qk_head_dim**-0.5
         if self.layer_types is None:
-            self.layer_types = [MLA_LATENT_LAYER_TYPE] * self.num_hidden_layers
+            # The cache layer of each layer follows from how it attends; `layer_types` is never saved (see
+            # `_remove_keys_not_serialized`), so a loaded config rebuilds it here as well.
+            attention_layer_types = self.attention_layer_types or [FULL_ATTENTION] * self.num_hidden_layers
+            self.layer_types = [
+                MLA_SLIDING_LATENT_LAYER_TYPE if kind == SLIDING_ATTENTION else MLA_LATENT_LAYER_TYPE
+                for kind in attention_layer_types
+            ]
         super().__post_init__(**kwargs)
 
     @property
@@ -122,6 +141,23 @@ class MLAConfig(PreTrainedConfig):
             )
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
+        if self.attention_layer_types is not None:
+            if len(self.attention_layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"`attention_layer_types` has {len(self.attention_layer_types)} entries "
+                    f"for {self.num_hidden_layers} layers."
+                )
+            if any(kind not in (FULL_ATTENTION, SLIDING_ATTENTION) for kind in self.attention_layer_types):
+                raise ValueError(
+                    f"`attention_layer_types` entries must be {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}, "
+                    f"got {self.attention_layer_types}."
+                )
+            if SLIDING_ATTENTION in self.attention_layer_types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window >= 1
+            ):
+                raise ValueError(
+                    f"Sliding-window layers need a positive `sliding_window`, got {self.sliding_window!r}."
+                )
         if self.attention_path not in ("auto", "absorbed", "expanded"):
             raise ValueError(
                 f"`attention_path` must be 'auto', 'absorbed' or 'expanded', got {self.attention_path!r}."
@@ -151,8 +187,8 @@ class MLAConfig(PreTrainedConfig):
 
     def _remove_keys_not_serialized(self, config_dict: dict) -> None:
         super()._remove_keys_not_serialized(config_dict)
-        # `layer_types` follows from `num_hidden_layers` (every entry is the latent cache layer) and is rebuilt on
-        # load. Left out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
+        # `layer_types` follows from `attention_layer_types` (or `num_hidden_layers`) and is rebuilt on load. Left
+        # out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
         # what `AutoTokenizer` falls back to where the plugin is not installed and remote code is not trusted.
         config_dict.pop("layer_types", None)
 
@@ -160,8 +196,9 @@ class MLAConfig(PreTrainedConfig):
         # The latent cache layer is not one of transformers' built-in layer types, so the base check would refuse it.
         if self.layer_types is None:
             return
-        if any(layer_type != MLA_LATENT_LAYER_TYPE for layer_type in self.layer_types):
-            raise ValueError(f"`layer_types` entries must all be {MLA_LATENT_LAYER_TYPE!r}, got {self.layer_types}.")
+        allowed = (MLA_LATENT_LAYER_TYPE, MLA_SLIDING_LATENT_LAYER_TYPE)
+        if any(layer_type not in allowed for layer_type in self.layer_types):
+            raise ValueError(f"`layer_types` entries must be in {allowed}, got {self.layer_types}.")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"`num_hidden_layers` ({self.num_hidden_layers}) must equal the number of `layer_types` "
@@ -169,4 +206,10 @@ class MLAConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["MLAConfig", "MLA_LATENT_LAYER_TYPE"]
+__all__ = [
+    "FULL_ATTENTION",
+    "MLAConfig",
+    "MLA_LATENT_LAYER_TYPE",
+    "MLA_SLIDING_LATENT_LAYER_TYPE",
+    "SLIDING_ATTENTION",
+]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MLAConvertError
+from ..families import llama_layout_state
 from .checkpoints import same_path
 from .options import HealOptions
 
@@ -60,7 +61,8 @@ def recorded_source(student: str) -> str | None:
 
 def shares_weights(student, teacher) -> bool:
     """Whether every weight outside attention (embeddings, MLP, norms, head) is the teacher's own."""
-    teacher_weights = dict(teacher.named_parameters())
+    # A Phi-3 teacher's fused gate/up projection compared as the student's two
+    teacher_weights = llama_layout_state(dict(teacher.named_parameters()))
     compared = 0
     for name, weight in student.named_parameters():
         other = teacher_weights.get(name)
