@@ -29,7 +29,7 @@ from .folders import prepare_output, save_atomically
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # `model_type` of converted checkpoints (`mla_modeling.MLAConfig`), literal: loading sources needs no model code.
 MLA_MODEL_TYPE = "mla"
 
