@@ -129,7 +129,7 @@ class MLAConfig(PreTrainedConfig):
                 f"`kv_latent_norm` needs one `kv_lora_rank` for all layers, got per-layer ranks {self.kv_lora_ranks}."
             )
         if self.qk_norm:
-            self.validate_qk_norm()
+            self._check_qk_norm()
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
         if self.attention_path not in ("auto", "absorbed", "expanded"):
@@ -159,7 +159,8 @@ class MLAConfig(PreTrainedConfig):
                     f"Layer {layer_idx}: `rope_frequency_indices` must lie in [0, {self.head_dim // 2})."
                 )
 
-    def validate_qk_norm(self):
+    def _check_qk_norm(self):
+        # Not a `validate_` method: strict dataclasses run those on every config, this one only with `qk_norm`.
         if self.qk_nope_head_dim != self.head_dim:
             raise ValueError(
                 f"`qk_norm` normalises the NoPE query, which must be the whole source head: `qk_nope_head_dim` "
