@@ -307,3 +307,12 @@ def test_short_heal_lowers_kl(qwen3_folders, wikitext, tmp_path_factory, tmp_pat
     assert healed.config.qk_norm
     start = load(student)
     assert not torch.equal(healed.model.layers[0].self_attn.q_norm.weight, start.model.layers[0].self_attn.q_norm.weight)
+
+
+def test_deepseek_export_refuses_a_qk_norm_folder(exact_folders, tmp_path):
+    from mla_convert.export import export_deepseek_v3
+
+    output = tmp_path / "deepseek"
+    with pytest.raises(MLAConvertError, match="QK-norm"):
+        export_deepseek_v3(exact_folders["qwen3-gqa"], output)
+    assert not output.exists()
