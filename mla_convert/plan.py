@@ -89,14 +89,15 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
         rank = options.kv_lora_rank
     else:
         budget = options.kv_budget if options.kv_budget is not None else 1.0
-        smallest = 3 / full
+        # at least a latent of 1, a RoPE pair and (QK-norm) the key scales
+        smallest = (3 + scales) / full
         if not (budget > 0 and budget <= 1.0) or math.isnan(budget):
             raise MLAConvertError(
                 f"--kv-budget must be in ({smallest:.4f}, 1.0] (the fraction of the source's KV cache of "
                 f"{full} numbers per token and layer that remains), got {budget}"
             )
         total = round(budget * full)
-        if total < 3:
+        if total < 3 + scales:
             raise MLAConvertError(
                 f"--kv-budget {budget} leaves {total} numbers per token and layer; the smallest valid budget "
                 f"for this model is {smallest:.4f}"
@@ -109,7 +110,7 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
         if rope_dim is None:
             # A third of the cache for the RoPE key, at most one head's worth: measured best on SmolLM2 at budgets
             # 0.5 and 0.25 among a sixth, a third and a half.
-            rope_dim = max(2, min(shape.head_dim, 2 * round(total / 6)))
+            rope_dim = max(2, min(shape.head_dim, 2 * round((total - scales) / 6)))
         # The key scales of QK-norm are part of the budget: the latent gives up their room.
         rank = total - rope_dim - scales
     if rope_dim % 2 or not 2 <= rope_dim <= all_rope:
