@@ -45,6 +45,10 @@ def mla_config(source_config: PreTrainedConfig, model: PreTrainedModel, plan: Ra
         attention_output_bias=projections["o"][1] is not None,
         sliding_window=sliding_window(source_config) if source_layer_types(source_config) else None,
         attention_layer_types=source_layer_types(source_config),
+        # QK-norm (Qwen3): the source's kv heads, and per layer the kv head whose key scale each RoPE pair takes
+        qk_norm=shape.qk_norm,
+        qk_norm_heads=shape.num_kv_heads if shape.qk_norm else 0,
+        rope_key_heads=[layer.rope_key_heads for layer in layers] if shape.qk_norm else None,
     )
 
 
@@ -73,6 +77,9 @@ def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> 
             "kv_b_proj.weight": weights.kv_b_weight,
             "o_proj.weight": weights.o_weight,
             "o_proj.bias": weights.o_bias,
+            "q_norm.weight": weights.q_norm_weight,
+            "k_proj.weight": weights.k_weight,
+            "k_proj.bias": weights.k_bias,
         }
         state.update({prefix + name: tensor for name, tensor in entries.items() if tensor is not None})
     if config.tie_word_embeddings:

@@ -136,7 +136,9 @@ def decompose(
     # An explicit --kv-lora-rank is a size per layer, honoured as given; a --kv-budget is a total to spread.
     if uses_spectrum_allocation(options) and not plan.exact:
         # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, False)
+        layers = decompose_all(
+            source_model, shape, moments, plan, decompose_options, key_scales, False, calibration.normalised
+        )
         uniform = plan.kv_lora_ranks[0]
         ranks = allocate_ranks([layer.spectrum for layer in layers], sum(plan.kv_lora_ranks), max(1, uniform // 4))
         plan = replace(plan, kv_lora_ranks=ranks)
@@ -147,10 +149,13 @@ def decompose(
             sequences = calibration.sequences[:KEY_SCALE_SEARCH_NORM_SEQUENCES]
             finish = partial(attach_latent_norm, moments=calibration.moments, calibration_ids=sequences)
         _, layers = choose_key_scales(
-            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs, finish
+            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs, finish,
+            calibration.normalised,
         )
     else:
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, progress)
+        layers = decompose_all(
+            source_model, shape, moments, plan, decompose_options, key_scales, progress, calibration.normalised
+        )
     return plan, layers
 
 
@@ -163,15 +168,17 @@ def choose_key_scales(
     decompose_options: DecomposeOptions,
     layer_inputs: list[torch.Tensor],
     finish: Callable[[MLAForCausalLM], MLAForCausalLM] | None = None,
+    normalised: list | None = None,
 ) -> tuple[list[float], list]:
     """Per layer, the multiplier of the K/V balance (from `KEY_SCALE_GRID`) whose conversion reproduces the source
     layer's attention output best on calibration windows. Returns the multipliers and the winning layers.
     `finish`: what the pipeline does to the assembled model before refinement (DeepSeek's latent norm), applied to
-    every candidate before it is scored."""
+    every candidate before it is scored. `normalised`: a QK-norm source's per-layer normalised moments."""
     targets = AttentionTargets(source_model, layer_inputs)
     candidates, errors = [], []
     for factor in tqdm(KEY_SCALE_GRID, desc="searching K/V balance", unit="scale"):
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, [factor] * shape.num_layers, False)
+        factors = [factor] * shape.num_layers
+        layers = decompose_all(source_model, shape, moments, plan, decompose_options, factors, False, normalised)
         model = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
         model = model.to(targets.device)
         if finish is not None:
@@ -246,6 +253,8 @@ def conversion_report(
             "mla_numbers_per_token": sum(plan.cache_per_layer),
             "source_bytes_per_token": shape.cache_per_layer * shape.num_layers * bytes_per_number,
             "mla_bytes_per_token": sum(plan.cache_per_layer) * bytes_per_number,
+            # QK-norm: of the MLA numbers per token and layer, the per-kv-head key scales (included above)
+            "key_scales_per_token_per_layer": plan.key_scales,
             "dtype": options.dtype,
         },
         "refine_steps": 0 if plan.exact else options.refine_steps,

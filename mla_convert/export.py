@@ -85,6 +85,11 @@ def check_exportable(config, folder: str | os.PathLike) -> list[int]:
     from .deepseek import rope_table_mismatch
 
     where = f"{folder} cannot be exported to DeepSeek-V3"
+    if getattr(config, "qk_norm", False):
+        raise MLAConvertError(
+            f"{where}: it was converted from a QK-norm source (Qwen3), whose per-head key scales DeepSeek-V3's "
+            "attention has no place for"
+        )
     if len(set(config.kv_lora_ranks)) != 1:
         raise MLAConvertError(
             f"{where}: its layers have different latent sizes (kv_lora_ranks {sorted(set(config.kv_lora_ranks))}) "

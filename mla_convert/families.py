@@ -22,7 +22,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from .errors import MLAConvertError
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 SLIDING_ATTENTION = "sliding_attention"
 FULL_ATTENTION = "full_attention"

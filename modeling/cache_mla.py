@@ -6,6 +6,10 @@ Each layer stores, per token, the joint latent `c` (`kv_lora_rank` numbers) and 
 multi-query attention (and its first `kv_lora_rank` columns as the value) without copying anything.
 `keys` and `values`, the names transformers' cache utilities read, are views of the two parts, so crop (assisted
 decoding), beam reordering, batch selection and mask sizes all work on dim -2 as for any other cache.
+
+With QK-norm (`MLAConfig.qk_norm`) the attention hands the cache `[k_pe ; key_scales]` as the second part: each
+token's per-kv-head key scales `s_g` sit after its RoPE key in the same row, so every operation above keeps them
+with their token, and the cache holds `kv_lora_rank + qk_rope_head_dim + kv_heads` numbers per token.
 """
 
 import torch

@@ -39,6 +39,11 @@ class MLAConfig(PreTrainedConfig):
       (transformers' names; `None`: every layer full); a sliding layer attends to the last `sliding_window` tokens
       (itself included) and caches only those. `layer_types`, which transformers' cache utilities read, follows:
       `"mla_latent"` or `"mla_latent_sliding"` per layer.
+    - `qk_norm` (Qwen3's per-head QK-norm, `docs/qk_norm.md`): the query's NoPE part is the source's pre-norm
+      query, normalised by `q_norm` (whose scale `s_q` also multiplies the RoPE part); `k_proj` keeps the source's
+      pre-norm key rows, from which every new token's per-kv-head scale `s_g = 1 / rms(k_g)` is computed and cached
+      beside the latent (`qk_norm_heads` numbers per token). `rope_key_heads[layer][p]` is the kv head whose scale
+      multiplies RoPE pair `p` of the shared key. Needs `qk_nope_head_dim == head_dim`.
     - `attention_path`: `"auto"` decodes over the latent (absorbed) and lets prefill pick the cheaper form;
       `"absorbed"` and `"expanded"` force one form (for checks and benchmarks).
     """
@@ -94,6 +99,9 @@ class MLAConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_output_bias: bool = False
     kv_latent_norm: bool = False
+    qk_norm: bool = False
+    qk_norm_heads: int = 0
+    rope_key_heads: list[list[int]] | None = None
     attention_path: str = "auto"
     sliding_window: int | None = None
     attention_layer_types: list[str] | None = None
@@ -139,6 +147,8 @@ class MLAConfig(PreTrainedConfig):
             raise ValueError(
                 f"`kv_latent_norm` needs one `kv_lora_rank` for all layers, got per-layer ranks {self.kv_lora_ranks}."
             )
+        if self.qk_norm:
+            self._check_qk_norm()
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
         if self.attention_layer_types is not None:
@@ -183,6 +193,29 @@ class MLAConfig(PreTrainedConfig):
             if indices and not all(0 <= i < self.head_dim // 2 for i in indices):
                 raise ValueError(
                     f"Layer {layer_idx}: `rope_frequency_indices` must lie in [0, {self.head_dim // 2})."
+                )
+
+    def _check_qk_norm(self):
+        # Not a `validate_` method: strict dataclasses run those on every config, this one only with `qk_norm`.
+        if self.qk_nope_head_dim != self.head_dim:
+            raise ValueError(
+                f"`qk_norm` normalises the NoPE query, which must be the whole source head: `qk_nope_head_dim` "
+                f"({self.qk_nope_head_dim}) must equal `head_dim` ({self.head_dim})."
+            )
+        if self.qk_norm_heads < 1 or self.num_attention_heads % self.qk_norm_heads:
+            raise ValueError(
+                f"`qk_norm_heads` (the source's kv heads) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}), got {self.qk_norm_heads}."
+            )
+        if self.kv_latent_norm:
+            raise ValueError("`qk_norm` and `kv_latent_norm` cannot be combined.")
+        if self.rope_key_heads is None or len(self.rope_key_heads) != self.num_hidden_layers:
+            raise ValueError(f"`qk_norm` needs `rope_key_heads`, one list per layer ({self.num_hidden_layers}).")
+        for layer_idx, heads in enumerate(self.rope_key_heads):
+            if len(heads) != self.qk_rope_head_dim // 2 or not all(0 <= g < self.qk_norm_heads for g in heads):
+                raise ValueError(
+                    f"Layer {layer_idx}: `rope_key_heads` needs {self.qk_rope_head_dim // 2} kv head indices in "
+                    f"[0, {self.qk_norm_heads}), got {heads}."
                 )
 
     def _remove_keys_not_serialized(self, config_dict: dict) -> None:

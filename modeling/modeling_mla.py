@@ -30,7 +30,7 @@ from .cache_mla import (  # noqa: F401  (registers the cache layers)
     MLAStaticSlidingLatentCacheLayer,
 )
 from .configuration_mla import FULL_ATTENTION, SLIDING_ATTENTION, MLAConfig
-from .attention_mla import MLAAttention, MLARMSNorm, rope_gather_index
+from .attention_mla import MLAAttention, MLARMSNorm, qk_norm_indices, rope_gather_index
 
 
 def cache_field(output_class: type) -> str:
@@ -161,6 +161,10 @@ class MLAPreTrainedModel(PreTrainedModel):
         if isinstance(module, MLAAttention) and module.rope_index is not None:
             # Non-persistent buffers are not in the checkpoint: rebuild them from the config.
             init.copy_(module.rope_index, rope_gather_index(self.config.rope_frequency_indices[module.layer_idx]))
+        if isinstance(module, MLAAttention) and module.head_groups is not None:
+            head_groups, rope_key_head_index = qk_norm_indices(self.config, module.layer_idx)
+            init.copy_(module.head_groups, head_groups)
+            init.copy_(module.rope_key_head_index, rope_key_head_index)
 
 
 class MLAModel(MLAPreTrainedModel):

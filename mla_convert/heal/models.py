@@ -18,8 +18,9 @@ from .options import HealOptions
 logger = logging.getLogger(__name__)
 
 # The MLA projections inside `model.layers[i].self_attn`, and the latent norm of a `--target deepseek` conversion
-# (`kv_a_layernorm`, part of the layer it was refined with): what `train="attention"` fine-tunes.
-ATTENTION_PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "kv_a_layernorm")
+# (`kv_a_layernorm`, part of the layer it was refined with), and a QK-norm conversion's query norm and key rows
+# (`q_norm`, `k_proj`, which set the per-head scales): what `train="attention"` fine-tunes.
+ATTENTION_PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "kv_a_layernorm", "q_norm", "k_proj")
 # Copied from the student folder into the healed one; names the source the student was converted from.
 CONVERSION_REPORT = "conversion.json"
 # A student's embeddings, MLP and norms are its source's own, up to the rounding of a bfloat16 copy of either.
