@@ -8,12 +8,14 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from mla_modeling import MLAConfig, MLAForCausalLM
 
+from .families import attention_projections, llama_layout_state, sliding_window, source_layer_types
 from .plan import RankPlan, SourceShape
 
 
 def mla_config(source_config: PreTrainedConfig, model: PreTrainedModel, plan: RankPlan, layers: list) -> MLAConfig:
     shape = SourceShape.from_config(source_config)
     attention = model.model.layers[0].self_attn
+    projections = attention_projections(attention, source_config)
     rope_parameters = dict(source_config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     return MLAConfig(
         vocab_size=source_config.vocab_size,
@@ -39,8 +41,14 @@ def mla_config(source_config: PreTrainedConfig, model: PreTrainedModel, plan: Ra
         head_dim=shape.head_dim,
         rope_frequency_indices=rope_tables(layers, plan.qk_rope_head_dim, shape.head_dim),
         softmax_scale=float(attention.scaling),
-        attention_bias=attention.q_proj.bias is not None or attention.k_proj.bias is not None,
-        attention_output_bias=attention.o_proj.bias is not None,
+        attention_bias=projections["q"][1] is not None or projections["k"][1] is not None,
+        attention_output_bias=projections["o"][1] is not None,
+        sliding_window=sliding_window(source_config) if source_layer_types(source_config) else None,
+        attention_layer_types=source_layer_types(source_config),
+        # QK-norm (Qwen3): the source's kv heads, and per layer the kv head whose key scale each RoPE pair takes
+        qk_norm=shape.qk_norm,
+        qk_norm_heads=shape.num_kv_heads if shape.qk_norm else 0,
+        rope_key_heads=[layer.rope_key_heads for layer in layers] if shape.qk_norm else None,
     )
 
 
@@ -56,7 +64,9 @@ def rope_tables(layers: list, qk_rope_head_dim: int, head_dim: int) -> list[list
 
 def assemble(source_model: PreTrainedModel, config: MLAConfig, layers: list) -> MLAForCausalLM:
     """Copies everything but attention from the source and fills in the MLA projections."""
-    state = {key: value for key, value in source_model.state_dict().items() if ".self_attn." not in key}
+    # Phi-3's fused gate/up projection split into the MLA model's (Llama's) two
+    state = llama_layout_state(source_model.state_dict())
+    state = {key: value for key, value in state.items() if ".self_attn." not in key}
     for layer_idx, weights in enumerate(layers):
         prefix = f"model.layers.{layer_idx}.self_attn."
         state.update({prefix + name: tensor for name, tensor in attention_entries(weights).items()})
@@ -79,5 +89,8 @@ def attention_entries(weights) -> dict[str, torch.Tensor]:
         "kv_b_proj.weight": weights.kv_b_weight,
         "o_proj.weight": weights.o_weight,
         "o_proj.bias": weights.o_bias,
+        "q_norm.weight": weights.q_norm_weight,
+        "k_proj.weight": weights.k_weight,
+        "k_proj.bias": weights.k_bias,
     }
     return {name: tensor for name, tensor in entries.items() if tensor is not None}

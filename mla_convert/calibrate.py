@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .conversion_options import ConversionOptions
-from .decompose import weight_only_moment
+from .decompose import NormalisedMoments, weight_only_moment
 from .errors import MLAConvertError
 from .plan import RankPlan, SourceShape
 
@@ -27,6 +27,8 @@ class Calibration:
     info: dict
     moments: torch.Tensor
     layer_inputs: list[torch.Tensor]
+    # QK-norm sources: per layer, the moments of the normalised queries and keys and the mean squared key scales
+    normalised: list[NormalisedMoments] | None = None
 
 
 @torch.no_grad()
@@ -90,6 +92,45 @@ def collect_input_moments(
     return moments / max(count, 1), layer_inputs
 
 
+@torch.no_grad()
+def collect_normalised_moments(
+    model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4
+) -> list[NormalisedMoments]:
+    """For a QK-norm source (Qwen3): per attention layer, `E[q_h q_h^T]` of the normalised queries, `E[k k^T]` of
+    the normalised keys (all kv heads, pre-RoPE) and `E[s_g^2]` of every kv head's key scale `s_g = 1 / rms(k_g)`,
+    accumulated batch by batch. These are what the RoPE placement and the latent's key metric weigh: the error that
+    reaches the attention scores is in the normalised key, `s_g` times the error in the linear (pre-norm) one."""
+    layers = model.model.layers
+    attention = layers[0].self_attn
+    head_dim = attention.head_dim
+    heads = attention.q_proj.out_features // head_dim
+    kv_heads = attention.k_proj.out_features // head_dim
+    query = torch.zeros(len(layers), heads, head_dim, head_dim, dtype=torch.float64)
+    key = torch.zeros(len(layers), kv_heads * head_dim, kv_heads * head_dim, dtype=torch.float64)
+    key_scale_sq = torch.zeros(len(layers), kv_heads, dtype=torch.float64)
+
+    def make_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden_states = kwargs.get("hidden_states", args[0] if args else None).float()
+            # queries: [tokens, heads, head_dim]; keys: [tokens, kv_heads, head_dim], as the source normalises them
+            queries = module.q_norm(module.q_proj(hidden_states).view(-1, heads, head_dim))
+            raw_keys = module.k_proj(hidden_states).view(-1, kv_heads, head_dim)
+            keys = module.k_norm(raw_keys).reshape(-1, kv_heads * head_dim)
+            scales_sq = 1.0 / (raw_keys.pow(2).mean(-1) + module.k_norm.variance_epsilon)
+            query[layer_idx] += torch.einsum("thd,the->hde", queries, queries).cpu().to(torch.float64)
+            key[layer_idx] += (keys.T @ keys).cpu().to(torch.float64)
+            key_scale_sq[layer_idx] += scales_sq.sum(0).cpu().to(torch.float64)
+
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = max(forward_batches(model, sequences, handles, batch_size), 1)
+    return [
+        NormalisedMoments(query=query[i] / count, key=key[i] / count, key_scale_sq=key_scale_sq[i] / count)
+        for i in range(len(layers))
+    ]
+
+
 def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
     """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself."""
     from .data import CALIBRATION_PART, load_text, tokenize_into_sequences
@@ -145,6 +186,9 @@ def calibrate(
     sequences, info = calibration_sequences(source_model, tokenizer, options)
     keep = kept_sequences(plan, options, sequences.shape[1])
     moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
+    normalised = None
     if options.init == "svd":
         info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
-    return Calibration(sequences, info, moments, layer_inputs)
+    elif shape.qk_norm:
+        normalised = collect_normalised_moments(source_model, sequences)
+    return Calibration(sequences, info, moments, layer_inputs, normalised)

@@ -23,10 +23,17 @@ from mla_modeling import MLAForCausalLM
 
 from .assemble import assemble, mla_config
 from .calibrate import Calibration, calibrate, searches_key_scale
-from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, uses_spectrum_allocation
+from .conversion_options import (
+    KEY_SCALE_GRID,
+    ConversionOptions,
+    check_options,
+    refine_lr,
+    uses_spectrum_allocation,
+)
 from .decompose import DecomposeOptions, decompose_all, weight_only_moment
 from .deepseek import attach_latent_norm, check_deepseek_source
 from .errors import MLAConvertError
+from .families import check_source_family, sliding_window, source_layer_types
 from .folders import prepare_output, save_model_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import AttentionTargets, RefineOptions, refine_all
@@ -63,9 +70,9 @@ def convert(
 
     # load (config first: bad budgets, architectures and outputs fail before any weight is read)
     source_config = load_source_config(source, gguf_file)
+    check_source_family(source_config)
     shape = SourceShape.from_config(source_config)
     plan = plan_ranks(shape, options)
-    check_sliding_window(source_config, options)
     output = prepare_output(
         output,
         inputs={"source": source, "calibration data": options.calibration},
@@ -92,26 +99,6 @@ def convert(
     report.update(streaming=False, **meter.report())
     save_converted(model, tokenizer, report, output, options.dtype)
     return report
-
-
-def check_sliding_window(source_config: PreTrainedConfig, options: ConversionOptions) -> None:
-    """Refuses a source whose sliding window is shorter than the calibration windows, up front.
-
-    The MLA model attends to the whole context; within the window that is what the source computes, beyond it not,
-    and a conversion calibrated and checked on longer windows than the source ever attends over would be wrong.
-    """
-    window = sliding_window(source_config)
-    if window is not None and window < options.calibration_seq_len:
-        raise MLAConvertError(
-            f"the source attends over a sliding window of {window} tokens, shorter than the "
-            f"{options.calibration_seq_len}-token calibration windows; MLA models do not honour sliding windows yet, "
-            "so this source cannot be converted"
-        )
-
-
-def sliding_window(source_config: PreTrainedConfig) -> int | None:
-    window = getattr(source_config, "sliding_window", None)
-    return window if window is not None and getattr(source_config, "use_sliding_window", True) else None
 
 
 def build_mla(
@@ -157,7 +144,9 @@ def decompose(
     # An explicit --kv-lora-rank is a size per layer, honoured as given; a --kv-budget is a total to spread.
     if uses_spectrum_allocation(options) and not plan.exact:
         # The spectra in the balanced metric: keys and values weigh alike in every layer, so layers compare.
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, False)
+        layers = decompose_all(
+            source_model, shape, moments, plan, decompose_options, key_scales, False, calibration.normalised
+        )
         uniform = plan.kv_lora_ranks[0]
         ranks = allocate_ranks([layer.spectrum for layer in layers], sum(plan.kv_lora_ranks), max(1, uniform // 4))
         plan = replace(plan, kv_lora_ranks=ranks)
@@ -168,10 +157,13 @@ def decompose(
             sequences = calibration.sequences[:KEY_SCALE_SEARCH_NORM_SEQUENCES]
             finish = partial(attach_latent_norm, moments=calibration.moments, calibration_ids=sequences)
         _, layers = choose_key_scales(
-            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs, finish
+            source_model, source_config, shape, moments, plan, decompose_options, calibration.layer_inputs, finish,
+            calibration.normalised,
         )
     else:
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, key_scales, progress)
+        layers = decompose_all(
+            source_model, shape, moments, plan, decompose_options, key_scales, progress, calibration.normalised
+        )
     return plan, layers
 
 
@@ -193,15 +185,17 @@ def choose_key_scales(
     decompose_options: DecomposeOptions,
     layer_inputs: list[torch.Tensor],
     finish: Callable[[MLAForCausalLM], MLAForCausalLM] | None = None,
+    normalised: list | None = None,
 ) -> tuple[list[float], list]:
     """Per layer, the multiplier of the K/V balance (from `KEY_SCALE_GRID`) whose conversion reproduces the source
     layer's attention output best on calibration windows. Returns the multipliers and the winning layers.
     `finish`: what the pipeline does to the assembled model before refinement (DeepSeek's latent norm), applied to
-    every candidate before it is scored."""
+    every candidate before it is scored. `normalised`: a QK-norm source's per-layer normalised moments."""
     targets = AttentionTargets(source_model, layer_inputs)
     candidates, errors = [], []
     for factor in tqdm(KEY_SCALE_GRID, desc="searching K/V balance", unit="scale"):
-        layers = decompose_all(source_model, shape, moments, plan, decompose_options, [factor] * shape.num_layers, False)
+        factors = [factor] * shape.num_layers
+        layers = decompose_all(source_model, shape, moments, plan, decompose_options, factors, False, normalised)
         model = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)
         model = model.to(targets.device)
         if finish is not None:
@@ -227,7 +221,7 @@ def refine(
     progress: bool = True,
 ) -> list[dict]:
     """Fits each MLA layer of `model` to its source layer on the recorded calibration inputs (`--refine-steps`)."""
-    refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+    refine_options = RefineOptions(steps=options.refine_steps, lr=refine_lr(options))
     return refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
 
 
@@ -276,9 +270,12 @@ def conversion_report(
             "mla_numbers_per_token": sum(plan.cache_per_layer),
             "source_bytes_per_token": shape.cache_per_layer * shape.num_layers * bytes_per_number,
             "mla_bytes_per_token": sum(plan.cache_per_layer) * bytes_per_number,
+            # QK-norm: of the MLA numbers per token and layer, the per-kv-head key scales (included above)
+            "key_scales_per_token_per_layer": plan.key_scales,
             "dtype": options.dtype,
         },
         "refine_steps": 0 if plan.exact else options.refine_steps,
+        "refine_lr": refine_lr(options),
         "layers": [
             dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])
             for i, layer in enumerate(layers)
@@ -289,10 +286,12 @@ def conversion_report(
 
 def conversion_notes(source_config: PreTrainedConfig) -> list[str]:
     notes = []
-    window = sliding_window(source_config)
-    if window is not None:
+    layer_types = source_layer_types(source_config)
+    if layer_types is not None:
+        local = layer_types.count("sliding_attention")
+        window = sliding_window(source_config)
         notes.append(
-            f"the source uses a sliding window of {window} tokens; the MLA model attends to the full context, "
-            f"so it matches the source only up to {window} tokens"
+            f"the source attends over a sliding window of {window} tokens in {local} of its {len(layer_types)} "
+            f"layers; the MLA model does the same, and its cache keeps at most {window - 1} tokens in those layers"
         )
     return notes

@@ -12,11 +12,13 @@ Layout conventions (transformers' `rotate_half` RoPE): in a source head of size 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+from .families import attention_projections, source_inv_freq
 
 
 if TYPE_CHECKING:
@@ -40,10 +42,28 @@ class SourceAttention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # QK-norm (Qwen3): the weights `[head_dim]` of the per-head RMSNorms applied to queries and keys before RoPE
+    q_norm_weight: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
         return self.q_weight.shape[1]
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.k_norm_weight is not None
+
+
+@dataclass
+class NormalisedMoments:
+    """One QK-norm layer's calibration moments: `query` `E[q_h q_h^T]` `[heads, head_dim, head_dim]` and `key`
+    `E[k k^T]` `[kv_heads * head_dim, kv_heads * head_dim]` of the normalised queries and keys (pre-RoPE), and
+    `key_scale_sq` `E[s_g^2]` `[kv_heads]` of every kv head's key scale `s_g = 1 / rms(k_g)`."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    key_scale_sq: torch.Tensor
 
 
 ROPE_STRATEGIES = ("rorope", "freqfold", "partial")
@@ -103,6 +123,12 @@ class MLAAttentionWeights:
     # eigenvalues of the weighted `[k_nope ; v]` moment, descending: what each further latent dimension would keep
     spectrum: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    # QK-norm: the query norm's weight `[head_dim]`, the source's pre-norm key rows `[kv_heads * head_dim, hidden]`
+    # (and bias) for the key scales, and the kv head whose key scale multiplies each RoPE pair
+    q_norm_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    rope_key_heads: list[int] | None = None
 
 
 def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -183,6 +209,7 @@ def rope_placement(
     context: int = 2048,
     fold: int = 2,
     frequencies: list[int] | None = None,
+    head_local: bool = False,
 ) -> RopePlacement:
     """Chooses the components of the key that keep RoPE, `qk_rope_head_dim / 2` of them.
 
@@ -203,6 +230,10 @@ def rope_placement(
     of the shared key rotates with source frequency `frequencies[p]`, and at each of them exactly one component
     keeps RoPE, the one the strategy's criterion ranks first (for `rorope`, the largest score error); every other
     component, at those frequencies and all others, goes to the NoPE key. `freqfold` does not apply.
+
+    `head_local` (QK-norm sources, `docs/qk_norm.md`): no mixing across kv heads; each head's slice at each frequency
+    is a component, ranked by `rorope`'s score error. A component then belongs to one kv head, whose key scale it
+    takes, and the NoPE key of each kv head stays that head's own key (so one scale per head covers it).
     """
     if strategy not in ROPE_STRATEGIES:
         raise ValueError(f"unknown RoPE strategy {strategy!r}; choose one of {', '.join(ROPE_STRATEGIES)}")
@@ -212,6 +243,8 @@ def rope_placement(
     group_size = heads // num_kv_heads
     if frequencies is not None:
         check_frequency_table(frequencies, num_pairs, half, strategy)
+    if head_local and strategy == "freqfold":
+        raise ValueError("freqfold mixes key heads: not with head-local components (QK-norm)")
     if strategy == "freqfold" and num_pairs < num_kv_heads * half and half % fold == 0:
         groups = [list(range(start, start + fold)) for start in range(0, half, fold)]
     else:
@@ -226,7 +259,7 @@ def rope_placement(
     group_query = query_moment.view(num_kv_heads, group_size, head_dim, head_dim).sum(1)
     query = slot_moments(torch.block_diag(*group_query), num_kv_heads, head_dim, groups)
 
-    mix, energy, error = score_components(key, query, groups, strategy, inv_freq, context)
+    mix, energy, error = score_components(key, query, groups, strategy, inv_freq, context, head_local)
     if frequencies is not None:
         # One group per frequency: pair p keeps group frequencies[p]'s component of largest error, in pair order.
         kept = [(int(torch.argmax(error[frequency])), frequency, frequency) for frequency in frequencies]
@@ -259,14 +292,16 @@ def score_components(
     strategy: str,
     inv_freq: torch.Tensor | None,
     context: int,
+    head_local: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The key components of every frequency group and what losing RoPE would cost each (`rope_placement`).
 
     `key`, `query`: per group the key moment and the summed query moment over its slots `[groups, slots, slots]`.
     Returns the components `mix` `[groups, components, slots]` (rows), their key energy `[groups, components]` and
-    their error `[groups, components]`, the criterion that ranks them."""
+    their error `[groups, components]`, the criterion that ranks them (`head_local`: every slot its own
+    component)."""
     slots = key.shape[-1]
-    if strategy == "partial":
+    if strategy == "partial" or head_local:
         mix = torch.eye(slots, dtype=key.dtype).expand(len(groups), -1, -1).clone()
     else:
         # Weighted PCA: a key direction matters as much as the queries that read it.
@@ -452,6 +487,20 @@ class DecomposeOptions:
     rope_frequencies: list[int] | None = None
 
 
+def norm_folded(source: SourceAttention) -> SourceAttention:
+    """A QK-norm layer with the norms' weights folded into its query and key rows: its queries and keys are then
+    `g ⊙ (W x + b)`, the normalised ones divided by the per-head scales `s` that the MLA model applies at run time
+    (`docs/qk_norm.md`)."""
+
+    def scaled(weight, bias, norm_weight, count):
+        rows = norm_weight.repeat(count)
+        return rows[:, None] * weight, None if bias is None else rows * bias
+
+    q_weight, q_bias = scaled(source.q_weight, source.q_bias, source.q_norm_weight, source.num_heads)
+    k_weight, k_bias = scaled(source.k_weight, source.k_bias, source.k_norm_weight, source.num_kv_heads)
+    return replace(source, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias)
+
+
 def decompose_layer(
     source: SourceAttention,
     input_moment: torch.Tensor,
@@ -460,17 +509,27 @@ def decompose_layer(
     inv_freq: torch.Tensor | None = None,
     options: DecomposeOptions | None = None,
     key_scale: float | None = None,
+    normalised: NormalisedMoments | None = None,
 ) -> MLAAttentionWeights:
     """Source attention + calibration moment -> MLA weights for one layer (`key_scale`: this layer's K/V balance
-    multiplier, overriding `options.key_scale`)."""
+    multiplier, overriding `options.key_scale`).
+
+    QK-norm layers (`source.qk_norm`, `docs/qk_norm.md`): the RoPE placement reads the normalised query and key
+    moments (`normalised`, from calibration), its components are head-local, and the joint latent reconstructs each
+    head's norm-weighted pre-norm key `g ⊙ k`, its errors weighted by `E[s_g^2]`: in the normalised key that the
+    scores read, an error `dk` is `s_g dk`."""
     options = options or DecomposeOptions()
     weighted = options.init == "pca"
     heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
     group_size = heads // kv_heads
-    k_aug = augment(source.k_weight, source.k_bias)
-    key_moment = k_aug @ input_moment @ k_aug.T
+    linear = norm_folded(source) if source.qk_norm else source
+    k_aug = augment(linear.k_weight, linear.k_bias)
+    if normalised is not None and weighted:
+        key_moment = normalised.key
+    else:
+        key_moment = k_aug @ input_moment @ k_aug.T
     if weighted:
-        query_moment = query_moments(source, input_moment)
+        query_moment = normalised.query if normalised is not None else query_moments(linear, input_moment)
     else:
         # Weight-only: every query direction counts alike.
         query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
@@ -484,11 +543,24 @@ def decompose_layer(
         strategy=options.rope_strategy,
         context=options.rope_context,
         frequencies=options.rope_frequencies,
+        head_local=source.qk_norm,
     )
-    q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(source, placement)
+    q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(linear, placement)
+    if source.qk_norm:
+        # The NoPE query is the source's pre-norm query: the model normalises it (and scales q_pe by the same
+        # factor). The NoPE key is each head's own key minus what keeps RoPE; at full budget nothing is left of it.
+        q_nope = augment(source.q_weight, source.q_bias)
+        if qk_nope_head_dim == 0:
+            k_nope = k_aug.new_zeros(kv_heads * head_dim, k_aug.shape[1])
+        qk_nope_head_dim = head_dim
 
     v_aug = augment(source.v_weight, source.v_bias)
     key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
+    if weighted and normalised is not None:
+        # Per kv head, the mean squared key scale: the first-order weight of an error in the pre-norm key as the
+        # normalised key carries it (exact per token would need E[s_g s_g' x x^T] for every pair of kv heads).
+        head_weights = normalised.key_scale_sq.clamp_min(0).sqrt().repeat_interleave(head_dim)
+        key_metric = head_weights[:, None] * key_metric
     key_scale = options.key_scale if key_scale is None else key_scale
     down, up_k, up_v, spectrum, stats = joint_latent(
         k_nope, v_aug, input_moment, kv_lora_rank, key_metric, value_metric, key_scale_factor=key_scale
@@ -508,6 +580,15 @@ def decompose_layer(
     has_q_bias = source.q_bias is not None
     has_kv_bias = source.k_bias is not None or source.v_bias is not None
     q_weight, q_bias = split_augmented(q_weight, has_q_bias)
+    qk_norm_fields = {}
+    if source.qk_norm:
+        # Head-local components: component j of a frequency is kv head j's slice there.
+        qk_norm_fields = dict(
+            q_norm_weight=source.q_norm_weight,
+            k_weight=source.k_weight,
+            k_bias=source.k_bias,
+            rope_key_heads=[component % kv_heads for component, _, _ in placement.kept],
+        )
     kv_a_weight, kv_a_bias = split_augmented(torch.cat((down, k_pe), dim=0), has_kv_bias)
     stats["rope_energy_kept"] = placement.rope_energy_kept
     stats["rope_score_error_kept"] = placement.score_error_kept
@@ -523,6 +604,7 @@ def decompose_layer(
         rope_frequency_indices=placement.frequency_indices,
         spectrum=spectrum,
         stats=stats,
+        **qk_norm_fields,
     )
 
 
@@ -534,11 +616,14 @@ def decompose_all(
     options: DecomposeOptions,
     key_scales: list[float] | None = None,
     progress: bool = True,
+    normalised: list[NormalisedMoments] | None = None,
 ) -> list[MLAAttentionWeights]:
     """Every layer of `model` decomposed for `plan` (`moments`: per layer `E[[x; 1] [x; 1]^T]`; `key_scales`: per
-    layer K/V balance multipliers, None: `options.key_scale`)."""
-    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each
-    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
+    layer K/V balance multipliers, None: `options.key_scale`; `normalised`: per layer, a QK-norm source's
+    normalised moments)."""
+    # The source's RoPE frequencies (scaled ones included), to judge what losing RoPE costs at each; pass-through
+    # dims of a partial RoPE are pairs of frequency 0
+    inv_freq = source_inv_freq(model)
     with single_thread():
         return [
             decompose_layer(
@@ -549,6 +634,7 @@ def decompose_all(
                 inv_freq=inv_freq,
                 options=options,
                 key_scale=None if key_scales is None else key_scales[layer_idx],
+                normalised=None if normalised is None else normalised[layer_idx],
             )
             for layer_idx in tqdm(range(shape.num_layers), desc="decomposing", unit="layer", disable=not progress)
         ]
@@ -567,28 +653,33 @@ def single_thread():
 
 
 def source_attention(model: PreTrainedModel, layer_idx: int, shape: SourceShape) -> SourceAttention:
-    return attention_weights(model.model.layers[layer_idx].self_attn, shape)
+    return attention_weights(model.model.layers[layer_idx].self_attn, model.config, shape)
 
 
-def attention_weights(attention: torch.nn.Module, shape: SourceShape) -> SourceAttention:
-    """One loaded source attention module's weights, float64 on the CPU."""
+def attention_weights(attention: torch.nn.Module, config, shape: SourceShape) -> SourceAttention:
+    """One loaded source attention module's weights, float64 on the CPU (also a single layer's, when streaming)."""
+    # Fused projections split and partial RoPE laid out over the whole head (`families`): Llama's layout for all.
+    projections = attention_projections(attention, config)
+    (q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias), (o_weight, o_bias) = (
+        projections[name] for name in "qkvo"
+    )
 
-    def weight(linear):
-        return linear.weight.detach().to("cpu", torch.float64)
-
-    def bias(linear):
-        return None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64)
+    def norm_weight(name):
+        norm = getattr(attention, name, None)
+        return None if norm is None else norm.weight.detach().to("cpu", torch.float64)
 
     return SourceAttention(
-        q_weight=weight(attention.q_proj),
-        k_weight=weight(attention.k_proj),
-        v_weight=weight(attention.v_proj),
-        o_weight=weight(attention.o_proj),
-        q_bias=bias(attention.q_proj),
-        k_bias=bias(attention.k_proj),
-        v_bias=bias(attention.v_proj),
-        o_bias=bias(attention.o_proj),
+        q_weight=q_weight,
+        k_weight=k_weight,
+        v_weight=v_weight,
+        o_weight=o_weight,
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        o_bias=o_bias,
         num_heads=shape.num_heads,
         num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,
+        q_norm_weight=norm_weight("q_norm"),
+        k_norm_weight=norm_weight("k_norm"),
     )

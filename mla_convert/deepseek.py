@@ -43,6 +43,7 @@ from .assemble import assemble, mla_config
 from .calibrate import collect_input_moments, forward_batches
 from .decompose import DecomposeOptions, decompose_all, deepseek_frequency_indices, weight_only_moment
 from .errors import MLAConvertError
+from .families import attention_projections, rotary_dim, sliding_window, source_layer_types
 from .plan import RankPlan, SourceShape
 
 
@@ -274,12 +275,27 @@ def add_latent_anchor(model: MLAForCausalLM, moments: torch.Tensor, anchored_lay
 def check_deepseek_source(source_model: PreTrainedModel, shape: SourceShape, plan: RankPlan) -> RankPlan:
     """`--target deepseek`, once the source is loaded: refuses what DeepSeek-V3 cannot hold (attention or MLP biases,
     a RoPE table DeepSeek's does not reproduce); returns `plan` with DeepSeek's table of source frequencies."""
-    attention = source_model.model.layers[0].self_attn
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-    if any(projection.bias is not None for projection in projections):
+    projections = attention_projections(source_model.model.layers[0].self_attn, source_model.config)
+    if any(bias is not None for _, bias in projections.values()):
         raise MLAConvertError(
             "--target deepseek cannot convert this source: its attention has biases (q/k/v, as Qwen2's has), and "
             "DeepSeek-V3's attention (and vLLM's DeepSeek path) has none, so every attention score would change"
+        )
+    if source_layer_types(source_model.config) is not None:
+        raise MLAConvertError(
+            f"--target deepseek cannot convert this source: it attends over a sliding window of "
+            f"{sliding_window(source_model.config)} tokens, and DeepSeek-V3 over the whole context"
+        )
+    rope_type = (source_model.config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type == "longrope":
+        raise MLAConvertError(
+            "--target deepseek cannot convert this source: its RoPE is longrope (Phi-3's long variants), whose "
+            "per-frequency factors and switch at the original context DeepSeek-V3's RoPE types do not have"
+        )
+    if rotary_dim(source_model.config) != shape.head_dim:
+        raise MLAConvertError(
+            "--target deepseek cannot convert this source: it rotates only part of each head "
+            "(partial_rotary_factor), and DeepSeek-V3's RoPE key rotates all of its dims"
         )
     if getattr(source_model.config, "mlp_bias", False):
         raise MLAConvertError("--target deepseek cannot convert this source: its MLP has biases, DeepSeek-V3's none")

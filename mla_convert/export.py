@@ -85,6 +85,11 @@ def check_exportable(config, folder: str | os.PathLike) -> list[int]:
     from .deepseek import rope_table_mismatch
 
     where = f"{folder} cannot be exported to DeepSeek-V3"
+    if getattr(config, "qk_norm", False):
+        raise MLAConvertError(
+            f"{where}: it was converted from a QK-norm source (Qwen3), whose per-head key scales DeepSeek-V3's "
+            "attention has no place for"
+        )
     if len(set(config.kv_lora_ranks)) != 1:
         raise MLAConvertError(
             f"{where}: its layers have different latent sizes (kv_lora_ranks {sorted(set(config.kv_lora_ranks))}) "
@@ -104,6 +109,11 @@ def check_exportable(config, folder: str | os.PathLike) -> list[int]:
         raise MLAConvertError(f"{where}: its MLP has biases, and DeepSeek-V3's dense MLP has none")
     if config.q_lora_rank is not None:
         raise MLAConvertError(f"{where}: a low-rank query (q_lora_rank) is not supported")
+    if "sliding_attention" in (getattr(config, "attention_layer_types", None) or []):
+        raise MLAConvertError(
+            f"{where}: its layers attend over a sliding window of {config.sliding_window} tokens, and DeepSeek-V3 "
+            "attends over the whole context, so every position past the window would change"
+        )
     try:
         frequencies = deepseek_frequency_indices(config.head_dim, config.qk_rope_head_dim)
     except ValueError as e:

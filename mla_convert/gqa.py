@@ -25,10 +25,12 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from .errors import MLAConvertError
 from .folders import prepare_output, save_model_atomically
 from .plan import SourceShape
-from .sources import SUPPORTED_MODEL_TYPES, load_source, load_source_config
+from .sources import load_source, load_source_config
 
 
 METHOD = "gqa-mean-pool"
+# The families with separate `k_proj` and `v_proj` to pool
+GQA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # A budget matches a head count when it is this close to `count / source_kv_heads` (bounded below by a quarter of
 # the spacing of valid budgets): budgets like 1/3 cannot be typed exactly, and 0.333 must still mean one third.
 BUDGET_TOLERANCE = 1e-3
@@ -119,6 +121,15 @@ def _pooled_linear(linear: nn.Linear, old_heads: int, new_heads: int, head_dim: 
     return pooled
 
 
+def check_poolable(config: PreTrainedConfig) -> None:
+    # Pooling rewrites `k_proj` and `v_proj`: Phi-3's fused `qkv_proj` has neither.
+    if config.model_type not in GQA_MODEL_TYPES:
+        raise MLAConvertError(
+            f"cannot pool the KV heads of a {config.model_type!r} model; supported model types: "
+            f"{', '.join(GQA_MODEL_TYPES)}"
+        )
+
+
 @torch.no_grad()
 def pool_kv_heads(model: PreTrainedModel, num_kv_heads: int) -> PreTrainedModel:
     """Pools a llama/mistral/qwen2 model, in place, to `num_kv_heads` KV heads; returns the same model.
@@ -129,11 +140,7 @@ def pool_kv_heads(model: PreTrainedModel, num_kv_heads: int) -> PreTrainedModel:
     in: query heads and `o_proj` need no change. Pooling to the source's own count changes nothing.
     """
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise MLAConvertError(
-            f"cannot pool the KV heads of a {config.model_type!r} model; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    check_poolable(config)
     check_head_count(config, num_kv_heads)
     num_heads, old_kv_heads, head_dim = _head_counts(config)
     if num_kv_heads == old_kv_heads:
@@ -169,6 +176,7 @@ def convert_to_gqa(
 
     # Config first: a bad count, budget or output fails before any weight is read.
     config = load_source_config(source, gguf_file)
+    check_poolable(config)
     if kv_budget is not None:
         num_kv_heads = head_count_for_budget(config, kv_budget)
     check_head_count(config, num_kv_heads)

@@ -13,6 +13,10 @@ from .conversion_options import ConversionOptions
 from .errors import MLAConvertError
 
 
+# Sources whose attention normalises every query and key head (RMSNorm over head_dim) before RoPE
+QK_NORM_MODEL_TYPES = ("qwen3",)
+
+
 @dataclass
 class SourceShape:
     """The source's attention shape, read from its config."""
@@ -22,6 +26,8 @@ class SourceShape:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    # per-head QK-norm (Qwen3): the conversion caches one key scale per kv head beside the latent
+    qk_norm: bool = False
 
     @classmethod
     def from_config(cls, config: PreTrainedConfig) -> "SourceShape":
@@ -33,11 +39,17 @@ class SourceShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
             hidden_size=config.hidden_size,
+            qk_norm=config.model_type in QK_NORM_MODEL_TYPES,
         )
 
     @property
     def cache_per_layer(self) -> int:
         return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def key_scales(self) -> int:
+        """Numbers per token and layer that QK-norm adds to the MLA cache: one key scale per kv head."""
+        return self.num_kv_heads if self.qk_norm else 0
 
 
 @dataclass
@@ -52,10 +64,12 @@ class RankPlan:
     # --target deepseek once the source's own table has been checked (`deepseek.check_deepseek_rope`); None: the
     # RoPE strategy places the shared key freely
     rope_frequencies: list[int] | None = None
+    # QK-norm sources: the per-kv-head key scales cached beside the latent (numbers per token and layer)
+    key_scales: int = 0
 
     @property
     def cache_per_layer(self) -> list[int]:
-        return [rank + self.qk_rope_head_dim for rank in self.kv_lora_ranks]
+        return [rank + self.qk_rope_head_dim + self.key_scales for rank in self.kv_lora_ranks]
 
     @property
     def kv_budget(self) -> float:
@@ -64,36 +78,41 @@ class RankPlan:
 
 def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
     """Turns a budget (or explicit ranks) into latent and RoPE sizes, with the valid range in every error."""
+    check_qk_norm_options(shape, options)
     if options.target == "deepseek":
         return plan_deepseek_ranks(shape, options)
     full = shape.cache_per_layer
+    scales = shape.key_scales
     all_rope = shape.num_kv_heads * shape.head_dim
     if options.kv_lora_rank is not None:
         rope_dim = options.qk_rope_head_dim if options.qk_rope_head_dim is not None else min(shape.head_dim, all_rope)
         rank = options.kv_lora_rank
     else:
         budget = options.kv_budget if options.kv_budget is not None else 1.0
-        smallest = 3 / full
+        # at least a latent of 1, a RoPE pair and (QK-norm) the key scales
+        smallest = (3 + scales) / full
         if not (budget > 0 and budget <= 1.0) or math.isnan(budget):
             raise MLAConvertError(
                 f"--kv-budget must be in ({smallest:.4f}, 1.0] (the fraction of the source's KV cache of "
                 f"{full} numbers per token and layer that remains), got {budget}"
             )
         total = round(budget * full)
-        if total < 3:
+        if total < 3 + scales:
             raise MLAConvertError(
                 f"--kv-budget {budget} leaves {total} numbers per token and layer; the smallest valid budget "
                 f"for this model is {smallest:.4f}"
             )
         if total == full:
             # The exact form (MLA.md §2): every key dimension keeps its RoPE, the latent is V itself.
-            return RankPlan([all_rope] * shape.num_layers, all_rope, full, exact=True)
+            # With QK-norm the key scales come on top: the exact form caches `full + kv_heads` numbers.
+            return RankPlan([all_rope] * shape.num_layers, all_rope, full, exact=True, key_scales=scales)
         rope_dim = options.qk_rope_head_dim
         if rope_dim is None:
             # A third of the cache for the RoPE key, at most one head's worth: measured best on SmolLM2 at budgets
             # 0.5 and 0.25 among a sixth, a third and a half.
-            rope_dim = max(2, min(shape.head_dim, 2 * round(total / 6)))
-        rank = total - rope_dim
+            rope_dim = max(2, min(shape.head_dim, 2 * round((total - scales) / 6)))
+        # The key scales of QK-norm are part of the budget: the latent gives up their room.
+        rank = total - rope_dim - scales
     if rope_dim % 2 or not 2 <= rope_dim <= all_rope:
         raise MLAConvertError(
             f"--qk-rope-head-dim must be even and in [2, {all_rope}] for this model "
@@ -109,7 +128,23 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
     if rope_dim == all_rope:
         # With every key dimension rotated the latent only carries V, so more than its size would be wasted.
         rank = min(rank, all_rope)
-    return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=exact)
+    return RankPlan([rank] * shape.num_layers, rope_dim, full, exact=exact, key_scales=scales)
+
+
+def check_qk_norm_options(shape: SourceShape, options: ConversionOptions) -> None:
+    """Refuses, before anything is loaded, the options a QK-norm source cannot be converted with."""
+    if not shape.qk_norm:
+        return
+    if options.target == "deepseek":
+        raise MLAConvertError(
+            "--target deepseek cannot convert a QK-norm source (Qwen3): DeepSeek-V3's attention has no per-head key "
+            "norm, so its keys could not be reproduced; convert with the default --target"
+        )
+    if options.rope_strategy == "freqfold":
+        raise MLAConvertError(
+            "--rope-strategy freqfold mixes key heads, which QK-norm's per-head key scales forbid "
+            "(docs/qk_norm.md): use rorope or partial for this source"
+        )
 
 
 def plan_deepseek_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
@@ -192,11 +227,14 @@ def estimated_size(source_config: PreTrainedConfig, plan: RankPlan, dtype: str) 
     embeddings = source_config.vocab_size * hidden * (1 if tied else 2)
     mlp = 3 * hidden * source_config.intermediate_size
     qk_head_dim = shape.head_dim + plan.qk_rope_head_dim
+    # QK-norm: the source's key rows, kept for the key scales
+    key_rows = hidden * shape.num_kv_heads * shape.head_dim if shape.qk_norm else 0
     attention = [
         hidden * shape.num_heads * qk_head_dim  # q_proj
         + hidden * (rank + plan.qk_rope_head_dim)  # kv_a_proj_with_mqa
         + rank * shape.num_heads * 2 * shape.head_dim  # kv_b_proj
         + shape.num_heads * shape.head_dim * hidden  # o_proj
+        + key_rows
         for rank in plan.kv_lora_ranks
     ]
     numbers = embeddings + layers * mlp + sum(attention)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .families import layer_windows
+
 
 @dataclass
 class RefineOptions:
@@ -67,24 +69,30 @@ def rope_tables(rotary_emb: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tens
     return rotary_emb(inputs[:1], position_ids)
 
 
-def causal_mask(inputs: torch.Tensor) -> torch.Tensor:
-    """Additive causal mask `[1, 1, window, window]` for `inputs` `[batch, window, hidden]`."""
+def causal_mask(inputs: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Additive causal mask `[1, 1, window, window]` for `inputs` `[batch, window, hidden]`; with `sliding_window`,
+    each position sees only the last `sliding_window` positions (itself included), as a local layer attends."""
     window = inputs.shape[1]
-    future = torch.ones(window, window, dtype=torch.bool, device=inputs.device).triu(1)
+    hidden = torch.ones(window, window, dtype=torch.bool, device=inputs.device).triu(1)
+    if sliding_window is not None:
+        hidden |= torch.ones_like(hidden).tril(-sliding_window)
     return torch.zeros(window, window, dtype=inputs.dtype, device=inputs.device).masked_fill(
-        future, torch.finfo(inputs.dtype).min
+        hidden, torch.finfo(inputs.dtype).min
     )[None, None]
 
 
-def _attend(attention: nn.Module, inputs: torch.Tensor, rope) -> torch.Tensor:
+def _attend(attention: nn.Module, inputs: torch.Tensor, rope, sliding_window: int | None = None) -> torch.Tensor:
     # The mask spelled out: eager attention reads a missing mask as no mask at all (bidirectional), sdpa as causal.
-    return attention(hidden_states=inputs, position_embeddings=rope, attention_mask=causal_mask(inputs))[0]
+    mask = causal_mask(inputs, sliding_window)
+    return attention(hidden_states=inputs, position_embeddings=rope, attention_mask=mask)[0]
 
 
 @torch.no_grad()
-def attention_outputs(attention: nn.Module, inputs: torch.Tensor, rope, batch_size: int) -> torch.Tensor:
+def attention_outputs(
+    attention: nn.Module, inputs: torch.Tensor, rope, batch_size: int, sliding_window: int | None = None
+) -> torch.Tensor:
     """`attention` applied to `inputs` `[windows, window, hidden]`, batch by batch: `[windows, window, hidden]`."""
-    return torch.cat([_attend(attention, batch, rope) for batch in inputs.split(batch_size)])
+    return torch.cat([_attend(attention, batch, rope, sliding_window) for batch in inputs.split(batch_size)])
 
 
 class AttentionTargets:
@@ -95,10 +103,14 @@ class AttentionTargets:
         self.device = next(source_model.parameters()).device
         # per layer: [count, window, hidden]
         self.inputs = [target_inputs(inputs, self.device, window, count) for inputs in layer_inputs]
+        # Local layers attend within their window, the source's and the MLA model's alike
+        self.sliding_windows = layer_windows(source_model.config)
         with torch.no_grad(), attention_implementation([source_model], self.device):
             rope = position_embeddings(source_model, self.inputs[0])
             self.targets = [
-                attention_outputs(source_model.model.layers[layer_idx].self_attn, inputs, rope, count)
+                attention_outputs(
+                    source_model.model.layers[layer_idx].self_attn, inputs, rope, count, self.sliding_windows[layer_idx]
+                )
                 for layer_idx, inputs in enumerate(self.inputs)
             ]
 
@@ -108,7 +120,7 @@ class AttentionTargets:
         with attention_implementation([model], self.device):
             rope = position_embeddings(model, self.inputs[0])
             return [
-                attention_error(model.model.layers[i].self_attn, inputs, target, rope)
+                attention_error(model.model.layers[i].self_attn, inputs, target, rope, self.sliding_windows[i])
                 for i, (inputs, target) in enumerate(zip(self.inputs, self.targets))
             ]
 
@@ -119,9 +131,11 @@ def target_inputs(inputs: torch.Tensor, device: torch.device, window: int = 256,
 
 
 @torch.no_grad()
-def attention_error(attention: nn.Module, inputs: torch.Tensor, target: torch.Tensor, rope) -> float:
+def attention_error(
+    attention: nn.Module, inputs: torch.Tensor, target: torch.Tensor, rope, sliding_window: int | None = None
+) -> float:
     """The relative error of one attention layer's output on `inputs` against the source's `target`."""
-    return float(relative_error(attention_outputs(attention, inputs, rope, len(inputs)), target))
+    return float(relative_error(attention_outputs(attention, inputs, rope, len(inputs), sliding_window), target))
 
 
 def refine_layer(
@@ -145,12 +159,15 @@ def refine_layer(
         # A single window: judge on what was trained on rather than on nothing.
         eval_inputs = train_inputs
     batch_size = min(options.batch_size, len(train_inputs))
+    # A local layer (the MLA layer mirrors its source layer's window) is fitted as it attends.
+    sliding_window = getattr(attention, "sliding_window", None)
     # targets: [windows, window, hidden]
-    train_targets = attention_outputs(source_attention, train_inputs, source_rope, batch_size)
-    eval_targets = attention_outputs(source_attention, eval_inputs, source_rope, batch_size)
+    train_targets = attention_outputs(source_attention, train_inputs, source_rope, batch_size, sliding_window)
+    eval_targets = attention_outputs(source_attention, eval_inputs, source_rope, batch_size, sliding_window)
 
     def held_out_error() -> float:
-        return float(relative_error(attention_outputs(attention, eval_inputs, rope, batch_size), eval_targets))
+        output = attention_outputs(attention, eval_inputs, rope, batch_size, sliding_window)
+        return float(relative_error(output, eval_targets))
 
     before = held_out_error()
     snapshot = {name: tensor.detach().clone() for name, tensor in attention.state_dict().items()}
@@ -167,7 +184,9 @@ def refine_layer(
     try:
         for _ in range(options.steps):
             index = torch.randint(len(train_inputs), (batch_size,), generator=generator).to(train_inputs.device)
-            loss = relative_error(_attend(attention, train_inputs[index], rope), train_targets[index])
+            loss = relative_error(
+                _attend(attention, train_inputs[index], rope, sliding_window), train_targets[index]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

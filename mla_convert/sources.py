@@ -24,12 +24,12 @@ from transformers import (
 )
 
 from .errors import MLAConvertError
+from .families import SUPPORTED_MODEL_TYPES
 from .folders import prepare_output, save_atomically
 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # `model_type` of converted checkpoints (`mla_modeling.MLAConfig`), literal: loading sources needs no model code.
 MLA_MODEL_TYPE = "mla"
 

@@ -17,6 +17,7 @@ every source layer and decomposes it once (about the cost of the main pass witho
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,65 +30,34 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import torch
-from mla_modeling import MLAConfig, MLAForCausalLM
-from mla_modeling.attention_mla import rope_gather_index
-from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .assemble import attention_entries, mla_config
-from .calibrate import (
-    calibration_sequences,
-    kept_sequences,
-    moment_sum,
-    needs_text,
-    searches_key_scale,
-)
-from .conversion_options import (
-    KEY_SCALE_GRID,
-    ConversionOptions,
-    check_options,
-    uses_spectrum_allocation,
-)
-from .convert import (
-    check_sliding_window,
-    conversion_report,
-    decompose_options_for,
-    first_key_scale,
-)
-from .decompose import (
-    MLAAttentionWeights,
-    attention_weights,
-    decompose_layer,
-    single_thread,
-    weight_only_moment,
-)
+from mla_modeling import MLAConfig, MLAForCausalLM
+from mla_modeling.attention_mla import rope_gather_index
+from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
+
+from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
+from .calibrate import calibration_sequences, kept_sequences, moment_sum, needs_text, searches_key_scale
+from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, uses_spectrum_allocation
+from .convert import conversion_report, decompose_options_for, first_key_scale
+from .decompose import MLAAttentionWeights, attention_weights, decompose_layer, single_thread, weight_only_moment
 from .errors import MLAConvertError
+from .families import check_source_family, layer_windows, llama_layout_state, source_inv_freq
 from .folders import prepare_output, save_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
-from .refine import (
-    RefineOptions,
-    attention_error,
-    attention_outputs,
-    refine_layer,
-    rope_tables,
-    target_inputs,
-    windows,
-)
-from .sources import (
-    _load_tokenizer,
-    _safetensors_shapes,
-    check_device,
-    load_source_config,
-)
+from .refine import RefineOptions, attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
+from .sources import _load_tokenizer, _safetensors_shapes, check_device, load_source_config
 from .verify import check_verification, logit_agreement, verification_ids
+
 
 # The whole-model path holds the source and the MLA model in float32 beside each other: auto streams when that would
 # take more than this share of the memory available now.
@@ -260,12 +230,18 @@ class Stream:
             skeleton = AutoModelForCausalLM.from_config(source_config)
         # RoPE tables are computed from the config, not read: a real module on the conversion's device
         rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
+        skeleton.model.rotary_emb = rotary
         shape = SourceShape.from_config(source_config)
         return cls(LazySource(folder), source_config, skeleton, rotary, shape, options, device, meter, progress)
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        return self.rotary.inv_freq.detach().to("cpu", torch.float64)
+        return source_inv_freq(self.skeleton)
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer, the window the source attends over (None: the whole context); the MLA layer mirrors it."""
+        return layer_windows(self.source_config)
 
     def source_layer(self, layer_idx: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The source decoder layer in float32 on the device, from `state` (read from the shards when None)."""
@@ -282,13 +258,14 @@ class Stream:
 
 
 def run_layer(
-    layer: nn.Module, hidden: torch.Tensor, config, rotary: nn.Module, device: torch.device, moment: bool = False,
-    keep: int = 0,
+    layer: nn.Module, hidden: torch.Tensor, config, rotary: nn.Module, device: torch.device, window: int | None,
+    moment: bool = False, keep: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`layer` over `hidden` `[sequences, seq, hidden]` (CPU) in batches, as the whole model runs it.
 
     Returns the layer's output (CPU, float32), and on request its attention input's moment `E[[x; 1] [x; 1]^T]`
-    `[hidden + 1, hidden + 1]` and the attention inputs of the first `keep` sequences (bfloat16, CPU)."""
+    `[hidden + 1, hidden + 1]` and the attention inputs of the first `keep` sequences (bfloat16, CPU). `window`:
+    the layer's sliding window (None: it attends to the whole context)."""
     outputs, kept = [], []
     total = torch.zeros(hidden.shape[-1] + 1, hidden.shape[-1] + 1, dtype=torch.float64) if moment else None
     count = 0
@@ -304,7 +281,9 @@ def run_layer(
                 still_needed = keep - sum(len(part) for part in kept)
                 if still_needed > 0:
                     kept.append(normed[:still_needed].to("cpu", torch.bfloat16))
-            mask = create_causal_mask(config, batch, None, None, position_ids)
+            # the mask the whole model builds for this kind of layer (local layers: the sliding-window one)
+            mask_function = create_causal_mask if window is None else create_sliding_window_causal_mask
+            mask = mask_function(config, batch, None, None, position_ids)
             output = layer(batch, attention_mask=mask, position_embeddings=rotary(batch, position_ids), position_ids=position_ids)
             outputs.append((output[0] if isinstance(output, tuple) else output).to("cpu", torch.float32))
     return torch.cat(outputs), (total / max(count, 1) if moment else None), (torch.cat(kept) if kept else None)
@@ -332,8 +311,10 @@ class MLAStream:
     rotary: nn.Module
 
     @classmethod
-    def start(cls, stream: Stream, plan: RankPlan, first: MLAAttentionWeights) -> MLAStream:
-        config = mla_config(stream.source_config, stream.skeleton, plan, [first] * stream.shape.num_layers)
+    def start(cls, stream: Stream, plan: RankPlan, first: MLAAttentionWeights, source_layer: nn.Module) -> MLAStream:
+        # `mla_config` reads the attention's biases and scaling off the first layer: the loaded one stands in for it
+        holder = SimpleNamespace(model=SimpleNamespace(layers=[source_layer]))
+        config = mla_config(stream.source_config, holder, plan, [first] * stream.shape.num_layers)
         config.rope_frequency_indices = [list(first.rope_frequency_indices) for _ in range(stream.shape.num_layers)]
         with torch.device("meta"):
             MLAForCausalLM(config)  # resolves the attention implementation on the config, as the whole model does
@@ -342,7 +323,8 @@ class MLAStream:
     def layer(self, layer_idx: int, source_state: dict, weights: MLAAttentionWeights, device: torch.device) -> nn.Module:
         """The MLA decoder layer: the source layer's norms and MLP, the decomposed attention (float32, on `device`)."""
         self.config.rope_frequency_indices[layer_idx] = list(weights.rope_frequency_indices)
-        state = {name: t for name, t in source_state.items() if not name.startswith("self_attn.")}
+        # Phi-3's fused gate/up projection split into the MLA layer's (Llama's) two, as `assemble` does
+        state = {name: t for name, t in llama_layout_state(source_state).items() if not name.startswith("self_attn.")}
         state.update({"self_attn." + name: t for name, t in attention_entries(weights).items()})
         with torch.device("meta"):
             layer = MLADecoderLayer(self.config, layer_idx)
@@ -357,7 +339,7 @@ def decompose_streamed(
 ) -> MLAAttentionWeights:
     with single_thread():
         return decompose_layer(
-            attention_weights(layer.self_attn, stream.shape),
+            attention_weights(layer.self_attn, stream.skeleton.config, stream.shape),
             moment,
             plan.kv_lora_ranks[layer_idx],
             plan.qk_rope_head_dim,
@@ -375,19 +357,24 @@ class KeyScaleTarget:
     inputs: torch.Tensor
     target: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
+    # the layer's sliding window: local layers are scored as they attend
+    window: int | None
 
     @classmethod
-    def of(cls, stream: Stream, mla: MLAStream, source_layer: nn.Module, kept: torch.Tensor) -> KeyScaleTarget:
+    def of(
+        cls, stream: Stream, mla: MLAStream, source_layer: nn.Module, kept: torch.Tensor, window: int | None
+    ) -> KeyScaleTarget:
         inputs = target_inputs(kept, stream.device)
         with eager_on_cpu([stream.skeleton.config], stream.device):
-            target = attention_outputs(source_layer.self_attn, inputs, rope_tables(stream.rotary, inputs), len(inputs))
-        return cls(inputs, target, rope_tables(mla.rotary, inputs))
+            rope = rope_tables(stream.rotary, inputs)
+            target = attention_outputs(source_layer.self_attn, inputs, rope, len(inputs), window)
+        return cls(inputs, target, rope_tables(mla.rotary, inputs), window)
 
     def error(self, stream: Stream, mla: MLAStream, layer_idx: int, source_state: dict, candidate) -> float:
         """The relative attention-output error of `candidate`, as `convert.choose_key_scales` scores it."""
         layer = mla.layer(layer_idx, source_state, candidate, stream.device)
         with eager_on_cpu([mla.config], stream.device):
-            return attention_error(layer.self_attn, self.inputs, self.target, self.rope)
+            return attention_error(layer.self_attn, self.inputs, self.target, self.rope, self.window)
 
 
 # ------------------------------------------------------------------------------------------------ the output
@@ -458,10 +445,12 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_model_files(folder: Path, stream: Stream, plan: RankPlan, layers: list, dtype: str) -> None:
+def write_model_files(folder: Path, stream: Stream, working: MLAConfig, plan: RankPlan, layers: list, dtype: str) -> None:
     """config.json (with `auto_map`), the modeling files and generation_config.json, as `convert.save_converted`
-    writes them through `save_pretrained`."""
-    config = mla_config(stream.source_config, stream.skeleton, plan, layers)
+    writes them through `save_pretrained`. `working`: the config the layers were built with, whose RoPE tables
+    become `assemble.rope_tables` of the converted layers (None where every layer uses the plain one)."""
+    config = copy.deepcopy(working)
+    config.rope_frequency_indices = mla_rope_tables(layers, plan.qk_rope_head_dim, stream.shape.head_dim)
     with torch.device("meta"):
         model = MLAForCausalLM(config)
     type(model.config).register_for_auto_class()
@@ -509,7 +498,8 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
         moment = None
         if hidden is not None:
             last = layer_idx == stream.shape.num_layers - 1
-            output, moment, _ = run_layer(layer, hidden, stream.skeleton.config, stream.rotary, stream.device, moment=True)
+            config, window = stream.skeleton.config, stream.windows[layer_idx]
+            output, moment, _ = run_layer(layer, hidden, config, stream.rotary, stream.device, window, moment=True)
             hidden = None if last else output
         weights = decompose_streamed(stream, layer, layer_moment(stream, moment), plan, layer_idx, first_key_scale(stream.options))
         spectra.append(weights.spectrum)
@@ -520,15 +510,15 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
 
 def convert_layers(
     stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None, check_ids: torch.LongTensor, writer: ShardWriter
-) -> tuple[list[LayerRecord], list[dict], dict]:
+) -> tuple[list[LayerRecord], list[dict], dict, MLAConfig]:
     """The main pass: every layer converted, written and freed in turn. Returns the layers' records, their
-    refinement stats and the check against the source."""
+    refinement stats, the check against the source and the MLA config the layers were built with."""
     options, meter, device = stream.options, stream.meter, stream.device
     config = stream.skeleton.config
     refine_steps = 0 if plan.exact else options.refine_steps
     search = searches_key_scale(plan, options)
     keep = kept_sequences(plan, options, sequences.shape[1]) if sequences is not None else 0
-    refine_options = RefineOptions(steps=options.refine_steps, lr=options.refine_lr)
+    refine_options = RefineOptions(steps=options.refine_steps, lr=refine_lr(options))
     generator = torch.Generator().manual_seed(options.seed)
 
     with meter.stage("embeddings"):
@@ -544,6 +534,7 @@ def convert_layers(
     records, refine_stats = [], []
     bar = tqdm(range(stream.shape.num_layers), desc="converting (streamed)", unit="layer", disable=not stream.progress)
     for layer_idx in bar:
+        window = stream.windows[layer_idx]
         with meter.stage("read"):
             source_layer = stream.source_layer(layer_idx)
             # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
@@ -551,19 +542,21 @@ def convert_layers(
         moment = kept = None
         if hidden is not None:
             with meter.stage("calibrate"):
-                hidden, moment, kept = run_layer(source_layer, hidden, config, stream.rotary, device, moment=True, keep=keep)
+                hidden, moment, kept = run_layer(
+                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep
+                )
         moment = layer_moment(stream, moment)
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
         weights = best_error = target = None
         for factor in KEY_SCALE_GRID if search else (first_key_scale(options),):
             with meter.stage("decompose"):
                 candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor)
-            mla = mla or MLAStream.start(stream, plan, candidate)
+            mla = mla or MLAStream.start(stream, plan, candidate, source_layer)
             if not search:
                 weights = candidate
                 break
             with meter.stage("key-scale search"):
-                target = target or KeyScaleTarget.of(stream, mla, source_layer, kept)
+                target = target or KeyScaleTarget.of(stream, mla, source_layer, kept, window)
                 error = target.error(stream, mla, layer_idx, source_state, candidate)
             if weights is None or error < best_error:  # ties: the first, as `choose_key_scales`
                 weights, best_error = candidate, error
@@ -585,8 +578,8 @@ def convert_layers(
                 )
                 del inputs
         with meter.stage("verify"):
-            source_check = run_layer(source_layer, source_check, config, stream.rotary, device)[0]
-            mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device)[0]
+            source_check = run_layer(source_layer, source_check, config, stream.rotary, device, window)[0]
+            mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device, window)[0]
         with meter.stage("write"):
             for name, tensor in mla_layer.state_dict().items():
                 writer.add(f"model.layers.{layer_idx}.{name}", tensor)
@@ -597,7 +590,7 @@ def convert_layers(
 
     with meter.stage("verify"):
         verification = final_check(stream, writer, source_check, mla_check)
-    return records, refine_stats, verification
+    return records, refine_stats, verification, mla.config
 
 
 def final_check(stream: Stream, writer: ShardWriter, source_check: torch.Tensor, mla_check: torch.Tensor) -> dict:
@@ -640,7 +633,12 @@ def convert_streaming(
     source_config = load_source_config(str(folder))
     shape = SourceShape.from_config(source_config)
     plan = plan_ranks(shape, options)
-    check_sliding_window(source_config, options)
+    check_source_family(source_config)
+    if shape.qk_norm:
+        raise MLAConvertError(
+            "QK-norm sources (qwen3) are not streamed yet (their normalised moments are taken on the whole model): "
+            "convert with --streaming off"
+        )
     text = needs_text(plan, options)
     if text and options.calibration is None:
         raise MLAConvertError(
@@ -676,11 +674,11 @@ def convert_streaming(
 
     def write(staging: Path) -> None:
         writer = ShardWriter(staging, parse_size(options.max_shard_size), dtype)
-        records, refine_stats, verification = convert_layers(stream, plan, sequences, check_ids, writer)
+        records, refine_stats, verification, working = convert_layers(stream, plan, sequences, check_ids, writer)
         check_verification(verification, plan)
         with meter.stage("write"):
             writer.finish()
-            write_model_files(staging, stream, plan, records, options.dtype)
+            write_model_files(staging, stream, working, plan, records, options.dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
         report = conversion_report(

@@ -6,8 +6,13 @@ Importing this package registers `MLAConfig` and `MLAForCausalLM` with the Auto 
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_mla import MLALatentCacheLayer, MLAStaticLatentCacheLayer
-from .configuration_mla import MLA_LATENT_LAYER_TYPE, MLAConfig
+from .cache_mla import (
+    MLALatentCacheLayer,
+    MLASlidingLatentCacheLayer,
+    MLAStaticLatentCacheLayer,
+    MLAStaticSlidingLatentCacheLayer,
+)
+from .configuration_mla import MLA_LATENT_LAYER_TYPE, MLA_SLIDING_LATENT_LAYER_TYPE, MLAConfig
 from .modeling_mla import MLAAttention, MLAForCausalLM, MLAModel, MLAPreTrainedModel
 
 
@@ -17,11 +22,14 @@ AutoModelForCausalLM.register(MLAConfig, MLAForCausalLM, exist_ok=True)
 
 __all__ = [
     "MLA_LATENT_LAYER_TYPE",
+    "MLA_SLIDING_LATENT_LAYER_TYPE",
     "MLAAttention",
     "MLAConfig",
     "MLAForCausalLM",
     "MLALatentCacheLayer",
+    "MLASlidingLatentCacheLayer",
     "MLAModel",
     "MLAPreTrainedModel",
     "MLAStaticLatentCacheLayer",
+    "MLAStaticSlidingLatentCacheLayer",
 ]

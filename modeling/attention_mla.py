@@ -15,7 +15,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_mla import MLAConfig
+from .configuration_mla import SLIDING_ATTENTION, MLAConfig
 
 
 # The attention implementations whose interface the absorbed form calls: it hands them every head's query as a row of
@@ -48,6 +48,20 @@ class MLARMSNorm(nn.Module):
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
+
+
+def rms_scale(states: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1 / rms(states)` over the last dim, in float32 as transformers' RMSNorm computes it: `[..., 1]`."""
+    return torch.rsqrt(states.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
+
+
+def qk_norm_indices(config: MLAConfig, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm (`config.qk_norm`): the kv head of every query head `[heads]`, and the kv head whose key scale
+    multiplies each dim of the shared RoPE key `[qk_rope_head_dim]` (both coordinates of a pair, `rotate_half`
+    layout)."""
+    head_groups = torch.arange(config.num_attention_heads) // (config.num_attention_heads // config.qk_norm_heads)
+    pair_heads = torch.tensor(config.rope_key_heads[layer_idx], dtype=torch.long)
+    return head_groups, torch.cat((pair_heads, pair_heads))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +181,10 @@ class MLAAttention(nn.Module):
         self.is_causal = True
         # Both forms hand the backend one key head per query head (expanded) or one query row per head (absorbed).
         self.num_key_value_groups = 1
+        # A local layer attends to the last `sliding_window` tokens: the mask says so for eager, sdpa and flex (and
+        # the absorbed form), flash kernels read the window itself.
+        is_sliding = bool(config.attention_layer_types) and config.attention_layer_types[layer_idx] == SLIDING_ATTENTION
+        self.sliding_window = config.sliding_window if is_sliding else None
 
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
@@ -183,6 +201,23 @@ class MLAAttention(nn.Module):
             self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_output_bias
         )
 
+        # QK-norm (Qwen3, `docs/qk_norm.md`): `q_norm` is the source's query norm, applied to the NoPE query (the
+        # source's pre-norm query); its scale also multiplies the RoPE query, whose rows carry the norm's weight.
+        # `k_proj` holds the source's pre-norm key rows, read only for each new token's per-kv-head key scale
+        # `s_g = 1 / rms(k_g)`: the key norm's weight is folded into `kv_b_proj`'s W_uk and the RoPE key rows, and
+        # `s_g` (cached beside the latent) multiplies kv head g's NoPE scores and its share of the RoPE key.
+        self.q_norm = self.k_proj = None
+        head_groups = rope_key_head_index = None
+        if config.qk_norm:
+            self.num_key_value_heads = config.qk_norm_heads
+            self.q_norm = MLARMSNorm(config.head_dim, eps=config.rms_norm_eps)
+            self.k_proj = nn.Linear(
+                config.hidden_size, config.qk_norm_heads * config.head_dim, bias=config.attention_bias
+            )
+            head_groups, rope_key_head_index = qk_norm_indices(config, layer_idx)
+        self.register_buffer("head_groups", head_groups, persistent=False)
+        self.register_buffer("rope_key_head_index", rope_key_head_index, persistent=False)
+
         rope_index = None
         if config.rope_frequency_indices is not None:
             rope_index = rope_gather_index(config.rope_frequency_indices[layer_idx])
@@ -192,7 +227,8 @@ class MLAAttention(nn.Module):
         # shapes: a latent wider than the NoPE head makes the folded query projection larger than `q_proj`.
         heads, rank, hidden = self.num_heads, self.kv_lora_rank, config.hidden_size
         unfolded_query = heads * self.qk_head_dim * hidden + heads * self.qk_nope_head_dim * rank
-        self.fold_query = heads * (rank + self.qk_rope_head_dim) * hidden < unfolded_query
+        # Through QK-norm the query cannot be folded: `q_norm` sits between `q_proj` and W_uk.
+        self.fold_query = heads * (rank + self.qk_rope_head_dim) * hidden < unfolded_query and not config.qk_norm
         self.fold_output = hidden * heads * rank < heads * rank * self.v_head_dim + hidden * heads * self.v_head_dim
         # The folded weights (`_fold`): [(heads + 1) * (r + d_r), hidden], [(heads + 1) * (r + d_r)] and
         # [hidden, heads * r]; None until the first absorbed call that may use them.
@@ -252,7 +288,10 @@ class MLAAttention(nn.Module):
         self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query parts `q_nope`, `q_pe` `[batch, seq, heads, ...]` and the new tokens' `latent`
-        `[batch, 1, seq, kv_lora_rank]` and `k_pe` `[batch, 1, seq, qk_rope_head_dim]`, RoPE applied."""
+        `[batch, 1, seq, kv_lora_rank]` and `k_pe` `[batch, 1, seq, qk_rope_head_dim]`, RoPE applied.
+
+        With QK-norm, `k_pe` is followed by the new tokens' key scales: `[batch, 1, seq, qk_rope_head_dim + kv_heads]`,
+        which is what the cache stores beside the latent."""
         batch_size, query_length, _ = hidden_states.shape
         # query_states: [batch, seq, heads, qk_head_dim]
         query_states = self.q_proj(hidden_states).view(batch_size, query_length, -1, self.qk_head_dim)
@@ -263,18 +302,40 @@ class MLAAttention(nn.Module):
         if self.kv_a_layernorm is not None:
             # Normalised before the cache, as DeepSeek caches it: both forms read the same cached latent.
             latent = self.kv_a_layernorm(latent)
+        key_scales = None
+        if self.q_norm is not None:
+            eps = self.q_norm.variance_epsilon
+            # query_scale: [batch, seq, heads, 1], the source's q_norm scale of each head
+            query_scale = rms_scale(q_nope, eps)
+            q_nope = self.q_norm.weight * (q_nope.to(torch.float32) * query_scale).to(q_nope.dtype)
+            q_pe = (q_pe.to(torch.float32) * query_scale).to(q_pe.dtype)
+            # key_states: [batch, seq, kv_heads, head_dim], the source's pre-norm keys
+            key_states = self.k_proj(hidden_states).view(batch_size, query_length, -1, self.config.head_dim)
+            # key_scales: [batch, seq, kv_heads], s_g = 1 / rms(k_g): all that the key norm adds to a linear key
+            key_scales = rms_scale(key_states, eps).squeeze(-1).to(k_pe.dtype)
+            # Each RoPE pair belongs to one kv head's normalised key: scaled before RoPE, so it is cached post-norm.
+            k_pe = k_pe * key_scales.index_select(-1, self.rope_key_head_index)
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin)
         # k_pe: [batch, seq, 1, qk_rope_head_dim] -> [batch, 1, seq, qk_rope_head_dim], the cache's one-head layout
         k_pe = apply_rotary_pos_emb(k_pe.unsqueeze(2), cos, sin).transpose(1, 2)
+        if key_scales is not None:
+            # [batch, 1, seq, qk_rope_head_dim + kv_heads]: the scales travel with the RoPE key into the cache
+            k_pe = torch.cat((k_pe, key_scales.unsqueeze(1)), dim=-1)
         return q_nope, q_pe, latent.unsqueeze(1), k_pe
 
     def expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys `[batch, heads, kv_len, qk_head_dim]` and values `[batch, heads, kv_len, v_head_dim]` from
-        the cached `latent` `[batch, 1, kv_len, kv_lora_rank]` and `k_pe` `[batch, 1, kv_len, qk_rope_head_dim]`."""
+        the cached `latent` `[batch, 1, kv_len, kv_lora_rank]` and `k_pe` `[batch, 1, kv_len, qk_rope_head_dim]`
+        (with QK-norm `[batch, 1, kv_len, qk_rope_head_dim + kv_heads]`, the key scales last)."""
         batch_size, _, kv_length, _ = latent.shape
         # kv: [batch, 1, kv_len, heads * (qk_nope + v)] -> [batch, heads, kv_len, qk_nope + v]
         kv = self.kv_b_proj(latent).view(batch_size, kv_length, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value_states = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if self.q_norm is not None:
+            k_pe, key_scales = torch.split(k_pe, [self.qk_rope_head_dim, self.num_key_value_heads], dim=-1)
+            # [batch, 1, kv_len, kv_heads] -> [batch, heads, kv_len, 1]: each head's NoPE key times its kv head's s_g
+            head_scales = key_scales.index_select(-1, self.head_groups).permute(0, 3, 2, 1)
+            k_nope = k_nope * head_scales
         key_states = torch.cat((k_nope, k_pe.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         return key_states, value_states
 
@@ -307,6 +368,7 @@ class MLAAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            sliding_window=self.sliding_window,
             **kwargs,
         )
         # attn_output: [batch, seq, heads, v_head_dim] -> [batch, seq, heads * v_head_dim]
@@ -335,9 +397,12 @@ class MLAAttention(nn.Module):
         if joint is None:
             joint = torch.cat((latent, k_pe), dim=-1)
         # attn_output: [batch, seq, heads, kv_lora_rank]
-        attn_output, attn_weights = self.latent_attention(
-            query_states, joint, latent, attention_mask, scaling, **kwargs
-        )
+        if self.q_norm is not None:
+            attn_output, attn_weights = self.scaled_latent_attention(query_states, joint, attention_mask, scaling)
+        else:
+            attn_output, attn_weights = self.latent_attention(
+                query_states, joint, latent, attention_mask, scaling, **kwargs
+            )
 
         if use_folded and self.folded_o_weight is not None:
             # [batch, seq, heads * kv_lora_rank] -> [batch, seq, hidden]: W_uv is folded into the output projection
@@ -444,6 +509,40 @@ class MLAAttention(nn.Module):
             attn_weights = attn_weights.view(batch_size, query_length, heads, kv_length).transpose(1, 2)
         # [batch, seq * heads, 1, kv_lora_rank] -> [batch, seq, heads, kv_lora_rank]
         return attn_output.reshape(batch_size, query_length, heads, self.kv_lora_rank), attn_weights
+
+    def scaled_latent_attention(self, query_states, joint, attention_mask, scaling):
+        """QK-norm's absorbed attention: every head's `query_states` `[batch, seq, heads, r + d_r]` over the cached
+        `joint` `[batch, 1, kv_len, r + d_r + kv_heads]` (latent, RoPE key, key scales), with the latent as value.
+
+        A head's NoPE score against a cached token is multiplied by that token's scale `s_g` for the head's kv head,
+        so the heads no longer share one key: the scores are plain matmuls, the NoPE and RoPE parts apart.
+        Returns `[batch, seq, heads, kv_lora_rank]` and the attention weights `[batch, heads, seq, kv_len]`.
+        """
+        query_length, kv_length = query_states.shape[1], joint.shape[-2]
+        latent, k_pe, key_scales = torch.split(
+            joint, [self.kv_lora_rank, self.qk_rope_head_dim, self.num_key_value_heads], dim=-1
+        )
+        # [batch, seq, heads, r + d_r] -> [batch, heads, seq, r + d_r]
+        q_latent, q_pe = torch.split(query_states.transpose(1, 2), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        # head_scales: [batch, 1, kv_len, kv_heads] -> [batch, heads, 1, kv_len]
+        head_scales = key_scales.index_select(-1, self.head_groups).permute(0, 3, 1, 2)
+        # scores: [batch, heads, seq, kv_len]
+        scores = torch.matmul(q_latent, latent.transpose(2, 3)) * head_scales + torch.matmul(q_pe, k_pe.transpose(2, 3))
+        scores = scores * scaling
+        if attention_mask is None and query_length > 1:
+            # No mask means causal attention without padding, aligned top-left as in `latent_attention`.
+            positions = torch.arange(max(query_length, kv_length), device=joint.device)
+            attention_mask = positions[None, :kv_length] <= positions[:query_length, None]
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query_states.dtype)
+        dropout = 0.0 if not self.training else self.attention_dropout
+        probabilities = nn.functional.dropout(probabilities, p=dropout, training=self.training)
+        # [batch, heads, seq, kv_len] @ [batch, 1, kv_len, r] -> [batch, seq, heads, r]
+        return torch.matmul(probabilities, latent).transpose(1, 2), probabilities
 
     # ------------------------------------------------------------------------------------------ folded weights
 

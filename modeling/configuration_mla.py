@@ -7,6 +7,12 @@ from transformers.modeling_rope_utils import RopeParameters
 
 # The cache layer type registered by `cache_mla.MLALatentCacheLayer`: one latent and one shared RoPE key per token.
 MLA_LATENT_LAYER_TYPE = "mla_latent"
+# ... and by `cache_mla.MLASlidingLatentCacheLayer`: the same, for the last `sliding_window` tokens only.
+MLA_SLIDING_LATENT_LAYER_TYPE = "mla_latent_sliding"
+
+# How a layer attends, in transformers' names (`attention_layer_types`): over the whole context, or over a window.
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 
 @strict
@@ -28,6 +34,16 @@ class MLAConfig(PreTrainedConfig):
     - `kv_latent_norm`: DeepSeek's `kv_a_layernorm`, an RMSNorm over the latent part of `kv_a_proj_with_mqa`'s
       output, applied before the cache (the cache holds the normalised latent, as DeepSeek's does). Off for a plain
       conversion; needs one `kv_lora_rank` for all layers (the export to DeepSeek-V3's format requires it).
+    - `sliding_window` and `attention_layer_types`: the source's local attention (Mistral's `sliding_window`, Qwen2's
+      `use_sliding_window` with `max_window_layers`, Phi-3's). Per layer `"full_attention"` or `"sliding_attention"`
+      (transformers' names; `None`: every layer full); a sliding layer attends to the last `sliding_window` tokens
+      (itself included) and caches only those. `layer_types`, which transformers' cache utilities read, follows:
+      `"mla_latent"` or `"mla_latent_sliding"` per layer.
+    - `qk_norm` (Qwen3's per-head QK-norm, `docs/qk_norm.md`): the query's NoPE part is the source's pre-norm
+      query, normalised by `q_norm` (whose scale `s_q` also multiplies the RoPE part); `k_proj` keeps the source's
+      pre-norm key rows, from which every new token's per-kv-head scale `s_g = 1 / rms(k_g)` is computed and cached
+      beside the latent (`qk_norm_heads` numbers per token). `rope_key_heads[layer][p]` is the kv head whose scale
+      multiplies RoPE pair `p` of the shared key. Needs `qk_nope_head_dim == head_dim`.
     - `attention_path`: `"auto"` decodes over the latent (absorbed) and lets prefill pick the cheaper form;
       `"absorbed"` and `"expanded"` force one form (for checks and benchmarks).
     """
@@ -83,7 +99,12 @@ class MLAConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_output_bias: bool = False
     kv_latent_norm: bool = False
+    qk_norm: bool = False
+    qk_norm_heads: int = 0
+    rope_key_heads: list[list[int]] | None = None
     attention_path: str = "auto"
+    sliding_window: int | None = None
+    attention_layer_types: list[str] | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -95,7 +116,13 @@ class MLAConfig(PreTrainedConfig):
         if self.softmax_scale is None:
             self.softmax_scale = self.qk_head_dim**-0.5
         if self.layer_types is None:
-            self.layer_types = [MLA_LATENT_LAYER_TYPE] * self.num_hidden_layers
+            # The cache layer of each layer follows from how it attends; `layer_types` is never saved (see
+            # `_remove_keys_not_serialized`), so a loaded config rebuilds it here as well.
+            attention_layer_types = self.attention_layer_types or [FULL_ATTENTION] * self.num_hidden_layers
+            self.layer_types = [
+                MLA_SLIDING_LATENT_LAYER_TYPE if kind == SLIDING_ATTENTION else MLA_LATENT_LAYER_TYPE
+                for kind in attention_layer_types
+            ]
         super().__post_init__(**kwargs)
 
     @property
@@ -120,8 +147,27 @@ class MLAConfig(PreTrainedConfig):
             raise ValueError(
                 f"`kv_latent_norm` needs one `kv_lora_rank` for all layers, got per-layer ranks {self.kv_lora_ranks}."
             )
+        if self.qk_norm:
+            self._check_qk_norm()
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"`qk_rope_head_dim` must be even, got {self.qk_rope_head_dim}.")
+        if self.attention_layer_types is not None:
+            if len(self.attention_layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"`attention_layer_types` has {len(self.attention_layer_types)} entries "
+                    f"for {self.num_hidden_layers} layers."
+                )
+            if any(kind not in (FULL_ATTENTION, SLIDING_ATTENTION) for kind in self.attention_layer_types):
+                raise ValueError(
+                    f"`attention_layer_types` entries must be {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}, "
+                    f"got {self.attention_layer_types}."
+                )
+            if SLIDING_ATTENTION in self.attention_layer_types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window >= 1
+            ):
+                raise ValueError(
+                    f"Sliding-window layers need a positive `sliding_window`, got {self.sliding_window!r}."
+                )
         if self.attention_path not in ("auto", "absorbed", "expanded"):
             raise ValueError(
                 f"`attention_path` must be 'auto', 'absorbed' or 'expanded', got {self.attention_path!r}."
@@ -149,10 +195,33 @@ class MLAConfig(PreTrainedConfig):
                     f"Layer {layer_idx}: `rope_frequency_indices` must lie in [0, {self.head_dim // 2})."
                 )
 
+    def _check_qk_norm(self):
+        # Not a `validate_` method: strict dataclasses run those on every config, this one only with `qk_norm`.
+        if self.qk_nope_head_dim != self.head_dim:
+            raise ValueError(
+                f"`qk_norm` normalises the NoPE query, which must be the whole source head: `qk_nope_head_dim` "
+                f"({self.qk_nope_head_dim}) must equal `head_dim` ({self.head_dim})."
+            )
+        if self.qk_norm_heads < 1 or self.num_attention_heads % self.qk_norm_heads:
+            raise ValueError(
+                f"`qk_norm_heads` (the source's kv heads) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}), got {self.qk_norm_heads}."
+            )
+        if self.kv_latent_norm:
+            raise ValueError("`qk_norm` and `kv_latent_norm` cannot be combined.")
+        if self.rope_key_heads is None or len(self.rope_key_heads) != self.num_hidden_layers:
+            raise ValueError(f"`qk_norm` needs `rope_key_heads`, one list per layer ({self.num_hidden_layers}).")
+        for layer_idx, heads in enumerate(self.rope_key_heads):
+            if len(heads) != self.qk_rope_head_dim // 2 or not all(0 <= g < self.qk_norm_heads for g in heads):
+                raise ValueError(
+                    f"Layer {layer_idx}: `rope_key_heads` needs {self.qk_rope_head_dim // 2} kv head indices in "
+                    f"[0, {self.qk_norm_heads}), got {heads}."
+                )
+
     def _remove_keys_not_serialized(self, config_dict: dict) -> None:
         super()._remove_keys_not_serialized(config_dict)
-        # `layer_types` follows from `num_hidden_layers` (every entry is the latent cache layer) and is rebuilt on
-        # load. Left out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
+        # `layer_types` follows from `attention_layer_types` (or `num_hidden_layers`) and is rebuilt on load. Left
+        # out of `config.json`, the folder's config also loads as a plain `PreTrainedConfig`, which is
         # what `AutoTokenizer` falls back to where the plugin is not installed and remote code is not trusted.
         config_dict.pop("layer_types", None)
 
@@ -160,8 +229,9 @@ class MLAConfig(PreTrainedConfig):
         # The latent cache layer is not one of transformers' built-in layer types, so the base check would refuse it.
         if self.layer_types is None:
             return
-        if any(layer_type != MLA_LATENT_LAYER_TYPE for layer_type in self.layer_types):
-            raise ValueError(f"`layer_types` entries must all be {MLA_LATENT_LAYER_TYPE!r}, got {self.layer_types}.")
+        allowed = (MLA_LATENT_LAYER_TYPE, MLA_SLIDING_LATENT_LAYER_TYPE)
+        if any(layer_type not in allowed for layer_type in self.layer_types):
+            raise ValueError(f"`layer_types` entries must be in {allowed}, got {self.layer_types}.")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"`num_hidden_layers` ({self.num_hidden_layers}) must equal the number of `layer_types` "
@@ -169,4 +239,10 @@ class MLAConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["MLAConfig", "MLA_LATENT_LAYER_TYPE"]
+__all__ = [
+    "FULL_ATTENTION",
+    "MLAConfig",
+    "MLA_LATENT_LAYER_TYPE",
+    "MLA_SLIDING_LATENT_LAYER_TYPE",
+    "SLIDING_ATTENTION",
+]

@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -23,9 +23,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_mla import MLALatentCacheLayer, MLAStaticLatentCacheLayer  # noqa: F401  (registers the cache layers)
-from .configuration_mla import MLAConfig
-from .attention_mla import MLAAttention, MLARMSNorm, rope_gather_index
+from .cache_mla import (  # noqa: F401  (registers the cache layers)
+    MLALatentCacheLayer,
+    MLASlidingLatentCacheLayer,
+    MLAStaticLatentCacheLayer,
+    MLAStaticSlidingLatentCacheLayer,
+)
+from .configuration_mla import FULL_ATTENTION, SLIDING_ATTENTION, MLAConfig
+from .attention_mla import MLAAttention, MLARMSNorm, qk_norm_indices, rope_gather_index
 
 
 def cache_field(output_class: type) -> str:
@@ -49,23 +54,31 @@ class MLARotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_init_fn(self.config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+        # A partial RoPE (`partial_rotary_factor` < 1) has frequencies for the rotated dims only; the converted
+        # layout puts the source's pass-through dims in the pairs after them, which rotate by angle 0.
+        self.pass_through_pairs = config.head_dim // 2 - inv_freq.shape[0]
 
     @staticmethod
     def compute_default_rope_parameters(config: MLAConfig, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # freqs: [batch, seq, head_dim / 2]
+        # freqs: [batch, seq, rotated pairs]
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        # emb: [batch, seq, head_dim], rotate_half layout
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        if self.pass_through_pairs:
+            # [batch, seq, rotated pairs] -> [batch, seq, head_dim / 2]: the source leaves its pass-through dims as
+            # they are, unscaled by `attention_scaling` (longrope's), so exactly cos 1 and sin 0 there
+            cos = nn.functional.pad(cos, [0, self.pass_through_pairs], value=1.0)
+            sin = nn.functional.pad(sin, [0, self.pass_through_pairs], value=0.0)
+        # cos, sin: [batch, seq, head_dim], rotate_half layout
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
@@ -88,6 +101,9 @@ class MLADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = MLAAttention(config=config, layer_idx=layer_idx)
+        # Which mask this layer reads: the sliding-window one on local layers
+        attention_layer_types = config.attention_layer_types or [FULL_ATTENTION] * config.num_hidden_layers
+        self.attention_type = attention_layer_types[layer_idx]
         self.mlp = MLAMLP(config)
         self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -145,6 +161,10 @@ class MLAPreTrainedModel(PreTrainedModel):
         if isinstance(module, MLAAttention) and module.rope_index is not None:
             # Non-persistent buffers are not in the checkpoint: rebuild them from the config.
             init.copy_(module.rope_index, rope_gather_index(self.config.rope_frequency_indices[module.layer_idx]))
+        if isinstance(module, MLAAttention) and module.head_groups is not None:
+            head_groups, rope_key_head_index = qk_norm_indices(self.config, module.layer_idx)
+            init.copy_(module.head_groups, head_groups)
+            init.copy_(module.rope_key_head_index, rope_key_head_index)
 
 
 class MLAModel(MLAPreTrainedModel):
@@ -158,6 +178,8 @@ class MLAModel(MLAPreTrainedModel):
         )
         self.norm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MLARotaryEmbedding(config=config)
+        self.attention_types = {layer.attention_type for layer in self.layers}
+        self.has_sliding_layers = SLIDING_ATTENTION in self.attention_types
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -191,8 +213,20 @@ class MLAModel(MLAPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        if cache is not None and self.has_sliding_layers:
+            # `DynamicCache(config=...)` (what `generate()` builds) makes its layers without arguments: the sliding
+            # ones learn their window here, before the masks read their sizes.
+            for layer in cache.layers:
+                if isinstance(layer, MLASlidingLatentCacheLayer):
+                    layer.set_sliding_window(self.config.sliding_window)
+
         # The cache goes by position: its keyword is `past_key_values` in transformers 5.23 and `cache` in 5.24.
-        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        # One mask per kind of layer the model has (Mistral's are all local, Qwen2's may mix both).
+        mask_functions = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
+        causal_masks = {
+            kind: mask_functions[kind](self.config, inputs_embeds, attention_mask, cache, position_ids)
+            for kind in self.attention_types
+        }
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -200,7 +234,7 @@ class MLAModel(MLAPreTrainedModel):
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=causal_masks[decoder_layer.attention_type],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
@@ -223,6 +257,27 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+        # LongRoPE (Phi-3's long variants) rotates with other frequencies once the sequence passes the original
+        # context, which invalidates the keys cached before: as Phi-3 does, the step that crosses it recomputes the
+        # whole sequence (one slower step; the cached latents and RoPE keys are rebuilt with the long factors).
+        rope_parameters = self.config.rope_parameters or {}
+        original_context = rope_parameters.get("original_max_position_embeddings")
+        # The cache keyword: `cache` from transformers 5.24, `past_key_values` in 5.23
+        name = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(name)
+        if (
+            rope_parameters.get("rope_type") == "longrope"
+            and original_context is not None
+            and cache is not None
+            and input_ids.shape[1] > original_context
+            and cache.get_seq_length() <= original_context
+        ):
+            kwargs[name] = None
+            if "next_sequence_length" in kwargs:
+                kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

@@ -69,14 +69,6 @@ def bad_config_json(work: Path) -> None:
     (work / "badjson" / "config.json").write_text('{"model_type": "llama", ')
 
 
-def short_window(work: Path) -> None:
-    """`window/`: a Mistral with a 16-token sliding window."""
-    shutil.copytree(work / "mistral", work / "window")
-    config = json.loads((work / "window" / "config.json").read_text())
-    config["sliding_window"] = 16
-    (work / "window" / "config.json").write_text(json.dumps(config))
-
-
 def nest_source(work: Path) -> None:
     """`p1/src` beside an unrelated file: the layout where OUTPUT=p1 once deleted both."""
     (work / "p1").mkdir()
@@ -185,8 +177,6 @@ CASES = [
     Case("cuda without cuda", ["convert", "{src}", "{out}", "--device", "cuda"], "--device cuda"),
     Case("mps without mps", ["convert", "{src}", "{out}", "--device", "mps"], "--device mps"),
     Case("unknown device", ["convert", "{src}", "{out}", "--device", "tpu7"], "--device"),
-    Case("sliding window shorter than calibration", ["convert", "window", "{out}", "--kv-budget", "1.0"],
-         "sliding window of 16", short_window),
     Case("output under a file", ["convert", "{src}", "{work}/afile/out"], "not a folder", plain_file),
     Case("output under a missing folder", ["convert", "{src}", "{work}/no/such/out"], "does not exist"),
     Case("output under a read-only place", ["convert", "{src}", "/proc/mla-out"], "cannot write in /proc"),

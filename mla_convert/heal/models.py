@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MLAConvertError
+from ..families import llama_layout_state
 from .checkpoints import same_path
 from .options import HealOptions
 
@@ -17,8 +18,9 @@ from .options import HealOptions
 logger = logging.getLogger(__name__)
 
 # The MLA projections inside `model.layers[i].self_attn`, and the latent norm of a `--target deepseek` conversion
-# (`kv_a_layernorm`, part of the layer it was refined with): what `train="attention"` fine-tunes.
-ATTENTION_PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "kv_a_layernorm")
+# (`kv_a_layernorm`, part of the layer it was refined with), and a QK-norm conversion's query norm and key rows
+# (`q_norm`, `k_proj`, which set the per-head scales): what `train="attention"` fine-tunes.
+ATTENTION_PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "kv_a_layernorm", "q_norm", "k_proj")
 # Copied from the student folder into the healed one; names the source the student was converted from.
 CONVERSION_REPORT = "conversion.json"
 # A student's embeddings, MLP and norms are its source's own, up to the rounding of a bfloat16 copy of either.
@@ -60,7 +62,8 @@ def recorded_source(student: str) -> str | None:
 
 def shares_weights(student, teacher) -> bool:
     """Whether every weight outside attention (embeddings, MLP, norms, head) is the teacher's own."""
-    teacher_weights = dict(teacher.named_parameters())
+    # A Phi-3 teacher's fused gate/up projection compared as the student's two
+    teacher_weights = llama_layout_state(dict(teacher.named_parameters()))
     compared = 0
     for name, weight in student.named_parameters():
         other = teacher_weights.get(name)
