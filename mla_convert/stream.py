@@ -12,7 +12,8 @@ sequences, and compares their logits at the end as `verify` does.
 
 Rank allocation by spectrum needs every layer's spectrum before the first rank is fixed: a first pass reads and runs
 every source layer and decomposes it once (about the cost of the main pass without refinement and key-scale search).
-`--target deepseek` and data-free calibration (sampling text from the source) need the whole model and are refused.
+`--target deepseek`, QK-norm sources and data-free calibration (sampling text from the source) need the whole model
+and are refused in one line.
 """
 
 from __future__ import annotations
@@ -259,13 +260,14 @@ class Stream:
 
 def run_layer(
     layer: nn.Module, hidden: torch.Tensor, config, rotary: nn.Module, device: torch.device, window: int | None,
-    moment: bool = False, keep: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    moment: bool = False, keep: int = 0, forward: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`layer` over `hidden` `[sequences, seq, hidden]` (CPU) in batches, as the whole model runs it.
 
     Returns the layer's output (CPU, float32), and on request its attention input's moment `E[[x; 1] [x; 1]^T]`
     `[hidden + 1, hidden + 1]` and the attention inputs of the first `keep` sequences (bfloat16, CPU). `window`:
-    the layer's sliding window (None: it attends to the whole context)."""
+    the layer's sliding window (None: it attends to the whole context). `forward=False` (the last layer: nothing
+    reads its output) returns no output."""
     outputs, kept = [], []
     total = torch.zeros(hidden.shape[-1] + 1, hidden.shape[-1] + 1, dtype=torch.float64) if moment else None
     count = 0
@@ -281,12 +283,15 @@ def run_layer(
                 still_needed = keep - sum(len(part) for part in kept)
                 if still_needed > 0:
                     kept.append(normed[:still_needed].to("cpu", torch.bfloat16))
+            if not forward:
+                continue
             # the mask the whole model builds for this kind of layer (local layers: the sliding-window one)
             mask_function = create_causal_mask if window is None else create_sliding_window_causal_mask
             mask = mask_function(config, batch, None, None, position_ids)
             output = layer(batch, attention_mask=mask, position_embeddings=rotary(batch, position_ids), position_ids=position_ids)
             outputs.append((output[0] if isinstance(output, tuple) else output).to("cpu", torch.float32))
-    return torch.cat(outputs), (total / max(count, 1) if moment else None), (torch.cat(kept) if kept else None)
+    output = torch.cat(outputs) if forward else None
+    return output, (total / max(count, 1) if moment else None), (torch.cat(kept) if kept else None)
 
 
 @contextmanager
@@ -499,8 +504,9 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
         if hidden is not None:
             last = layer_idx == stream.shape.num_layers - 1
             config, window = stream.skeleton.config, stream.windows[layer_idx]
-            output, moment, _ = run_layer(layer, hidden, config, stream.rotary, stream.device, window, moment=True)
-            hidden = None if last else output
+            hidden, moment, _ = run_layer(
+                layer, hidden, config, stream.rotary, stream.device, window, moment=True, forward=not last
+            )
         weights = decompose_streamed(stream, layer, layer_moment(stream, moment), plan, layer_idx, first_key_scale(stream.options))
         spectra.append(weights.spectrum)
         del layer, weights
@@ -542,8 +548,9 @@ def convert_layers(
         moment = kept = None
         if hidden is not None:
             with meter.stage("calibrate"):
+                last = layer_idx == stream.shape.num_layers - 1
                 hidden, moment, kept = run_layer(
-                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep
+                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep, forward=not last
                 )
         moment = layer_moment(stream, moment)
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
