@@ -14,6 +14,8 @@ from transformers import (
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
@@ -36,6 +38,13 @@ WINDOWED_ARCHITECTURES = {
         [False, True],
     ),
     "phi3": (Phi3Config, Phi3ForCausalLM, {"sliding_window": WINDOW, "pad_token_id": None}, [True, True]),
+    # QK-norm's cached key scales ride in the sliding cache's rows with the latent
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+        [False, True],
+    ),
 }
 NAMES = list(WINDOWED_ARCHITECTURES)
 
@@ -44,7 +53,7 @@ def build_windowed(name: str, seed: int = 0, window: bool = True):
     config_class, model_class, extra, _ = WINDOWED_ARCHITECTURES[name]
     if not window:
         # The same weights attending over the whole context: what a model that ignored the window would compute
-        extra = {**extra, "sliding_window": None, "use_sliding_window": False} if name == "qwen2" else {
+        extra = {**extra, "sliding_window": None, "use_sliding_window": False} if name in ("qwen2", "qwen3") else {
             **extra, "sliding_window": None
         }
     config = config_class(
@@ -67,6 +76,11 @@ def build_windowed(name: str, seed: int = 0, window: bool = True):
             for layer in model.model.layers:
                 for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     projection.bias.normal_(std=0.3, generator=torch.Generator().manual_seed(seed + 1))
+    if name == "qwen3":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed + 2))
     return model
 
 
@@ -186,7 +200,8 @@ def test_local_layers_cache_at_most_the_window(half_folders, name):
     _, cache = decode_logits(model, token_ids(batch, LENGTH), WINDOW + 5)
     assert cache.get_seq_length() == LENGTH
     for layer_idx, (layer, is_local) in enumerate(zip(cache.layers, WINDOWED_ARCHITECTURES[name][3])):
-        width = config.kv_lora_ranks[layer_idx] + config.qk_rope_head_dim
+        # a row per token: the latent, the RoPE key, and a QK-norm source's key scales
+        width = config.kv_lora_ranks[layer_idx] + config.qk_rope_head_dim + config.qk_norm_heads
         if is_local:
             assert isinstance(layer, MLASlidingLatentCacheLayer)
             # The window less the next token, as transformers' DynamicSlidingWindowLayer keeps it
