@@ -241,3 +241,41 @@ def run_without_plugin(script: str, hf_home: Path) -> subprocess.CompletedProces
         [sys.executable, "-c", WITHOUT_PLUGIN + textwrap.dedent(script)],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
+
+
+def assert_loads_without_plugin(
+    folder: Path,
+    source: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    tmp_path: Path,
+    prompt_length: int | None = None,
+    max_new_tokens: int = 5,
+    checks: str = "",
+) -> None:
+    """A converted `folder` loaded with transformers alone (remote code; the plugin cannot be imported) gives
+    `source`'s logits on `input_ids` (relative 1e-4) and its greedy tokens after the first `prompt_length` tokens
+    (all of them by default). `checks`: more lines of the script, with `model` and `data` at hand."""
+    prompt_length = prompt_length or input_ids.shape[1]
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": None}
+    with torch.no_grad():
+        logits = source(input_ids).logits
+        generated = source.generate(input_ids[:, :prompt_length], **kwargs)
+    torch.save({"input_ids": input_ids, "logits": logits, "generated": generated}, tmp_path / "expected.pt")
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+
+data = torch.load({str(tmp_path / "expected.pt")!r})
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert "mla_modeling" not in sys.modules
+with torch.no_grad():
+    logits = model(data["input_ids"]).logits
+error = float((logits - data["logits"]).abs().max() / data["logits"].abs().max())
+assert error < 1e-4, error
+generated = model.generate(data["input_ids"][:, :{prompt_length}], **{kwargs!r})
+assert torch.equal(generated, data["generated"]), (generated, data["generated"])
+"""
+    result = run_without_plugin(script + textwrap.dedent(checks) + '\nprint("remote code OK", error)\n', tmp_path / "hf-home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code OK" in result.stdout

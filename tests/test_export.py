@@ -20,8 +20,10 @@ from conftest import (
     token_ids,
 )
 
+from mla_convert.conversion_options import DEEPSEEK_REFINE_LR
 from mla_convert.decompose import deepseek_frequency_indices
 from mla_convert.errors import MLAConvertError
+from mla_convert.refine import RefineOptions
 
 
 # Relative max logit difference allowed between the exported folder and the MLA folder (float32), as in issue 13
@@ -420,6 +422,8 @@ def test_cli_conversion_is_deepseek_shaped(cli_exported):
     report = json.loads((mla_folder / "conversion.json").read_text())
     assert report["target"] == "deepseek" and report["exact"] is False
     assert report["kv_lora_ranks"] == [kv_lora_rank] * 2 and report["qk_rope_head_dim"] == qk_rope_head_dim
+    # without --refine-lr, the target's own rate (the plain target's makes most constrained layers worse)
+    assert report["refine_lr"] == DEEPSEEK_REFINE_LR < RefineOptions.lr
     mla = load_causal_lm(mla_folder)
     assert mla.config.kv_latent_norm
     assert mla.config.rope_frequency_indices in (None, [deepseek_frequency_indices(16, qk_rope_head_dim)] * 2)

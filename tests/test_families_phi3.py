@@ -14,7 +14,7 @@ from mla_convert.errors import MLAConvertError
 from mla_convert.families import SUPPORTED_MODEL_TYPES
 from mla_convert.gqa import convert_to_gqa
 
-from conftest import byte_tokenizer, load_causal_lm as load, relative_error, run_without_plugin, token_ids
+from conftest import assert_loads_without_plugin, byte_tokenizer, load_causal_lm as load, relative_error, token_ids
 
 
 # Positions past this use longrope's long factors (and a source that ignored them would differ from its own
@@ -220,34 +220,10 @@ def test_cache_bytes_per_token_at_full_budget(exact_folders):
 
 def test_converted_folder_loads_without_the_plugin(tmp_path, phi3_folders, exact_folders):
     name = "phi3-gqa-partial-longrope"
-    model = load(exact_folders[name])
-    input_ids = token_ids(1, 3 * ORIGINAL_CONTEXT)
-    kwargs = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": None}
-    with torch.no_grad():
-        expected = load(phi3_folders[name])(input_ids).logits
-    generated = model.generate(input_ids[:, :10], **kwargs)
-    torch.save({"input_ids": input_ids, "expected": expected, "generated": generated}, tmp_path / "expected.pt")
-    result = run_without_plugin(
-        f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        model = AutoModelForCausalLM.from_pretrained({str(exact_folders[name])!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert "mla_modeling" not in sys.modules
-        with torch.no_grad():
-            logits = model(data["input_ids"]).logits
-        error = float((logits - data["expected"]).abs().max() / data["expected"].abs().max())
-        assert error < 1e-4, error
-        generated = model.generate(data["input_ids"][:, :10], **{kwargs!r})
-        assert torch.equal(generated, data["generated"]), (generated, data["generated"])
-        print("remote code OK", error)
-        """,
-        hf_home=tmp_path / "hf-home",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
+    assert_loads_without_plugin(
+        exact_folders[name], load(phi3_folders[name]), token_ids(1, 3 * ORIGINAL_CONTEXT), tmp_path,
+        prompt_length=10, max_new_tokens=20,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma2"])
