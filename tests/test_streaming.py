@@ -70,7 +70,8 @@ SETTINGS = {
     "exact": dict(budget=1.0),
     # below it: calibration text, the K/V balance search, latent sizes by spectrum, refinement
     "compressed": dict(budget=0.5, key_scale="search", rank_allocation="spectrum", refine_steps=10),
-    "svd-refined": dict(budget=0.5, init="svd", key_scale=1.0, refine_steps=5),
+    # saved in bfloat16: the shards are written in the saved dtype
+    "svd-refined": dict(budget=0.5, init="svd", key_scale=1.0, refine_steps=5, dtype="bfloat16"),
 }
 
 
