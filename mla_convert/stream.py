@@ -77,7 +77,7 @@ def streams(source: str, gguf_file: str | None, options: ConversionOptions) -> b
         return options.streaming == "on"
     if gguf_file is not None or not Path(os.fspath(source)).is_dir():
         return False
-    needed, available = whole_model_bytes(Path(source)), psutil.virtual_memory().available
+    needed, available = whole_model_bytes(Path(source), options), psutil.virtual_memory().available
     if needed <= AUTO_MEMORY_SHARE * available:
         return False
     print(
@@ -88,10 +88,16 @@ def streams(source: str, gguf_file: str | None, options: ConversionOptions) -> b
     return True
 
 
-def whole_model_bytes(folder: Path) -> int:
-    """What the whole-model path holds, from the safetensors headers: the source and the MLA model in float32."""
+def whole_model_bytes(folder: Path, options: ConversionOptions) -> int:
+    """What the whole-model path holds: the source and the MLA model in float32 (sizes from the safetensors
+    headers), and every layer's recorded attention inputs for refinement and the key-scale search (bfloat16)."""
     shapes = _safetensors_shapes(folder) or {}
-    return 2 * 4 * sum(math.prod(shape) for shape in shapes.values())
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        recorded = 2 * options.refine_tokens * int(config["hidden_size"]) * int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = 0  # a broken config.json is refused with its own message when it is read
+    return 2 * 4 * sum(math.prod(shape) for shape in shapes.values()) + recorded
 
 
 def parse_size(text: str) -> int:

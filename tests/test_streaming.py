@@ -220,7 +220,7 @@ def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wiki
 
     monkeypatch.setattr(stream.psutil, "virtual_memory", lambda: Memory)
     assert convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))["streaming"] is False
-    Memory.available = stream.whole_model_bytes(sources["float32"])  # the whole model would take all of it
+    Memory.available = stream.whole_model_bytes(sources["float32"], options(1.0, wikitext))  # it would take all
     assert convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))["streaming"] is True
     assert "converting layer by layer (--streaming auto)" in capsys.readouterr().err
 
