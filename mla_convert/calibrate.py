@@ -111,15 +111,11 @@ def collect_normalised_moments(
 
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
-            hidden_states = kwargs.get("hidden_states", args[0] if args else None).float()
-            # queries: [tokens, heads, head_dim]; keys: [tokens, kv_heads, head_dim], as the source normalises them
-            queries = module.q_norm(module.q_proj(hidden_states).view(-1, heads, head_dim))
-            raw_keys = module.k_proj(hidden_states).view(-1, kv_heads, head_dim)
-            keys = module.k_norm(raw_keys).reshape(-1, kv_heads * head_dim)
-            scales_sq = 1.0 / (raw_keys.pow(2).mean(-1) + module.k_norm.variance_epsilon)
-            query[layer_idx] += torch.einsum("thd,the->hde", queries, queries).cpu().to(torch.float64)
-            key[layer_idx] += (keys.T @ keys).cpu().to(torch.float64)
-            key_scale_sq[layer_idx] += scales_sq.sum(0).cpu().to(torch.float64)
+            hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+            sums = normalised_moment_sums(module, hidden_states, heads, kv_heads, head_dim)
+            query[layer_idx] += sums[0]
+            key[layer_idx] += sums[1]
+            key_scale_sq[layer_idx] += sums[2]
 
         return hook
 
@@ -129,6 +125,24 @@ def collect_normalised_moments(
         NormalisedMoments(query=query[i] / count, key=key[i] / count, key_scale_sq=key_scale_sq[i] / count)
         for i in range(len(layers))
     ]
+
+
+def normalised_moment_sums(
+    attention, hidden_states: torch.Tensor, heads: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's sums (float64, CPU) behind `collect_normalised_moments`, from a QK-norm attention module and its
+    input `[..., hidden]` (the whole-model and the streaming conversion accumulate them alike)."""
+    hidden_states = hidden_states.float()
+    # queries: [tokens, heads, head_dim]; keys: [tokens, kv_heads, head_dim], as the source normalises them
+    queries = attention.q_norm(attention.q_proj(hidden_states).view(-1, heads, head_dim))
+    raw_keys = attention.k_proj(hidden_states).view(-1, kv_heads, head_dim)
+    keys = attention.k_norm(raw_keys).reshape(-1, kv_heads * head_dim)
+    scales_sq = 1.0 / (raw_keys.pow(2).mean(-1) + attention.k_norm.variance_epsilon)
+    return (
+        torch.einsum("thd,the->hde", queries, queries).cpu().to(torch.float64),
+        (keys.T @ keys).cpu().to(torch.float64),
+        scales_sq.sum(0).cpu().to(torch.float64),
+    )
 
 
 def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:

@@ -12,8 +12,8 @@ sequences, and compares their logits at the end as `verify` does.
 
 Rank allocation by spectrum needs every layer's spectrum before the first rank is fixed: a first pass reads and runs
 every source layer and decomposes it once (about the cost of the main pass without refinement and key-scale search).
-`--target deepseek`, QK-norm sources and data-free calibration (sampling text from the source) need the whole model
-and are refused in one line.
+`--target deepseek` and data-free calibration (sampling text from the source) need the whole model and are refused
+in one line.
 """
 
 from __future__ import annotations
@@ -43,14 +43,18 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from mla_modeling import MLAConfig, MLAForCausalLM
-from mla_modeling.attention_mla import rope_gather_index
+from mla_modeling.attention_mla import qk_norm_indices, rope_gather_index
 from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 
 from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
-from .calibrate import calibration_sequences, kept_sequences, moment_sum, needs_text, searches_key_scale
+from .calibrate import (
+    calibration_sequences, kept_sequences, moment_sum, needs_text, normalised_moment_sums, searches_key_scale,
+)  # fmt: skip
 from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, uses_spectrum_allocation
 from .convert import conversion_report, decompose_options_for, first_key_scale
-from .decompose import MLAAttentionWeights, attention_weights, decompose_layer, single_thread, weight_only_moment
+from .decompose import (
+    MLAAttentionWeights, NormalisedMoments, attention_weights, decompose_layer, single_thread, weight_only_moment,
+)  # fmt: skip
 from .errors import MLAConvertError
 from .families import check_source_family, layer_windows, llama_layout_state, source_inv_freq
 from .folders import prepare_output, save_atomically
@@ -246,6 +250,11 @@ class Stream:
         return source_inv_freq(self.skeleton)
 
     @property
+    def normalises(self) -> bool:
+        """Whether calibration takes a QK-norm source's normalised moments (as `calibrate`: not for weight-only SVD)."""
+        return self.shape.qk_norm and self.options.init != "svd"
+
+    @property
     def windows(self) -> list[int | None]:
         """Per layer, the window the source attends over (None: the whole context); the MLA layer mirrors it."""
         return layer_windows(self.source_config)
@@ -264,28 +273,48 @@ class Stream:
 # --------------------------------------------------------------------------------------------- one layer's steps
 
 
+@dataclass
+class LayerPass:
+    """What one pass of the calibration hidden states through a source layer gives (`run_layer`)."""
+
+    # [sequences, seq, hidden] float32 on the CPU: the next layer's input (None for the last layer)
+    output: torch.Tensor | None
+    # E[[x; 1] [x; 1]^T] of the attention input [hidden + 1, hidden + 1] float64
+    moment: torch.Tensor | None = None
+    # the attention inputs of the first sequences [keep, seq, hidden] bfloat16, for refinement and the search
+    kept: torch.Tensor | None = None
+    # a QK-norm layer's normalised query and key moments
+    normalised: NormalisedMoments | None = None
+
+
 def run_layer(
     layer: nn.Module, hidden: torch.Tensor, config, rotary: nn.Module, device: torch.device, window: int | None,
-    moment: bool = False, keep: int = 0, forward: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """`layer` over `hidden` `[sequences, seq, hidden]` (CPU) in batches, as the whole model runs it.
-
-    Returns the layer's output (CPU, float32), and on request its attention input's moment `E[[x; 1] [x; 1]^T]`
-    `[hidden + 1, hidden + 1]` and the attention inputs of the first `keep` sequences (bfloat16, CPU). `window`:
-    the layer's sliding window (None: it attends to the whole context). `forward=False` (the last layer: nothing
-    reads its output) returns no output."""
+    moment: bool = False, keep: int = 0, forward: bool = True, normalised: bool = False,
+) -> LayerPass:
+    """`layer` over `hidden` `[sequences, seq, hidden]` (CPU) in batches, as the whole model runs it, with what
+    calibration takes from its attention input on request: the moment, the first `keep` sequences and (QK-norm)
+    the normalised moments. `window`: the layer's sliding window (None: it attends to the whole context).
+    `forward=False` (the last layer: nothing reads its output) skips the layer itself."""
     outputs, kept = [], []
-    total = torch.zeros(hidden.shape[-1] + 1, hidden.shape[-1] + 1, dtype=torch.float64) if moment else None
+    size = hidden.shape[-1] + 1
+    total = torch.zeros(size, size, dtype=torch.float64) if moment else None
+    sums = None
     count = 0
     with torch.no_grad():
         for batch in hidden.split(BATCH_SIZE):
             batch = batch.to(device)
             position_ids = torch.arange(batch.shape[1], device=device)[None]
-            if moment or len(kept) * BATCH_SIZE < keep:
+            if moment or normalised or len(kept) * BATCH_SIZE < keep:
                 normed = layer.input_layernorm(batch)
+                count += batch.shape[0] * batch.shape[1]
                 if moment:
                     total += moment_sum(normed)
-                    count += batch.shape[0] * batch.shape[1]
+                if normalised:
+                    attention = layer.self_attn
+                    heads = attention.q_proj.out_features // attention.head_dim
+                    kv_heads = attention.k_proj.out_features // attention.head_dim
+                    part = normalised_moment_sums(attention, normed, heads, kv_heads, attention.head_dim)
+                    sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
                 still_needed = keep - sum(len(part) for part in kept)
                 if still_needed > 0:
                     kept.append(normed[:still_needed].to("cpu", torch.bfloat16))
@@ -296,8 +325,13 @@ def run_layer(
             mask = mask_function(config, batch, None, None, position_ids)
             output = layer(batch, attention_mask=mask, position_embeddings=rotary(batch, position_ids), position_ids=position_ids)
             outputs.append((output[0] if isinstance(output, tuple) else output).to("cpu", torch.float32))
-    output = torch.cat(outputs) if forward else None
-    return output, (total / max(count, 1) if moment else None), (torch.cat(kept) if kept else None)
+    count = max(count, 1)
+    return LayerPass(
+        output=torch.cat(outputs) if forward else None,
+        moment=total / count if moment else None,
+        kept=torch.cat(kept) if kept else None,
+        normalised=NormalisedMoments(*(value / count for value in sums)) if normalised else None,
+    )
 
 
 @contextmanager
@@ -327,6 +361,8 @@ class MLAStream:
         holder = SimpleNamespace(model=SimpleNamespace(layers=[source_layer]))
         config = mla_config(stream.source_config, holder, plan, [first] * stream.shape.num_layers)
         config.rope_frequency_indices = [list(first.rope_frequency_indices) for _ in range(stream.shape.num_layers)]
+        if config.qk_norm:
+            config.rope_key_heads = [list(first.rope_key_heads) for _ in range(stream.shape.num_layers)]
         with torch.device("meta"):
             MLAForCausalLM(config)  # resolves the attention implementation on the config, as the whole model does
         return cls(config, MLARotaryEmbedding(config).to(stream.device))
@@ -334,6 +370,8 @@ class MLAStream:
     def layer(self, layer_idx: int, source_state: dict, weights: MLAAttentionWeights, device: torch.device) -> nn.Module:
         """The MLA decoder layer: the source layer's norms and MLP, the decomposed attention (float32, on `device`)."""
         self.config.rope_frequency_indices[layer_idx] = list(weights.rope_frequency_indices)
+        if self.config.qk_norm:
+            self.config.rope_key_heads[layer_idx] = list(weights.rope_key_heads)
         # Phi-3's fused gate/up projection split into the MLA layer's (Llama's) two, as `assemble` does
         state = {name: t for name, t in llama_layout_state(source_state).items() if not name.startswith("self_attn.")}
         state.update({"self_attn." + name: t for name, t in attention_entries(weights).items()})
@@ -342,11 +380,15 @@ class MLAStream:
         layer = load_module(layer, state, device)
         # non-persistent: rebuilt from the table, as `MLAPreTrainedModel._init_weights` does
         layer.self_attn.rope_index = rope_gather_index(weights.rope_frequency_indices).to(device)
+        if self.config.qk_norm:
+            head_groups, rope_key_head_index = qk_norm_indices(self.config, layer_idx)
+            layer.self_attn.head_groups, layer.self_attn.rope_key_head_index = head_groups.to(device), rope_key_head_index.to(device)
         return layer
 
 
 def decompose_streamed(
-    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, layer_idx: int, key_scale: float
+    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, layer_idx: int, key_scale: float,
+    normalised: NormalisedMoments | None = None,
 ) -> MLAAttentionWeights:
     with single_thread():
         return decompose_layer(
@@ -357,6 +399,7 @@ def decompose_streamed(
             inv_freq=stream.inv_freq,
             options=decompose_options_for(plan, stream.options),
             key_scale=key_scale,
+            normalised=normalised,
         )
 
 
@@ -462,6 +505,8 @@ def write_model_files(folder: Path, stream: Stream, working: MLAConfig, plan: Ra
     become `assemble.rope_tables` of the converted layers (None where every layer uses the plain one)."""
     config = copy.deepcopy(working)
     config.rope_frequency_indices = mla_rope_tables(layers, plan.qk_rope_head_dim, stream.shape.head_dim)
+    if config.qk_norm:
+        config.rope_key_heads = [layer.rope_key_heads for layer in layers]
     with torch.device("meta"):
         model = MLAForCausalLM(config)
     type(model.config).register_for_auto_class()
@@ -487,6 +532,7 @@ class LayerRecord:
     qk_nope_head_dim: int
     rope_frequency_indices: list[int]
     stats: dict
+    rope_key_heads: list[int] | None = None
 
 
 def layer_moment(stream: Stream, moment: torch.Tensor | None) -> torch.Tensor:
@@ -506,14 +552,17 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
     bar = tqdm(range(stream.shape.num_layers), desc="spectra (pass 1)", unit="layer", disable=not stream.progress)
     for layer_idx in bar:
         layer = stream.source_layer(layer_idx)
-        moment = None
+        moment = normalised = None
         if hidden is not None:
             last = layer_idx == stream.shape.num_layers - 1
             config, window = stream.skeleton.config, stream.windows[layer_idx]
-            hidden, moment, _ = run_layer(
-                layer, hidden, config, stream.rotary, stream.device, window, moment=True, forward=not last
+            calibrated = run_layer(
+                layer, hidden, config, stream.rotary, stream.device, window, moment=True, forward=not last,
+                normalised=stream.normalises,
             )
-        weights = decompose_streamed(stream, layer, layer_moment(stream, moment), plan, layer_idx, first_key_scale(stream.options))
+            hidden, moment, normalised = calibrated.output, calibrated.moment, calibrated.normalised
+        moment = layer_moment(stream, moment)
+        weights = decompose_streamed(stream, layer, moment, plan, layer_idx, first_key_scale(stream.options), normalised)
         spectra.append(weights.spectrum)
         del layer, weights
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
@@ -551,19 +600,22 @@ def convert_layers(
             source_layer = stream.source_layer(layer_idx)
             # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
             source_state = source_layer.state_dict()
-        moment = kept = None
+        moment = kept = normalised = None
         if hidden is not None:
             with meter.stage("calibrate"):
                 last = layer_idx == stream.shape.num_layers - 1
-                hidden, moment, kept = run_layer(
-                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep, forward=not last
+                calibrated = run_layer(
+                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep,
+                    forward=not last, normalised=stream.normalises,
                 )
+                hidden, moment, kept, normalised = calibrated.output, calibrated.moment, calibrated.kept, calibrated.normalised
+                del calibrated
         moment = layer_moment(stream, moment)
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
         weights = best_error = target = None
         for factor in KEY_SCALE_GRID if search else (first_key_scale(options),):
             with meter.stage("decompose"):
-                candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor)
+                candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor, normalised)
             mla = mla or MLAStream.start(stream, plan, candidate, source_layer)
             if not search:
                 weights = candidate
@@ -591,12 +643,14 @@ def convert_layers(
                 )
                 del inputs
         with meter.stage("verify"):
-            source_check = run_layer(source_layer, source_check, config, stream.rotary, device, window)[0]
-            mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device, window)[0]
+            source_check = run_layer(source_layer, source_check, config, stream.rotary, device, window).output
+            mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device, window).output
         with meter.stage("write"):
             for name, tensor in mla_layer.state_dict().items():
                 writer.add(f"model.layers.{layer_idx}.{name}", tensor)
-        records.append(LayerRecord(weights.qk_nope_head_dim, list(weights.rope_frequency_indices), weights.stats))
+        records.append(
+            LayerRecord(weights.qk_nope_head_dim, list(weights.rope_frequency_indices), weights.stats, weights.rope_key_heads)
+        )
         refine_stats.append(stats)
         del source_state, source_layer, mla_layer, weights, kept, moment
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
@@ -647,11 +701,6 @@ def convert_streaming(
     shape = SourceShape.from_config(source_config)
     plan = plan_ranks(shape, options)
     check_source_family(source_config)
-    if shape.qk_norm:
-        raise MLAConvertError(
-            "QK-norm sources (qwen3) are not streamed yet (their normalised moments are taken on the whole model): "
-            "convert with --streaming off"
-        )
     text = needs_text(plan, options)
     if text and options.calibration is None:
         raise MLAConvertError(

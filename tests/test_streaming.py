@@ -107,23 +107,27 @@ def test_streaming_gives_the_whole_model_paths_weights_and_logits(tmp_path, sour
 
 
 def family_sources(root: Path) -> dict[str, Path]:
-    """Qwen2 with a local (16-token window, shorter than the 128-token calibration windows) and a full layer, and a
-    Phi-3 with fused projections, partial RoPE and longrope."""
+    """Qwen2 with a local (16-token window, shorter than the 128-token calibration windows) and a full layer, a
+    Phi-3 with fused projections, partial RoPE and longrope, and a Qwen3 (QK-norm, head_dim 24 != hidden / heads)."""
     from test_families_phi3 import build_phi3
     from test_sliding_window import build_windowed
 
-    folders = {"qwen2-sliding": root / "qwen2-sliding", "phi3": root / "phi3"}
+    from test_families import build_qwen3
+
+    folders = {"qwen2-sliding": root / "qwen2-sliding", "phi3": root / "phi3", "qwen3": root / "qwen3"}
     build_windowed("qwen2").save_pretrained(folders["qwen2-sliding"])
     build_phi3("phi3-gqa-partial-longrope").save_pretrained(folders["phi3"])
+    build_qwen3("qwen3-gqa").save_pretrained(folders["qwen3"])
     for folder in folders.values():
         byte_tokenizer().save_pretrained(folder)
     return folders
 
 
-@pytest.mark.parametrize("kind", ["qwen2-sliding", "phi3"])
-def test_streaming_follows_the_families_sliding_windows_and_fused_projections(tmp_path, wikitext, kind):
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+@pytest.mark.parametrize("kind", ["qwen2-sliding", "phi3", "qwen3"])
+def test_streaming_follows_the_families_sliding_windows_fused_projections_and_qk_norm(tmp_path, wikitext, kind, budget):
     source = family_sources(tmp_path / "sources")[kind]
-    conversion = options(0.5, wikitext, key_scale="search", rank_allocation="spectrum", refine_steps=10)
+    conversion = options(budget, wikitext, key_scale="search", rank_allocation="spectrum", refine_steps=10)
     whole, streamed = convert_both(source, tmp_path, conversion)
     assert streamed["kv_lora_ranks"] == whole["kv_lora_ranks"]
     expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "streamed")
@@ -135,16 +139,6 @@ def test_streaming_follows_the_families_sliding_windows_and_fused_projections(tm
     with torch.no_grad():
         logits = load_causal_lm(tmp_path / "streamed")(ids).logits
         assert relative_error(logits, load_causal_lm(tmp_path / "whole")(ids).logits) < 1e-4
-
-
-def test_streaming_refuses_qk_norm_sources_with_nothing_written(tmp_path, wikitext):
-    from test_families import build_qwen3
-
-    build_qwen3("qwen3-gqa").save_pretrained(tmp_path / "qwen3")
-    byte_tokenizer().save_pretrained(tmp_path / "qwen3")
-    with pytest.raises(MLAConvertError, match="QK-norm sources .* are not streamed yet"):
-        convert(str(tmp_path / "qwen3"), tmp_path / "out", options(0.5, wikitext, streaming="on"))
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
