@@ -235,6 +235,27 @@ def check_same_settings(checkpoint: Path, saved: dict, settings: dict) -> None:
         )
 
 
+# How checkpoints written before the format was recorded hold the model.
+DEFAULT_CHECKPOINT_FORMAT = "trained-parameters"
+FORMAT_NAMES = {
+    "fsdp": "FSDP's sharded state",
+    "deepspeed": "DeepSpeed's sharded state",
+    "trained-parameters": "the trained parameters of a data-parallel run",
+}
+
+
+def check_same_format(checkpoint: Path, saved: dict, settings: dict) -> None:
+    """A sharded checkpoint resumes only under the same sharding (FSDP or DeepSpeed), and a data-parallel one only
+    without sharding: the files are different, and accelerate would fail deep inside torch or DeepSpeed."""
+    saved_format = saved.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT)
+    if saved_format != settings["checkpoint_format"]:
+        raise MLAConvertError(
+            f"--resume: the checkpoint {checkpoint} holds {FORMAT_NAMES.get(saved_format, saved_format)} and this "
+            f"run is set up for {FORMAT_NAMES[settings['checkpoint_format']]}: resume with the accelerate config "
+            "that wrote it"
+        )
+
+
 def load_checkpoint(accelerator, checkpoint: Path) -> None:
     """accelerate's state from a checkpoint whose files `read_checkpoint` found whole; what still fails to load
     (a file cut short inside a valid archive) gets the same one line."""
