@@ -190,7 +190,8 @@ def read_checkpoint(checkpoint: Path) -> tuple[HealState, dict]:
     from safetensors import SafetensorError, safe_open
 
     start_over = _start_over(checkpoint.parent)
-    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+    # sharded checkpoints keep their files in folders (pytorch_model_fsdp_0/__0_0.distcp, ...)
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         damaged = None
         if path.stat().st_size == 0:
             damaged = "it is empty"
@@ -262,13 +263,29 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
     import pickle
 
     from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         accelerator.load_state(str(checkpoint))
     except MLAConvertError:
         raise
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+    except CheckpointException as e:  # a sharded checkpoint (FSDP); a BaseException, and its text is tracebacks
+        # torch keeps each process's failure as (exception, frames)
+        failures = "; ".join(
+            f"process {rank}: {_first_line(error[0] if isinstance(error, tuple) else error)}"
+            for rank, error in sorted(e.failures.items())
+        )
         raise MLAConvertError(
-            f"--resume: the checkpoint {checkpoint} could not be loaded ({type(e).__name__}: {e}): "
+            f"--resume: the sharded checkpoint {checkpoint} could not be loaded ({failures}): "
             f"{_start_over(checkpoint.parent)}"
         ) from e
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        raise MLAConvertError(
+            f"--resume: the checkpoint {checkpoint} could not be loaded ({_first_line(e)}): "
+            f"{_start_over(checkpoint.parent)}"
+        ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -55,7 +55,7 @@ class HealOptions:
     eval_precision: str = option(
         "float32", choices=EVAL_PRECISIONS, group="data",
         help="float32: evaluate without autocast against a float32 teacher (a second copy if --teacher-dtype is "
-        "bfloat16); training: in the training precision",
+        "not float32); training: in the training precision",
     )  # fmt: skip
     max_tokens: int = training_option(100_000, help="training tokens", metavar="N", at_least=1)
     seq_len: int = training_option(512, help="tokens per sequence", metavar="L", at_least=2)
