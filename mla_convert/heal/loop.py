@@ -92,10 +92,11 @@ def warn_unsharded(accelerator) -> None:
              if os.environ.get(flag, "false").lower() == "true"]  # fmt: skip
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if asked and not sharded and accelerator.is_main_process:
+        how = "one process" if accelerator.num_processes == 1 else "plain data parallelism"
         logger.warning(
             "the accelerate config asks for %s, but accelerate runs these %s processes as %s: every process holds "
             "the whole student (accelerate shards only on GPUs and other accelerators)",
-            asked[0], accelerator.device.type, accelerator.distributed_type.value,
+            asked[0], accelerator.device.type, how,
         )  # fmt: skip
 
 
