@@ -66,10 +66,38 @@ def pytest_runtest_setup(item) -> None:
             shared_text(name)
 
 
+def device_under_test() -> torch.device:
+    """Where the device tests (tests/test_gpu.py) run: `MLA_TEST_DEVICE` (cuda, cuda:1...), by default the first
+    CUDA device where there is one. The rest of the suite runs on the CPU by design (float32 tolerances)."""
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(os.environ.get("MLA_TEST_DEVICE", "").strip() or default)
+
+
+def pytest_configure(config) -> None:
+    # Asked for a device this machine lacks: stop before any test, rather than skip everything and pass.
+    device = os.environ.get("MLA_TEST_DEVICE", "").strip()
+    if not device:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise pytest.UsageError(f"MLA_TEST_DEVICE={device} is not a torch device: {e}") from e
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"MLA_TEST_DEVICE={device} but torch {torch.__version__} sees no CUDA device (a CPU-only build, no "
+            "driver, or CUDA_VISIBLE_DEVICES empty)"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise pytest.UsageError(f"MLA_TEST_DEVICE={device} but there are {torch.cuda.device_count()} CUDA devices")
+
+
 def pytest_report_header(config) -> list[str]:
     found = "found" if WIKITEXT.is_file() else "missing"
     outcome = "fail (CI)" if in_ci() else "skip"
-    return [f"shared data: {SHARED_DATA} ({found}); tests missing what they need: {outcome}"]
+    return [
+        f"shared data: {SHARED_DATA} ({found}); tests missing what they need: {outcome}",
+        f"device tests (tests/test_gpu.py): {device_under_test()} (MLA_TEST_DEVICE)",
+    ]
 
 
 # name -> (config class, model class, kv heads, extra config)

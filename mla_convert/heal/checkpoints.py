@@ -190,7 +190,8 @@ def read_checkpoint(checkpoint: Path) -> tuple[HealState, dict]:
     from safetensors import SafetensorError, safe_open
 
     start_over = _start_over(checkpoint.parent)
-    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+    # sharded checkpoints keep their files in folders (pytorch_model_fsdp_0/__0_0.distcp, ...)
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         damaged = None
         if path.stat().st_size == 0:
             damaged = "it is empty"
@@ -235,19 +236,56 @@ def check_same_settings(checkpoint: Path, saved: dict, settings: dict) -> None:
         )
 
 
+# How checkpoints written before the format was recorded hold the model.
+DEFAULT_CHECKPOINT_FORMAT = "trained-parameters"
+FORMAT_NAMES = {
+    "fsdp": "FSDP's sharded state",
+    "deepspeed": "DeepSpeed's sharded state",
+    "trained-parameters": "the trained parameters of a data-parallel run",
+}
+
+
+def check_same_format(checkpoint: Path, saved: dict, settings: dict) -> None:
+    """A sharded checkpoint resumes only under the same sharding (FSDP or DeepSpeed), and a data-parallel one only
+    without sharding: the files are different, and accelerate would fail deep inside torch or DeepSpeed."""
+    saved_format = saved.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT)
+    if saved_format != settings["checkpoint_format"]:
+        raise MLAConvertError(
+            f"--resume: the checkpoint {checkpoint} holds {FORMAT_NAMES.get(saved_format, saved_format)} and this "
+            f"run is set up for {FORMAT_NAMES[settings['checkpoint_format']]}: resume with the accelerate config "
+            "that wrote it"
+        )
+
+
 def load_checkpoint(accelerator, checkpoint: Path) -> None:
     """accelerate's state from a checkpoint whose files `read_checkpoint` found whole; what still fails to load
     (a file cut short inside a valid archive) gets the same one line."""
     import pickle
 
     from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         accelerator.load_state(str(checkpoint))
     except MLAConvertError:
         raise
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+    except CheckpointException as e:  # a sharded checkpoint (FSDP); a BaseException, and its text is tracebacks
+        # torch keeps each process's failure as (exception, frames)
+        failures = "; ".join(
+            f"process {rank}: {_first_line(error[0] if isinstance(error, tuple) else error)}"
+            for rank, error in sorted(e.failures.items())
+        )
         raise MLAConvertError(
-            f"--resume: the checkpoint {checkpoint} could not be loaded ({type(e).__name__}: {e}): "
+            f"--resume: the sharded checkpoint {checkpoint} could not be loaded ({failures}): "
             f"{_start_over(checkpoint.parent)}"
         ) from e
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        raise MLAConvertError(
+            f"--resume: the checkpoint {checkpoint} could not be loaded ({_first_line(e)}): "
+            f"{_start_over(checkpoint.parent)}"
+        ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

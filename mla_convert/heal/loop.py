@@ -18,6 +18,7 @@ from ..data import CALIBRATION_PART, TextStream, open_text_stream
 from ..errors import MLAConvertError
 from .checkpoints import (
     HealState,
+    check_same_format,
     check_same_settings,
     complete_checkpoints,
     default_checkpoint_dir,
@@ -75,9 +76,38 @@ def make_accelerator(options: HealOptions):
     # Without cpu=True accelerate runs every process of a multi-process CPU launch as a lone one.
     cpu = not torch.accelerator.is_available()
     try:
-        return Accelerator(cpu=cpu, mixed_precision=options.mixed_precision)
+        accelerator = Accelerator(cpu=cpu, mixed_precision=options.mixed_precision)
     except ValueError as e:
         raise MLAConvertError(f"accelerate cannot run with --mixed-precision {options.mixed_precision}: {e}") from e
+    warn_unsharded(accelerator)
+    return accelerator
+
+
+def warn_unsharded(accelerator) -> None:
+    """accelerate (1.16) picks FSDP or DeepSpeed only for GPUs (and other accelerators): with CPU processes a
+    sharded config silently becomes plain data parallelism. The result is the same, the memory is not."""
+    from accelerate.utils import DistributedType
+
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]  # fmt: skip
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if asked and not sharded and accelerator.is_main_process:
+        how = "one process" if accelerator.num_processes == 1 else "plain data parallelism"
+        logger.warning(
+            "the accelerate config asks for %s, but accelerate runs these %s processes as %s: every process holds "
+            "the whole student (accelerate shards only on GPUs and other accelerators)",
+            asked[0], accelerator.device.type, how,
+        )  # fmt: skip
+
+
+def checkpoint_format(accelerator) -> str:
+    """How this run's checkpoints hold the model: accelerate's sharded FSDP or DeepSpeed state, or our file of the
+    trained parameters (any number of plain data-parallel processes). A checkpoint resumes only in its own format."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(
+        accelerator.distributed_type, "trained-parameters"
+    )
 
 
 def on_main_process(accelerator, check: Callable[[], object]):
@@ -180,6 +210,7 @@ def trajectory_settings(student: str, options: HealOptions, world: int, eval_tok
         "kl_weight": options.kl_weight,
         "mixed_precision": options.mixed_precision,
         "seed": options.seed,
+        "gradient_checkpointing": options.gradient_checkpointing,
         "eval_data": str(options.eval_data or options.data),
         "eval_precision": options.eval_precision,
         "eval_tokens": eval_tokens,
@@ -215,6 +246,11 @@ def prepare_run(accelerator, model, teacher, tokenizer, data: HealData, options:
     set_seed(options.seed)
     trainable = select_trainable(model, options.train)
     model.config.use_cache = False
+    if options.gradient_checkpointing:
+        # Non-reentrant: correct with frozen embeddings (attention-only healing), under autocast and under FSDP.
+        # (transformers 5.24 renamed gradient_checkpointing_enable, which 5.23 still has alone)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     model.train()
     eval_teacher = teacher
     if options.eval_precision == "float32" and teacher.dtype != torch.float32:
@@ -224,12 +260,33 @@ def prepare_run(accelerator, model, teacher, tokenizer, data: HealData, options:
     # Not passed to prepare(): accelerate would step it once per process. Registered for save_state instead.
     schedule = lr_lambda(settings["total_steps"], settings["warmup_steps"], options.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    configure_deepspeed(accelerator, options)
+    # Only the student is prepared (sharded under FSDP/DeepSpeed). The teacher never goes through prepare():
+    # accelerate would count it as a trained model (checkpointed, clipped, synchronised), and sharding it would
+    # all-gather every teacher layer at every micro-step. It stays whole on every process, frozen, in
+    # --teacher-dtype, run under inference_mode: 2 bytes a parameter in bfloat16 against the 16 (weights,
+    # gradients, AdamW moments in float32) a student parameter costs before sharding.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     register_weight_hooks(accelerator, model, trainable)
     trained = [p for p in model.parameters() if p.requires_grad]
     return Run(accelerator, options, settings, model, teacher, eval_teacher, optimizer, scheduler, trained, tokenizer,
                data, checkpoint_dir)  # fmt: skip
+
+
+def configure_deepspeed(accelerator, options: HealOptions) -> None:
+    """What DeepSpeed's config leaves to the script ("auto"), from heal's options: there is no dataloader for
+    accelerate to read the batch size from, and clipping is the engine's (heal's own clipping is skipped there)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = options.batch_size
+    # heal accumulates by itself (a boundary per optimizer step, below): the engine must not divide again
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = options.max_grad_norm or 0.0
+    config["train_batch_size"] = options.batch_size * accelerator.num_processes
 
 
 def start_or_resume(run: Run, existing: list[Path]) -> HealState:
@@ -245,6 +302,7 @@ def start_or_resume(run: Run, existing: list[Path]) -> HealState:
         latest = existing[-1]
         state, saved_settings = read_checkpoint(latest)
         check_same_settings(latest, saved_settings, run.settings)
+        check_same_format(latest, saved_settings, run.settings)
         load_checkpoint(accelerator, latest)
         if accelerator.is_main_process:
             logger.warning("resuming from %s (step %d of %d)", latest, state.step, run.settings["total_steps"])
@@ -290,6 +348,8 @@ def train_step(run: Run, windows: Iterator[list[int]]) -> dict:
         with torch.inference_mode(), accelerator.autocast():
             teacher_log_probs = log_softmax_(run.teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits)
         sync = micro == options.grad_accum - 1
+        # Tells DeepSpeed's engine where the accumulation boundary is (it steps there); DDP/FSDP use no_sync
+        accelerator.sync_gradients = sync
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             logits = run.model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
             loss, kl, ce = distillation_loss(logits, teacher_log_probs, batch[:, 1:], options.kl_weight)
@@ -389,16 +449,21 @@ def save_healed(run: Run, student: str, output: Path, report: dict, saved_dtype:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
+        if run.options.gradient_checkpointing:
+            # a training setting, not the healed model's
+            getattr(unwrapped, "activation_checkpointing_disable", unwrapped.gradient_checkpointing_disable)()
         unwrapped.config.use_cache = True
         unwrapped.config.dtype = saved_dtype
         state_dict = {key: value.to(saved_dtype) for key, value in state_dict.items()}
         type(unwrapped.config).register_for_auto_class()
-        type(unwrapped).register_for_auto_class("AutoModelForCausalLM")
+        with plain_class(unwrapped):
+            type(unwrapped).register_for_auto_class("AutoModelForCausalLM")
 
         def write(folder: Path) -> None:
             import json
 
-            unwrapped.save_pretrained(folder, state_dict=state_dict)
+            with plain_class(unwrapped):
+                unwrapped.save_pretrained(folder, state_dict=state_dict)
             run.tokenizer.save_pretrained(folder)
             conversion = Path(student) / CONVERSION_REPORT
             if conversion.is_file():
@@ -410,6 +475,24 @@ def save_healed(run: Run, student: str, output: Path, report: dict, saved_dtype:
         if not run.options.keep_checkpoints:
             remove_checkpoints(run.checkpoint_dir)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def plain_class(model):
+    """The model as its own class: FSDP2 gives a sharded module a generated subclass (`FSDPMLAForCausalLM`, defined
+    in torch), and save_pretrained would name that class in config.json's auto_map and copy torch's FSDP sources in
+    place of the MLA modeling files. The weights come from the gathered state dict, so nothing else changes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(model)
+    if not issubclass(sharded_class, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded_class
 
 
 def _saved_dtype(config) -> torch.dtype:
@@ -434,6 +517,7 @@ def heal(student: str | os.PathLike, output: str | os.PathLike, options: HealOpt
 
     model, teacher, tokenizer, data, student_config = load_models_and_data(accelerator, student, options)
     settings = trajectory_settings(student, options, accelerator.num_processes, int(data.eval_sequences.numel()))
+    settings["checkpoint_format"] = checkpoint_format(accelerator)
     run = prepare_run(accelerator, model, teacher, tokenizer, data, options, settings, checkpoint_dir)
     state = start_or_resume(run, existing)
     stopped, packer = train(run, state)

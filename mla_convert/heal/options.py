@@ -14,7 +14,7 @@ from ..options import options_from_args as read_options
 
 TRAIN_CHOICES = ("attention", "all")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
-TEACHER_DTYPES = ("float32", "bfloat16")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "constant")
 EVAL_PRECISIONS = ("float32", "training")
 
@@ -31,7 +31,8 @@ class HealOptions:
     teacher_gguf_file: str | None = option(None, help="GGUF file name inside the teacher folder", metavar="NAME")
     teacher_dtype: str = option(
         "float32", choices=TEACHER_DTYPES,
-        help="dtype of the frozen teacher (bfloat16: faster where bf16 matmuls are, targets slightly rounded)",
+        help="dtype of the frozen teacher (bfloat16: faster where bf16 matmuls are, targets slightly rounded; half "
+        "the memory of float32 on every process, which keeps a whole teacher even when the student is sharded)",
     )  # fmt: skip
     any_teacher: bool = option(
         False, help="distill from a teacher that is not the student's source (refused without this flag)"
@@ -54,7 +55,7 @@ class HealOptions:
     eval_precision: str = option(
         "float32", choices=EVAL_PRECISIONS, group="data",
         help="float32: evaluate without autocast against a float32 teacher (a second copy if --teacher-dtype is "
-        "bfloat16); training: in the training precision",
+        "not float32); training: in the training precision",
     )  # fmt: skip
     max_tokens: int = training_option(100_000, help="training tokens", metavar="N", at_least=1)
     seq_len: int = training_option(512, help="tokens per sequence", metavar="L", at_least=2)
@@ -75,6 +76,10 @@ class HealOptions:
     )  # fmt: skip
     mixed_precision: str = training_option("no", choices=MIXED_PRECISION_CHOICES,
                                            help="autocast of the student (and teacher) forward, by accelerate")
+    gradient_checkpointing: bool = training_option(
+        False, help="recompute each decoder layer's activations in the backward pass: much less memory for long "
+        "--seq-len, about a third more compute (the same loss and gradients)",
+    )  # fmt: skip
     seed: int = training_option(0, help="seeds torch, numpy and random")
     eval_every: int = checkpoint_option(25, help="optimizer steps (0: start and end)", metavar="N", at_least=0,
                                         zero_means="start and end")  # fmt: skip
