@@ -2,7 +2,8 @@
 bf16 weights) converted layer by layer (`--streaming on`), one subprocess per conversion, with its peak memory and
 time; and SmolLM2's streamed conversion against the whole-model one.
 
-    python scripts/bench_scale.py --shapes tiny --layers full 2               (end-to-end check, under a minute)
+    python scripts/bench_scale.py --shapes tiny --layers full 1 --calibration-tokens 1024 --work runs/bench_scale_tiny \
+        --json runs/bench_scale_tiny.json                                    (end-to-end check, about a minute)
     python scripts/bench_scale.py --shapes 1b --keep                          (about 10-20 minutes on 2 busy cores)
     python scripts/bench_scale.py --shapes 8b --layers full 16 --keep         (about 1.5-3 hours; 16 GB of source)
     python scripts/bench_scale.py --smollm2 runs/smollm2 --shapes             (about 10 minutes: two conversions, two
@@ -19,7 +20,10 @@ without it they are deleted at the end. Outputs are deleted after their size is 
 
 Each conversion: `python -m mla_convert convert SRC OUT --streaming on --kv-budget 0.25 --calibration DATA
 --calibration-tokens 2048 --refine-tokens 2048 --refine-steps 10 --dtype bfloat16` (the defaults otherwise:
-key-scale search, spectrum rank allocation, so a spectrum pass first) in a child process. Its resident memory,
+key-scale search, spectrum rank allocation, so a spectrum pass first) in a child process. Seconds per layer are the
+conversion's own (from its report) less calibration text and embeddings, divided by the layers; the load average
+at the end of each conversion is recorded beside it. When other work shares the cores, `--threads 1` (the
+children's OMP threads) is much faster: multi-threaded LAPACK slows down many times under contention. Its resident memory,
 children included, is sampled every 0.2 s (psutil); beside it the conversion report's `process_peak_rss_bytes` (the
 kernel's high-water mark of the child) and `peak_rss_bytes` (sampled by the conversion at every stage). GB here is
 10^9 bytes.
@@ -67,7 +71,7 @@ SHAPES = {
                              high_freq_factor=4.0, original_max_position_embeddings=8192),
     ),
     "tiny": dict(
-        num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=3, hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
         intermediate_size=512, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
@@ -285,6 +289,8 @@ def run_conversion(args, source: Path, output: Path, streaming: str, dtype: str,
     return {
         "report": report,
         "wall_seconds": round(seconds, 1),
+        # the machine's load when the conversion ended (1, 5, 15 minutes): times on a busy machine say little
+        "load_average": [round(value, 2) for value in os.getloadavg()],
         "sampled_peak_rss_bytes": sampled["peak"],
         "rss_samples": sampled["samples"],
     }
@@ -303,6 +309,7 @@ def memory_fields(run: dict) -> dict:
         "seconds_per_stage": report.get("seconds_per_stage"),
         "streaming": report.get("streaming"),
         "verification": report.get("verification"),
+        "load_average": run["load_average"],
     }
 
 
@@ -545,6 +552,7 @@ def main(argv=None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({
         "note": "peak RSS: max of the child's RSS sampled every 0.2 s and its kernel high-water mark; GB = 1e9 bytes",
+        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / GB, 1)},
         "rows": all_rows,
     }, indent=2) + "\n")
     print("\n" + table(all_rows))
