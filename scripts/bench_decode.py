@@ -12,7 +12,9 @@ unless `--calibration` is given. `--long` adds an 8k context.
 `--unfolded-query` adds, for each budget, the same conversion with the folded query off on every layer
 (`fold_query=False`), measured beside the folded one: the absorbed path a QK-norm (Qwen3) model decodes with, whose
 `q_norm` between `q_proj` and W_uk leaves nothing to fold (docs/qk_norm.md). A layer folds its query only where that
-saves multiply-adds (`MLAAttention.fold_query`), so the table says how many layers of each model fold it.
+saves multiply-adds (`MLAAttention.fold_query`), so the table says how many layers of each model fold it, and a
+conversion with none gets no second row. The two differ by a few percent of a step's work, less than a busy
+machine's drift between rows, so the ratio is also measured on one model alternating the two step by step.
 """
 
 import argparse
@@ -129,6 +131,39 @@ def unfold_query(model) -> None:
     for attention in mla_attentions(model):
         attention.fold_query = False
         attention._drop_folded()
+
+
+@torch.inference_mode()
+def interleaved_query_folding(model, context: int, batch_size: int, steps: int, device: torch.device) -> dict:
+    """Seconds per decoding step of `model` with its query folded and unfolded, alternating step by step on one
+    cache (each step decodes the same position again): a load that changes during the run, which moves the rows
+    measured one after another, falls on both alike."""
+    attentions = [attention for attention in mla_attentions(model) if attention.fold_query]
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    outputs = model(prompt.to(device), use_cache=True, logits_to_keep=1)
+    cache = outputs.past_key_values
+    cache.batch_repeat_interleave(batch_size)
+    next_tokens = outputs.logits[:, -1].argmax(-1, keepdim=True).repeat(batch_size, 1)
+    model(next_tokens, past_key_values=cache, use_cache=True)  # folds the weights, outside the timing
+    cache.crop(-1)
+    folded = [(attention.folded_q_weight, attention.folded_q_bias) for attention in attentions]
+    seconds = {"folded": [], "unfolded": []}
+    for step in range(steps + 1):
+        for mode in seconds:
+            # Hiding the folded query weights sends the absorbed form down the unfolded path; the folded output stays,
+            # and nothing is refolded (the parameters do not change).
+            for attention, (weight, bias) in zip(attentions, folded):
+                attention.folded_q_weight, attention.folded_q_bias = (weight, bias) if mode == "folded" else (None, None)
+            synchronize(device)
+            started = time.perf_counter()
+            model(next_tokens, past_key_values=cache, use_cache=True)
+            synchronize(device)
+            if step > 0:
+                seconds[mode].append(time.perf_counter() - started)
+            cache.crop(-1)
+    for attention, (weight, bias) in zip(attentions, folded):
+        attention.folded_q_weight, attention.folded_q_bias = weight, bias
+    return {mode: statistics.median(values) for mode, values in seconds.items()}
 
 
 def folded_query_layers(model) -> tuple[int, int]:
@@ -265,6 +300,23 @@ def main() -> None:
                 f"{row['tokens_per_second'] / base['tokens_per_second']:.2f} | "
                 f"{unfolded['tokens_per_second'] / base['tokens_per_second']:.2f} |"
             )
+    interleaved = []
+    if args.unfolded_query:
+        for context in contexts:
+            for batch_size in args.batch_sizes:
+                for budget in args.budgets:
+                    name = f"mla {budget:g}"
+                    if folded_query_layers(models[name])[0] == 0:
+                        continue
+                    step = interleaved_query_folding(models[name], context, batch_size, args.steps, device)
+                    interleaved.append({"model": name, "context": context, "batch_size": batch_size,
+                                        "folded_seconds_per_step": step["folded"],
+                                        "unfolded_seconds_per_step": step["unfolded"]})
+                    print(json.dumps(interleaved[-1]), flush=True)
+        print("\nunfolded / folded query, alternating step by step on one model and cache: none folds its query" if not
+              interleaved else "\nunfolded / folded query, alternating step by step on one model and cache: " + ", ".join(
+            f"{r['model']} context {r['context']} batch {r['batch_size']}: "
+            f"{r['folded_seconds_per_step'] / r['unfolded_seconds_per_step']:.2f}x tokens/s" for r in interleaved))
     per_token = {}
     for name in models:
         row = next(r for r in rows if r["model"] == name)
@@ -276,7 +328,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "device": str(device), "dtype": args.dtype, "attn_implementation": args.attn_implementation,
-        "steps": args.steps, "fast_path_matches_expanded": checks, "folded_query_layers": folded_layers, "cache_bytes_per_token": per_token, "rows": rows,
+        "steps": args.steps, "fast_path_matches_expanded": checks, "folded_query_layers": folded_layers,
+        "query_folding_interleaved": interleaved, "cache_bytes_per_token": per_token, "rows": rows,
     }, indent=2) + "\n")
     plot(rows, Path(args.plot))
     print(f"wrote {args.json} and {args.plot}")

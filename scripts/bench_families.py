@@ -8,8 +8,12 @@ No real Qwen3 / Phi-3 / Gemma-3 checkpoint can be reached here, so each family i
 real model's attention shape (hidden size, heads, kv heads, head size, QK-norm, sliding window, RoPE) but only
 `--layers` decoder layers and a `--vocab`-token vocabulary: the cache per token and layer depends on neither the
 vocabulary nor the MLP nor the weights' values (the latent sizes come from `plan_ranks`, which sees only the shape).
-Each source is saved to a temporary folder and converted with the library (`convert`, `refine_steps=0`, K/V balance
-1, `--calibration-tokens` of wikitext retokenised bytewise; none of this changes the cache's size). Then source and
+Each source is saved to a temporary folder and converted with the library (`convert`): weight-only SVD, uniform
+latent sizes, no refinement unless `--calibration` is given (then joint PCA on that many tokens of the text, retokenised
+bytewise, still uniform and unrefined). The cache's size depends on none of these: `--rank-allocation spectrum`
+moves latent size between layers but keeps the total, and uniform sizes make the 2 measured layers stand for every
+real one. What they save is time: Phi-3-mini's [K ; V] is 6144 wide, and its float64 decompositions are most of
+the run. Then source and
 conversion, both loaded in bfloat16, prefill `--prompt` tokens with a cache, and the bytes the cache's own tensors
 hold (`DynamicCache` keys and values; the latent cache's latent, RoPE key and Qwen3's key scales) are divided by the
 prompt length and the measured layers and multiplied by the real model's layer count.
@@ -149,7 +153,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=None,
                         help="MLP size of the built sources (default: the real model's)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens prefilled into the cache")
-    parser.add_argument("--calibration", default="../shared/data/wikitext2_valid.txt")
+    parser.add_argument("--calibration", help="calibrate on this text (default: weight-only SVD)")
     parser.add_argument("--calibration-tokens", type=int, default=1024)
     parser.add_argument("--json", default="runs/bench_families.json")
     args = parser.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
             for budget in args.budgets:
                 output = Path(scratch) / f"{name}-mla-{budget:g}"
                 options = ConversionOptions(
-                    kv_budget=budget, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                    kv_budget=budget, init="pca" if args.calibration else "svd", rank_allocation="uniform",
+                    calibration=args.calibration, calibration_tokens=args.calibration_tokens,
                     calibration_seq_len=min(256, args.calibration_tokens), refine_steps=0, key_scale=1.0,
                     refine_tokens=args.calibration_tokens,
                 )
@@ -189,7 +194,10 @@ def main() -> None:
                 shutil.rmtree(output)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    print(f"\nrandom-weight sources with the real attention shape, {args.layers} layers, vocab {args.vocab}; "
+    how = (f"joint PCA on {args.calibration_tokens} tokens of {args.calibration}" if args.calibration
+           else "weight-only SVD")
+    print(f"\nrandom-weight sources with the real attention shape, {args.layers} layers, vocab {args.vocab}, "
+          f"converted by {how}, uniform latent sizes, no refinement; "
           f"bytes measured on the cache after a {args.prompt}-token prefill (bfloat16, {BYTES_PER_NUMBER} bytes per "
           "number), per token and layer, times the real layer count")
     print("\n| family | real layers | model | bytes / token | vs source | latent | k_pe | key scales | folded query |")
@@ -216,7 +224,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "layers_built": args.layers, "vocab": args.vocab, "prompt_tokens": args.prompt,
-        "bytes_per_number": BYTES_PER_NUMBER, "calibration_tokens": args.calibration_tokens,
+        "bytes_per_number": BYTES_PER_NUMBER, "calibration": args.calibration,
+        "calibration_tokens": args.calibration_tokens if args.calibration else 0,
         "unsupported": UNSUPPORTED, "rows": rows,
     }, indent=2) + "\n")
     print(f"wrote {args.json}")
