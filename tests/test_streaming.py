@@ -279,3 +279,17 @@ def test_streaming_refuses_what_it_cannot_do_in_one_line(tmp_path, sources, wiki
     result = run_cli("convert", str(sources["float32"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on", *args)
     assert_clean_failure(result, fragment)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_streaming_leaves_its_inputs_byte_for_byte(tmp_path, sources, wikitext):
+    """The streamed source is read shard by shard, lazily: neither it nor the calibration text may change."""
+
+    def contents(paths: list[Path]) -> dict[Path, bytes]:
+        return {path: path.read_bytes() for path in paths}
+
+    inputs = sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]
+    before = contents(inputs)
+    convert(str(sources["sharded"]), tmp_path / "out", options(0.5, wikitext, streaming="on", refine_steps=2))
+    after_paths = sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]
+    assert after_paths == inputs
+    assert contents(after_paths) == before
