@@ -60,7 +60,7 @@ from .families import check_source_family, layer_windows, llama_layout_state, so
 from .folders import prepare_output, save_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import RefineOptions, attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
-from .sources import _load_tokenizer, _safetensors_shapes, check_device, load_source_config
+from .sources import _load_tokenizer, _safetensors_shapes, all_finite, check_device, load_source_config
 from .verify import check_verification, logit_agreement, verification_ids
 
 
@@ -201,7 +201,7 @@ class LazySource:
                 tensor = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise MLAConvertError(
                 f"the weights in {self.folder} contain NaN or inf values (first in {name}): the checkpoint is broken"
             )
