@@ -17,8 +17,10 @@ only its last 20% (the parts are named in the output). One healing run per budge
 evaluated on the way (with the default cosine schedule, intermediate points are taken before the learning rate has
 decayed). Prints a markdown table and writes JSON, markdown and a PNG curve to --out.
 
-Defaults: sequences of 512 tokens, 2 per step, attention-only distillation (kl-weight 1.0, lr 5e-5), bf16 autocast
-with a bf16 teacher where bf16 is fast (a GPU, or a CPU with bf16 units), float32 otherwise; evaluation in float32 on 16384 held-out tokens. On a busy 2-core machine, --threads 1 is faster.
+Defaults: sequences of 512 tokens, 2 per step, attention-only distillation (kl-weight 1.0; lr: heal's default, 5e-5,
+or 1e-5 for --target deepseek), bf16 autocast with a bf16 teacher where bf16 is fast (a GPU, or a CPU with bf16
+units), float32 otherwise; evaluation in float32 on 16384 held-out tokens. On a busy 2-core machine, --threads 1 is
+faster.
 """
 
 import argparse
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=HealOptions.lr)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: heal's, by target)")
     parser.add_argument("--kl-weight", type=float, default=HealOptions.kl_weight)
     parser.add_argument("--train", choices=("attention", "all"), default="attention")
     # bf16 is the fast choice on GPUs and on CPUs with bf16 matmul units (avx512_bf16, AMX); elsewhere it is

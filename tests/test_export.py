@@ -23,6 +23,7 @@ from conftest import (
 from mla_convert.conversion_options import DEEPSEEK_REFINE_LR
 from mla_convert.decompose import deepseek_frequency_indices
 from mla_convert.errors import MLAConvertError
+from mla_convert.heal.options import DEEPSEEK_LR
 from mla_convert.refine import RefineOptions
 
 
@@ -458,10 +459,12 @@ def test_heal_keeps_and_trains_the_latent_norm(pico_folders, wikitext, tmp_path)
     healed, exported = tmp_path / "healed", tmp_path / "healed-deepseek"
     result = run_cli(
         "heal", str(mla_folder), str(healed), "--teacher", str(source), "--data", str(wikitext), "--max-tokens",
-        "1024", "--seq-len", "64", "--batch-size", "2", "--lr", "1e-3", "--eval-tokens", "256", "--train",
-        "attention", "--no-progress",
+        "1024", "--seq-len", "64", "--batch-size", "2", "--eval-tokens", "256", "--train", "attention",
+        "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # without --lr, the latent norm's own (smaller) healing rate
+    assert json.loads((healed / "healing.json").read_text())["settings"]["lr"] == DEEPSEEK_LR
     before, after = load_causal_lm(mla_folder), load_causal_lm(healed)
     assert after.config.kv_latent_norm
     for old, new in zip(before.model.layers, after.model.layers):

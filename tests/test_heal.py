@@ -36,6 +36,7 @@ from mla_convert.heal import (
     options_from_args,
 )
 from mla_convert.heal.__main__ import main as heal_main
+from mla_convert.heal.options import DEEPSEEK_LR, DEFAULT_LR, heal_lr
 
 from conftest import build_pico, byte_tokenizer
 
@@ -345,6 +346,20 @@ def test_resume_without_checkpoint_and_existing_output_are_refused(student, pico
     with pytest.raises(MLAConvertError, match="exists and is not empty"):
         heal(student, existing, make_options(pico_folders, wikitext))
     assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_default_lr_follows_the_students_latent_norm(student):
+    """Without --lr, a plain MLA student heals at 5e-5 and one with DeepSeek's latent norm at the smaller rate that
+    keeps it near its source (README, DeepSeek section); --lr always wins."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(student)
+    options = HealOptions(teacher="t", data="d")
+    assert options.lr is None and not config.kv_latent_norm
+    assert heal_lr(options, config) == DEFAULT_LR == 5e-5
+    config.kv_latent_norm = True
+    assert heal_lr(options, config) == DEEPSEEK_LR < DEFAULT_LR
+    assert heal_lr(replace(options, lr=3e-4), config) == 3e-4
 
 
 def test_cli_arguments_and_errors(student, pico_folders, wikitext, tmp_path, capsys):

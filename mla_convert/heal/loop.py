@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from .models import (
     vocab_size,
     warn_beyond_positions,
 )
-from .options import HealOptions, check_options
+from .options import HealOptions, check_options, heal_lr
 from .packing import SequencePacker
 from .report import PLOT_FILE, REPORT_FILE, build_report, write_plot
 
@@ -516,6 +516,7 @@ def heal(student: str | os.PathLike, output: str | os.PathLike, options: HealOpt
     output, checkpoint_dir, existing = on_main_process(accelerator, lambda: prepare_paths(student, output, options))
 
     model, teacher, tokenizer, data, student_config = load_models_and_data(accelerator, student, options)
+    options = replace(options, lr=heal_lr(options, student_config))
     settings = trajectory_settings(student, options, accelerator.num_processes, int(data.eval_sequences.numel()))
     settings["checkpoint_format"] = checkpoint_format(accelerator)
     run = prepare_run(accelerator, model, teacher, tokenizer, data, options, settings, checkpoint_dir)

@@ -18,6 +18,12 @@ TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "constant")
 EVAL_PRECISIONS = ("float32", "training")
 
+# Healing's peak learning rate. A student with DeepSeek's latent norm (`convert --target deepseek`) needs a smaller
+# one, as its refinement does: on SmolLM2-135M at budget 0.5, 5e-5 took KL to the source from 0.21 to 0.96 in
+# 25,600 tokens and left it at 0.50 after 100k, where 1e-5 kept it near 0.22 while perplexity fell (README).
+DEFAULT_LR = 5e-5
+DEEPSEEK_LR = 1e-5
+
 training_option = partial(option, group="training")
 checkpoint_option = partial(option, group="checkpoints")
 
@@ -61,7 +67,12 @@ class HealOptions:
     seq_len: int = training_option(512, help="tokens per sequence", metavar="L", at_least=2)
     batch_size: int = training_option(4, help="sequences per process and micro-step", metavar="B", at_least=1)
     grad_accum: int = training_option(1, help="micro-steps per optimizer step", metavar="K", at_least=1)
-    lr: float = training_option(5e-5, help="peak learning rate (AdamW)", positive=True)
+    # None: the student's own (`heal_lr`)
+    lr: float | None = training_option(
+        None, positive=True,
+        help=f"peak learning rate (AdamW); default {DEFAULT_LR:g}, for a student with DeepSeek's latent norm "
+        f"(`convert --target deepseek`) {DEEPSEEK_LR:g} (at {DEFAULT_LR:g} it first moves away from the source)",
+    )  # fmt: skip
     warmup_steps: int | None = training_option(None, help="linear warmup (if unset: 10% of the steps, 1 to 100)",
                                                metavar="N", at_least=0)  # fmt: skip
     schedule: str = training_option("cosine", help="after warmup", choices=SCHEDULES)
@@ -132,3 +143,10 @@ def check_options(options: HealOptions) -> None:
         )
     if options.force and not options.overwrite:
         raise MLAConvertError("--force only widens --overwrite: pass both to replace a folder that is not ours")
+
+
+def heal_lr(options: HealOptions, student_config) -> float:
+    """The peak learning rate healing uses: `--lr`, else the student's default (smaller under a latent norm)."""
+    if options.lr is not None:
+        return options.lr
+    return DEEPSEEK_LR if getattr(student_config, "kv_latent_norm", False) else DEFAULT_LR
