@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -136,24 +137,32 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
 
 
+# The pico shape every test family builds on (families override what their architecture needs).
+PICO_SHAPE = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    # Larger than usual so that attention is far from uniform and errors show in the logits.
+    initializer_range=0.15,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+
+def pico_model(config_class, model_class, seed: int = 0, **overrides):
+    """A `model_class` of `PICO_SHAPE` (with `overrides`), its weights drawn from `seed`, in eval mode."""
+    config = config_class(**{**PICO_SHAPE, **overrides})
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
 def build_pico(name: str, seed: int = 0, num_layers: int = 2):
     config_class, model_class, kv_heads, extra = PICO_ARCHITECTURES[name]
-    config = config_class(
-        vocab_size=258,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        # Larger than usual so that attention is far from uniform and errors show in the logits.
-        initializer_range=0.15,
-        bos_token_id=256,
-        eos_token_id=257,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
+    model = pico_model(config_class, model_class, seed, num_hidden_layers=num_layers, num_key_value_heads=kv_heads,
+                       **extra)  # fmt: skip
     if name == "qwen2":
         # Qwen2 has q/k/v biases; zero-initialised biases would test nothing.
         with torch.no_grad():
@@ -163,16 +172,35 @@ def build_pico(name: str, seed: int = 0, num_layers: int = 2):
     return model
 
 
-@pytest.fixture(scope="session")
-def pico_folders(tmp_path_factory) -> dict[str, Path]:
+def save_pico_folders(tmp_path_factory, builders: dict, prefix: str = "") -> dict[str, Path]:
+    """Each `builders[name]()` model saved with the byte tokenizer in a folder of its own: {name: folder}."""
     folders = {}
     tokenizer = byte_tokenizer()
-    for name in PICO_ARCHITECTURES:
-        folder = tmp_path_factory.mktemp(f"pico-{name}")
-        build_pico(name).save_pretrained(folder)
+    for name, build in builders.items():
+        folder = tmp_path_factory.mktemp(f"{prefix}{name}")
+        build().save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         folders[name] = folder
     return folders
+
+
+@pytest.fixture(scope="session")
+def pico_folders(tmp_path_factory) -> dict[str, Path]:
+    return save_pico_folders(tmp_path_factory, {name: partial(build_pico, name) for name in PICO_ARCHITECTURES}, "pico-")
+
+
+def convert_pico(tmp_path_factory, source: Path, name: str, budget: float, wikitext: Path | None = None,
+                 **overrides) -> tuple[Path, dict]:  # fmt: skip
+    """`source` converted at `budget` into a fresh folder, with its report: data-free without `wikitext`, else
+    calibrated on 4,096 of its tokens in sequences of 128; `overrides` set any other option."""
+    from mla_convert.convert import ConversionOptions, convert
+
+    output = tmp_path_factory.mktemp("converted") / f"{name}-{budget}"
+    settings = dict(kv_budget=budget)
+    if wikitext is not None:
+        settings.update(calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=128)
+    settings.update(overrides)
+    return output, convert(str(source), output, ConversionOptions(**settings))
 
 
 @pytest.fixture(scope="session")
@@ -213,6 +241,18 @@ def load_causal_lm(folder, **kwargs) -> torch.nn.Module:
 def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.LongTensor:
     """Seeded random token ids `[batch, length]` below `vocab` (the pico models' byte tokens by default)."""
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def prefill_and_decode(model, input_ids: torch.LongTensor, prefill: int):
+    """Logits `[batch, length, vocab]` of a prefill of `prefill` tokens and then of one token at a time over the
+    cache, and the cache."""
+    outputs = model(input_ids[:, :prefill], use_cache=True)
+    steps, cache = [outputs.logits], outputs.past_key_values
+    for position in range(prefill, input_ids.shape[1]):
+        outputs = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+        steps.append(outputs.logits)
+    return torch.cat(steps, dim=1), cache
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

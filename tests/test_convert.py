@@ -10,19 +10,21 @@ import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes
 from mla_convert.convert import ConversionOptions, convert
 from mla_modeling import MLALatentCacheLayer
 
-from conftest import PICO_ARCHITECTURES, load_causal_lm as load, relative_error, token_ids
+from conftest import (
+    PICO_ARCHITECTURES,
+    convert_pico,
+    load_causal_lm as load,
+    prefill_and_decode,
+    relative_error,
+    token_ids,
+)
 
 
 ARCHITECTURES = list(PICO_ARCHITECTURES)
 
 
 def converted(tmp_path_factory, pico_folders, wikitext, name: str, budget: float):
-    output = tmp_path_factory.mktemp("converted") / f"{name}-{budget}"
-    options = ConversionOptions(
-        kv_budget=budget, calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=128
-    )
-    convert(str(pico_folders[name]), output, options)
-    return output
+    return convert_pico(tmp_path_factory, pico_folders[name], name, budget, wikitext)[0]
 
 
 @pytest.fixture(scope="session")
@@ -77,15 +79,8 @@ def test_absorbed_and_expanded_forms_agree(half_folders, name, implementation):
     logits = {}
     for path in ("expanded", "absorbed"):
         model.config.attention_path = path
-        with torch.no_grad():
-            # prefill 30 tokens, then decode the rest one at a time over the cache
-            outputs = model(input_ids[:, :30], use_cache=True)
-            steps = [outputs.logits]
-            cache = outputs.past_key_values
-            for position in range(30, 40):
-                outputs = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
-                steps.append(outputs.logits)
-        logits[path] = torch.cat(steps, dim=1)
+        # prefill 30 tokens, then decode the rest one at a time over the cache
+        logits[path] = prefill_and_decode(model, input_ids, 30)[0]
     assert relative_error(logits["absorbed"], logits["expanded"]) < 1e-5
 
 

@@ -6,6 +6,7 @@ beside the latent and the RoPE key, and scales every head's NoPE scores by it.
 """
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +18,16 @@ from mla_convert.errors import MLAConvertError
 from mla_convert.heal import HealOptions, heal
 from mla_modeling import MLALatentCacheLayer
 
-from conftest import assert_loads_without_plugin, byte_tokenizer, load_causal_lm as load, relative_error, token_ids
+from conftest import (
+    assert_loads_without_plugin,
+    convert_pico,
+    load_causal_lm as load,
+    pico_model,
+    prefill_and_decode,
+    relative_error,
+    save_pico_folders,
+    token_ids,
+)
 
 
 # name -> (kv heads, head_dim, attention_bias): MHA with Qwen3's optional biases, GQA with a head size that is not
@@ -32,22 +42,8 @@ SHAPES = list(QWEN3_SHAPES)
 
 def build_qwen3(name: str, seed: int = 0) -> Qwen3ForCausalLM:
     kv_heads, head_dim, bias = QWEN3_SHAPES[name]
-    config = Qwen3Config(
-        vocab_size=258,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        attention_bias=bias,
-        max_position_embeddings=512,
-        initializer_range=0.15,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
+    model = pico_model(Qwen3Config, Qwen3ForCausalLM, seed, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       attention_bias=bias)  # fmt: skip
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
@@ -62,22 +58,11 @@ def build_qwen3(name: str, seed: int = 0) -> Qwen3ForCausalLM:
 
 @pytest.fixture(scope="module")
 def qwen3_folders(tmp_path_factory) -> dict:
-    folders = {}
-    tokenizer = byte_tokenizer()
-    for name in SHAPES:
-        folder = tmp_path_factory.mktemp(name)
-        build_qwen3(name).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = folder
-    return folders
+    return save_pico_folders(tmp_path_factory, {name: partial(build_qwen3, name) for name in SHAPES})
 
 
 def conversion(tmp_path_factory, source, wikitext, budget: float, **overrides):
-    output = tmp_path_factory.mktemp("qwen3-mla") / f"{source.name}-{budget}"
-    settings = dict(kv_budget=budget, calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=128)
-    settings.update(overrides)
-    report = convert(str(source), output, ConversionOptions(**settings))
-    return output, report
+    return convert_pico(tmp_path_factory, source, source.name, budget, wikitext, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +125,8 @@ def test_absorbed_decoding_equals_the_expanded_form(budget_folders, implementati
     logits = {}
     for path in ("expanded", "absorbed"):
         model.config.attention_path = path
-        with torch.no_grad():
-            # prefill 30 tokens, then decode the rest one at a time over the cache (latent, k_pe and key scales)
-            outputs = model(input_ids[:, :30], use_cache=True)
-            steps, cache = [outputs.logits], outputs.past_key_values
-            for position in range(30, 40):
-                outputs = model(input_ids[:, position : position + 1], cache=cache, use_cache=True)
-                steps.append(outputs.logits)
-        logits[path] = torch.cat(steps, dim=1)
+        # prefill 30 tokens, then decode the rest one at a time over the cache (latent, k_pe and key scales)
+        logits[path] = prefill_and_decode(model, input_ids, 30)[0]
     model.config.attention_path = "auto"
     with torch.no_grad():
         recomputed = model(input_ids).logits

@@ -3,6 +3,7 @@ power of two), `partial_rotary_factor` (Phi-4-mini's partial RoPE) and `longrope
 source past its original context."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,17 @@ from mla_convert.errors import MLAConvertError
 from mla_convert.families import SUPPORTED_MODEL_TYPES
 from mla_convert.gqa import convert_to_gqa
 
-from conftest import assert_loads_without_plugin, byte_tokenizer, load_causal_lm as load, relative_error, token_ids
+from conftest import (
+    assert_loads_without_plugin,
+    byte_tokenizer,
+    convert_pico,
+    load_causal_lm as load,
+    pico_model,
+    prefill_and_decode,
+    relative_error,
+    save_pico_folders,
+    token_ids,
+)
 
 
 # Positions past this use longrope's long factors (and a source that ignored them would differ from its own
@@ -52,44 +63,17 @@ KL_NAME = "phi3-gqa-partial-longrope"
 
 def build_phi3(name: str, seed: int = 0) -> Phi3ForCausalLM:
     kv_heads, extra = PHI3_ARCHITECTURES[name]
-    config = Phi3Config(
-        vocab_size=258,
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
-        initializer_range=0.15,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=None,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    return Phi3ForCausalLM(config).eval()
+    return pico_model(Phi3Config, Phi3ForCausalLM, seed, hidden_size=96, num_key_value_heads=kv_heads,
+                      max_position_embeddings=256, pad_token_id=None, **extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def phi3_folders(tmp_path_factory):
-    folders = {}
-    for name in NAMES:
-        folder = tmp_path_factory.mktemp(name)
-        build_phi3(name).save_pretrained(folder)
-        byte_tokenizer().save_pretrained(folder)
-        folders[name] = folder
-    return folders
+    return save_pico_folders(tmp_path_factory, {name: partial(build_phi3, name) for name in NAMES})
 
 
 def converted(tmp_path_factory, source, name: str, budget: float, wikitext=None):
-    output = tmp_path_factory.mktemp("converted") / f"{name}-{budget}"
-    options = ConversionOptions(kv_budget=budget)
-    if budget < 1.0:
-        options = ConversionOptions(
-            kv_budget=budget, calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=128
-        )
-    convert(str(source), output, options)
-    return output
+    return convert_pico(tmp_path_factory, source, name, budget, wikitext if budget < 1.0 else None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +181,8 @@ def test_absorbed_and_expanded_forms_agree(budget_folders, implementation):
     logits = {}
     for path in ("expanded", "absorbed"):
         model.config.attention_path = path
-        with torch.no_grad():
-            # prefill 20 tokens, then decode one at a time past the original context
-            outputs = model(input_ids[:, :20], use_cache=True)
-            steps = [outputs.logits]
-            cache = outputs.cache
-            for position in range(20, 60):
-                outputs = model(input_ids[:, position : position + 1], cache=cache, use_cache=True)
-                steps.append(outputs.logits)
-        logits[path] = torch.cat(steps, dim=1)
+        # prefill 20 tokens, then decode one at a time past the original context
+        logits[path] = prefill_and_decode(model, input_ids, 20)[0]
     assert relative_error(logits["absorbed"], logits["expanded"]) < 1e-5
 
 

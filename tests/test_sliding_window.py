@@ -4,6 +4,7 @@ window (mask) and caches only the window on local layers (`MLASlidingLatentCache
 past the window too."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -22,7 +23,16 @@ import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes
 from mla_convert.convert import ConversionOptions, convert
 from mla_modeling import MLAConfig, MLALatentCacheLayer, MLASlidingLatentCacheLayer
 
-from conftest import assert_loads_without_plugin, byte_tokenizer, load_causal_lm as load, relative_error, token_ids
+from conftest import (
+    assert_loads_without_plugin,
+    convert_pico,
+    load_causal_lm as load,
+    pico_model,
+    prefill_and_decode,
+    relative_error,
+    save_pico_folders,
+    token_ids,
+)
 
 
 WINDOW = 16
@@ -56,21 +66,7 @@ def build_windowed(name: str, seed: int = 0, window: bool = True):
         extra = {**extra, "sliding_window": None, "use_sliding_window": False} if name in ("qwen2", "qwen3") else {
             **extra, "sliding_window": None
         }
-    config = config_class(
-        vocab_size=258,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.15,
-        bos_token_id=256,
-        eos_token_id=257,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
+    model = pico_model(config_class, model_class, seed, num_key_value_heads=2, **extra)
     if name == "qwen2":
         with torch.no_grad():
             for layer in model.model.layers:
@@ -86,25 +82,14 @@ def build_windowed(name: str, seed: int = 0, window: bool = True):
 
 @pytest.fixture(scope="module")
 def windowed_folders(tmp_path_factory):
-    folders = {}
-    for name in NAMES:
-        folder = tmp_path_factory.mktemp(f"window-{name}")
-        build_windowed(name).save_pretrained(folder)
-        byte_tokenizer().save_pretrained(folder)
-        folders[name] = folder
-    return folders
+    return save_pico_folders(tmp_path_factory, {name: partial(build_windowed, name) for name in NAMES}, "window-")
 
 
 def converted(tmp_path_factory, source, name: str, budget: float, wikitext=None):
-    output = tmp_path_factory.mktemp("converted") / f"{name}-{budget}"
-    options = ConversionOptions(kv_budget=budget)
-    if budget < 1.0:
-        # Calibration windows 8 times the sliding window: the conversion calibrates and refines as the source attends
-        options = ConversionOptions(
-            kv_budget=budget, calibration=str(wikitext), calibration_tokens=4096, calibration_seq_len=8 * WINDOW
-        )
-    convert(str(source), output, options)
-    return output
+    if budget >= 1.0:
+        return convert_pico(tmp_path_factory, source, name, budget)[0]
+    # Calibration windows 8 times the sliding window: the conversion calibrates and refines as the source attends
+    return convert_pico(tmp_path_factory, source, name, budget, wikitext, calibration_seq_len=8 * WINDOW)[0]
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +100,6 @@ def exact_folders(tmp_path_factory, windowed_folders):
 @pytest.fixture(scope="module")
 def half_folders(tmp_path_factory, windowed_folders, wikitext):
     return {name: converted(tmp_path_factory, windowed_folders[name], name, 0.5, wikitext) for name in NAMES}
-
-
-def decode_logits(model, input_ids: torch.LongTensor, prefill: int):
-    """Logits of a prefill of `prefill` tokens, then of one token at a time over the cache; and the cache."""
-    with torch.no_grad():
-        outputs = model(input_ids[:, :prefill], use_cache=True)
-        steps, cache = [outputs.logits], outputs.cache
-        for position in range(prefill, input_ids.shape[1]):
-            outputs = model(input_ids[:, position : position + 1], cache=cache, use_cache=True)
-            steps.append(outputs.logits)
-    return torch.cat(steps, dim=1), cache
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -176,7 +150,7 @@ def test_decoding_over_the_sliding_cache_equals_the_source(windowed_folders, exa
         expected = source(input_ids).logits
     for path in ("expanded", "absorbed"):
         model.config.attention_path = path
-        logits, _ = decode_logits(model, input_ids, prefill)
+        logits, _ = prefill_and_decode(model, input_ids, prefill)
         assert relative_error(logits, expected) < 1e-4, path
 
 
@@ -188,7 +162,7 @@ def test_absorbed_and_expanded_forms_agree_past_the_window(half_folders, name, i
     logits = {}
     for path in ("expanded", "absorbed"):
         model.config.attention_path = path
-        logits[path], _ = decode_logits(model, input_ids, WINDOW // 2)
+        logits[path], _ = prefill_and_decode(model, input_ids, WINDOW // 2)
     assert relative_error(logits["absorbed"], logits["expanded"]) < 1e-5
 
 
@@ -197,7 +171,7 @@ def test_local_layers_cache_at_most_the_window(half_folders, name):
     model = load(half_folders[name])
     config = model.config
     batch = 3
-    _, cache = decode_logits(model, token_ids(batch, LENGTH), WINDOW + 5)
+    _, cache = prefill_and_decode(model, token_ids(batch, LENGTH), WINDOW + 5)
     assert cache.get_seq_length() == LENGTH
     for layer_idx, (layer, is_local) in enumerate(zip(cache.layers, WINDOWED_ARCHITECTURES[name][3])):
         # a row per token: the latent, the RoPE key, and a QK-norm source's key scales
