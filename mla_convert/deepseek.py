@@ -150,10 +150,12 @@ def latent_rms_statistics(
     squares = [0.0] * len(layers)
 
     def make_hook(layer_idx: int):
-        def hook(module, args, output):
-            rank = layers[layer_idx].self_attn.kv_lora_rank
+        # On the attention's input, not on `kv_a_proj_with_mqa`'s output: where the query is folded (small latents,
+        # e.g. 64 + 32 on SmolLM2-135M) that projection runs inside one joint matmul and its own forward never does.
+        def hook(module, args, kwargs):
+            hidden_states = kwargs.get("hidden_states", args[0] if args else None)
             # latent: [batch, seq, kv_lora_rank]
-            latent = output[..., :rank].double()
+            latent = module.kv_a_proj_with_mqa(hidden_states)[..., : module.kv_lora_rank].double()
             # rms: [batch, seq]
             rms = latent.pow(2).mean(-1).sqrt()
             sums[layer_idx] += float(rms.sum())
@@ -162,10 +164,12 @@ def latent_rms_statistics(
         return hook
 
     handles = [
-        layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)
+        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
     count = forward_batches(model, input_ids, handles, batch_size)
     statistics = []
+    if count and not any(sums):
+        raise RuntimeError("no latent reached the latent-RMS hooks: the attention's forward changed")
     for total, total_square in zip(sums, squares):
         mean = total / max(count, 1)
         variance = max(total_square / max(count, 1) - mean**2, 0.0)
@@ -192,6 +196,11 @@ def with_latent_norm(model: MLAForCausalLM, norm_weights: list[float]) -> MLAFor
     state = dict(model.state_dict())
     rank = config.kv_lora_rank
     for layer_idx, weight in enumerate(norm_weights):
+        if not 0 < weight < float("inf"):
+            raise MLAConvertError(
+                f"layer {layer_idx}'s latent has a mean RMS of {weight} on the calibration text, so the latent norm "
+                "has no weight to start from: give other calibration text"
+            )
         prefix = f"model.layers.{layer_idx}.self_attn."
         state[prefix + "kv_a_layernorm.weight"] = torch.full((rank,), float(weight))
         # [kv_lora_rank + qk_rope_head_dim, hidden]: the latent rows scaled, the RoPE key's rows as they are

@@ -198,16 +198,27 @@ def test_constrained_placement_keeps_one_component_per_frequency(pico_folders):
     assert model.config.kv_latent_norm and len(set(model.config.kv_lora_ranks)) == 1
 
 
-def test_latent_norm_paths_agree_and_start_near_closed_form(pico_folders):
+@pytest.mark.parametrize("kv_lora_rank", [56, 8])
+def test_latent_norm_paths_agree_and_start_near_closed_form(pico_folders, kv_lora_rank):
     """With the norm, the absorbed and expanded forms give the same logits; the norm's weight (the mean latent RMS)
     starts the layer nearer the norm-free closed form than the unit weight a fresh norm has. It is not exact: the
-    norm rescales each token's K_nope and V by `weight / rms(latent)`, which kv_b_proj cannot undo per token."""
+    norm rescales each token's K_nope and V by `weight / rms(latent)`, which kv_b_proj cannot undo per token.
+    A latent narrower than the NoPE head (8 < 16) folds the query, so `kv_a_proj_with_mqa` never runs alone: the mean
+    latent RMS must still be measured (it once came out 0, and the norm's weight 0 made every logit NaN)."""
     from mla_convert.deepseek import deepseek_closed_form, latent_rms, with_latent_norm
 
     source = load_causal_lm(pico_folders["mistral"])
     calibration = token_ids(8, 64, seed=1)
-    plain = deepseek_closed_form(source, source.config, 56, 8, calibration)
-    model = with_latent_norm(plain, latent_rms(plain, calibration))
+    plain = deepseek_closed_form(source, source.config, kv_lora_rank, 8, calibration)
+    attention = plain.model.layers[0].self_attn
+    assert attention.fold_query == (kv_lora_rank < attention.qk_nope_head_dim)
+    weights = latent_rms(plain, calibration)
+    with torch.no_grad():
+        # the mean latent RMS over the calibration tokens, from the first layer's own inputs
+        inputs = plain.model.layers[0].input_layernorm(plain.model.embed_tokens(calibration))
+        latent = attention.kv_a_proj_with_mqa(inputs)[..., : attention.kv_lora_rank]
+    assert weights[0] == pytest.approx(float(latent.pow(2).mean(-1).sqrt().mean()), rel=1e-5)
+    model = with_latent_norm(plain, weights)
     unit = with_latent_norm(plain, [1.0] * plain.config.num_hidden_layers)
     ids = token_ids(2, 40, seed=3)
     with torch.no_grad():
