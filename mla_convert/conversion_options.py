@@ -25,6 +25,7 @@ SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
 STREAMING_MODES = ("auto", "on", "off")
+NOPE_SHRINK_MODES = ("off", "on")
 
 
 def parse_key_scale(value: str) -> str | float:
@@ -91,6 +92,14 @@ class ConversionOptions:
         "the components whose loss of RoPE would cost the most attention-score error; freqfold: the same over pairs "
         "of adjacent frequencies; partial: no mixing, MHA2MLA's 2-norm rule",
     )  # fmt: skip
+    nope_shrink: str = option(
+        "off", group="method", choices=NOPE_SHRINK_MODES,
+        help="on: scale each frequency's part of the NoPE key (the key components that lose RoPE) by E[cos(theta "
+        "delta)] over query-key distances up to 2048 tokens (near ones weighing more), instead of keeping it as if "
+        "unrotated: fast frequencies, whose rotation averages out, shrink towards 0. Better closed forms "
+        "(--refine-steps 0; SmolLM2 at 0.5: 1.57x -> 1.49x, --target deepseek 1.77x -> 1.64x), about the same once "
+        "refined (1.109x -> 1.104x; deepseek 1.182x -> 1.198x), so off by default",
+    )  # fmt: skip
     # "search": per layer, the multiplier of the K/V balance with the least attention-output error on calibration
     # data; a number: that multiplier for every layer
     key_scale: str | float = option(
@@ -153,6 +162,11 @@ def refine_lr(options: ConversionOptions) -> float:
     if options.refine_lr is not None:
         return options.refine_lr
     return DEEPSEEK_REFINE_LR if options.target == "deepseek" else RefineOptions.lr
+
+
+def uses_nope_shrink(options: ConversionOptions) -> bool:
+    """Whether the NoPE key is shrunk per frequency (`--nope-shrink`)."""
+    return options.nope_shrink == "on"
 
 
 def uses_spectrum_allocation(options: ConversionOptions) -> bool:

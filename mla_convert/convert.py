@@ -28,6 +28,7 @@ from .conversion_options import (
     ConversionOptions,
     check_options,
     refine_lr,
+    uses_nope_shrink,
     uses_spectrum_allocation,
 )
 from .decompose import DecomposeOptions, decompose_all, weight_only_moment
@@ -168,7 +169,12 @@ def decompose(
 
 
 def decompose_options_for(plan: RankPlan, options: ConversionOptions) -> DecomposeOptions:
-    return DecomposeOptions(init=options.init, rope_strategy=options.rope_strategy, rope_frequencies=plan.rope_frequencies)
+    return DecomposeOptions(
+        init=options.init,
+        rope_strategy=options.rope_strategy,
+        rope_frequencies=plan.rope_frequencies,
+        nope_shrink=uses_nope_shrink(options),
+    )
 
 
 def first_key_scale(options: ConversionOptions) -> float:
@@ -261,6 +267,7 @@ def conversion_report(
         "qk_nope_head_dim": layers[0].qk_nope_head_dim,
         "init": options.init,
         "rope_strategy": options.rope_strategy,
+        "nope_shrink": uses_nope_shrink(options),
         "rank_allocation": rank_allocation_used(options),
         "calibration": calibration_info,
         "cache": {

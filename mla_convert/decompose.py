@@ -485,6 +485,20 @@ class DecomposeOptions:
     # a fixed RoPE table (pair p rotates with source frequency rope_frequencies[p], one component each), as an
     # export format requires (`deepseek_frequency_indices`); None: the strategy chooses freely
     rope_frequencies: list[int] | None = None
+    # scale each frequency's NoPE key by E[cos(theta delta)] over the same distances as `rope_context`: the best
+    # stand-in, for isotropic queries and keys, for a component that no longer rotates (`nope_shrink_factors`)
+    nope_shrink: bool = False
+
+
+def nope_shrink_factors(inv_freq: torch.Tensor, context: int) -> torch.Tensor:
+    """Per source frequency, the factor `c = E[cos(theta delta)]` that scales a key component which loses RoPE:
+    `[head_dim / 2]`.
+
+    A rotated score term `|q||k| cos(a + theta delta)` replaced by `c |q||k| cos(a)` is wrong by, on average over
+    the phase `a`, `(1 - 2 c E[cos] + c^2) / 2`: `1 - E[cos]` for the unrotated term (`c = 1`), `1 / 2` for none
+    (`c = 0`), and least, `(1 - E[cos]^2) / 2`, at `c = E[cos]`. Slow frequencies keep their term (`c` near 1); fast
+    ones, whose rotation averages out, shrink towards 0, which also leaves the latent less to carry."""
+    return 1.0 - rope_loss_factor(inv_freq, context)
 
 
 def norm_folded(source: SourceAttention) -> SourceAttention:
@@ -546,6 +560,10 @@ def decompose_layer(
         head_local=source.qk_norm,
     )
     q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(linear, placement)
+    if options.nope_shrink and inv_freq is not None and qk_nope_head_dim == head_dim and not source.qk_norm:
+        # per dim of a head (rotate-half layout: dims i and i + head_dim / 2 share frequency i): [head_dim]
+        factors = nope_shrink_factors(inv_freq, options.rope_context).repeat(2).to(k_nope.dtype)
+        k_nope = (k_nope.view(kv_heads, head_dim, -1) * factors[None, :, None]).view(kv_heads * head_dim, -1)
     if source.qk_norm:
         # The NoPE query is the source's pre-norm query: the model normalises it (and scales q_pe by the same
         # factor). The NoPE key is each head's own key minus what keeps RoPE; at full budget nothing is left of it.

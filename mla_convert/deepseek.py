@@ -396,6 +396,7 @@ def deepseek_closed_form(
     init: str = "pca",
     key_scale: float = 1.0,
     latent_anchor: bool | None = None,
+    nope_shrink: bool = False,
 ) -> MLAForCausalLM:
     """The closed-form MLA model of `source_model` with one `kv_lora_rank` for all layers and DeepSeek's RoPE table
     (one key component per allowed frequency, chosen by the score-error criterion; everything else NoPE), without
@@ -403,7 +404,7 @@ def deepseek_closed_form(
 
     `latent_anchor` (activation-aware `init="pca"` only): `kv_lora_rank - 1` dimensions of content and one anchor
     dimension (`add_latent_anchor`) that keeps the latent norm from rescaling tokens unevenly, in the layers that
-    `anchored_layers` picks (None: where it helps; True: all; False: none)."""
+    `anchored_layers` picks (None: where it helps; True: all; False: none). `nope_shrink`: as `--nope-shrink on`."""
     shape = SourceShape.from_config(source_config)
     # (No refusal of biases here, unlike `convert --target deepseek`: the tests export such a model to see the
     # export refuse it.)
@@ -414,7 +415,11 @@ def deepseek_closed_form(
     else:
         moments = weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1)
     options = DecomposeOptions(
-        init=init, rope_strategy="rorope", key_scale=key_scale, rope_frequencies=plan.rope_frequencies
+        init=init,
+        rope_strategy="rorope",
+        key_scale=key_scale,
+        rope_frequencies=plan.rope_frequencies,
+        nope_shrink=nope_shrink,
     )
     layers = decompose_all(source_model, shape, moments, plan, options, progress=False)
     plain = assemble(source_model, mla_config(source_config, source_model, plan, layers), layers)

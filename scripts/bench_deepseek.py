@@ -9,7 +9,9 @@ Rows (all closed form, `--refine-steps 0`, K/V balance 1, one latent size in eve
 - `deepseek table`: DeepSeek's RoPE table (one key component per frequency), no latent norm;
 - `+ anchor`: one latent dimension given to the anchor (`deepseek.add_latent_anchor`), no norm yet;
 - `+ anchor + norm`: what `convert --target deepseek --refine-steps 0 --key-scale 1` builds;
-- `norm, no anchor`: the latent norm on the plain latent, to show what the anchor is for.
+- `norm, no anchor`: the latent norm on the plain latent, to show what the anchor is for;
+- `... --nope-shrink on`: the plain target, the table alone and the full closed form again, with each frequency's
+  NoPE key shrunk by E[cos(theta delta)] (`decompose.nope_shrink_factors`).
 
 Calibration reads the first 80% of --calibration, evaluation the last 20% of --eval-data (same file by default: the
 two never overlap). Prints a markdown table and writes JSON.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,6 +86,10 @@ def main() -> None:
     plain_mla, *_ = build_mla(source, source.config, plan, calibration, options, progress=False)
     score("mla", plain_mla)
     del plain_mla
+    shrunk_options = replace(options, nope_shrink="on")
+    shrunk_mla, *_ = build_mla(source, source.config, plan, calibration, shrunk_options, progress=False)
+    score("mla, --nope-shrink on", shrunk_mla)
+    del shrunk_mla
     table_only = deepseek_closed_form(
         source, source.config, kv_lora_rank, qk_rope_head_dim, sequences, latent_anchor=False
     )
@@ -92,6 +99,14 @@ def main() -> None:
     anchored = deepseek_closed_form(source, source.config, kv_lora_rank, qk_rope_head_dim, sequences)
     score("+ anchor", anchored)
     score("+ anchor + norm", with_latent_norm(anchored, latent_rms(anchored, sequences)))
+    del anchored
+    shrunk_table = deepseek_closed_form(
+        source, source.config, kv_lora_rank, qk_rope_head_dim, sequences, latent_anchor=False, nope_shrink=True
+    )
+    score("deepseek table, --nope-shrink on", shrunk_table)
+    del shrunk_table
+    shrunk = deepseek_closed_form(source, source.config, kv_lora_rank, qk_rope_head_dim, sequences, nope_shrink=True)
+    score("+ anchor + norm, --nope-shrink on", with_latent_norm(shrunk, latent_rms(shrunk, sequences)))
 
     print(f"\nbudget {args.budget:g}: {kv_lora_rank} + {qk_rope_head_dim} per layer; held-out: {split}, "
           f"{held_out.numel()} tokens in windows of {args.seq_len}; calibration: {calibration.info['description']}\n")  # fmt: skip

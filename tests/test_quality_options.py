@@ -12,7 +12,14 @@ from mla_convert.calibrate import calibrate
 from mla_convert.conversion_options import KEY_SCALE_GRID
 from mla_convert.convert import ConversionOptions, build_mla, convert
 from mla_convert.data import EVALUATION_PART, load_text
-from mla_convert.decompose import SourceAttention, rope_placement, split_rope
+from mla_convert.decompose import (
+    DecomposeOptions,
+    SourceAttention,
+    decompose_layer,
+    nope_shrink_factors,
+    rope_placement,
+    split_rope,
+)
 from mla_convert.errors import MLAConvertError
 from mla_convert.plan import SourceShape, allocate_ranks, plan_ranks
 from mla_convert.refine import (
@@ -135,6 +142,64 @@ def test_partial_rope_keeps_whole_heads_and_freqfold_rotates_within_its_group():
         assert frequency in folded.groups[group]
 
 
+def test_nope_shrink_is_the_stand_in_with_least_score_error():
+    """A component that loses RoPE contributes `c q.k` in place of `q.R(theta delta)k`. Over 2-D queries and keys
+    at all relative angles and at every causal distance of a window (near distances weighing more, as the placement judges them), the
+    factor `--nope-shrink` uses errs least: less than keeping the term unrotated (c = 1, what the conversion did
+    before) and than dropping it (c = 0), and a nudge either way makes it worse."""
+    context = 256
+    inv_freq = torch.tensor([1.0, 0.1, 0.01, 0.0001], dtype=torch.float64)
+    factors = nope_shrink_factors(inv_freq, context)
+    # the weight of distance delta: how often it occurs in causal windows, times attention's decay with distance
+    delta = torch.arange(context, dtype=torch.float64)
+    weight = (context - delta) / (1 + delta)
+    weight = weight / weight.sum()
+    # isotropic pairs: unit queries at evenly spread angles `a` to the key, q.k = cos a, q x k = -sin a
+    angle = torch.arange(64, dtype=torch.float64) * 2 * torch.pi / 64
+    unrotated, cross = torch.cos(angle), -torch.sin(angle)
+    # q . R(phi) k = cos(phi) q.k + sin(phi) (q x k)
+    for frequency, factor in zip(inv_freq, factors):
+        phi = frequency * delta
+
+        def error(c: float) -> float:
+            rotated = torch.cos(phi)[:, None] * unrotated + torch.sin(phi)[:, None] * cross
+            return float((weight[:, None] * (rotated - c * unrotated).pow(2)).sum(0).mean())
+
+        best = error(float(factor))
+        assert best <= min(error(1.0), error(0.0)) + 1e-12
+        assert best < error(float(factor) + 0.05) and best < error(float(factor) - 0.05)
+    # slow frequencies keep their term, fast ones shrink
+    assert factors[-1] > 0.99 and factors[0] < 0.5
+
+
+def test_nope_shrink_scales_only_the_nope_key_per_frequency():
+    """With a latent wide enough to be lossless, the shrunk conversion's NoPE key is the unshrunk one times each
+    dimension's frequency factor; the shared RoPE key, the query and the values are untouched."""
+    source = random_source()
+    x = torch.randn(80, source.hidden_size + 1, dtype=torch.float64)
+    x[:, -1] = 1
+    input_moment = x.T @ x / len(x)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    lossless = source.hidden_size + 1
+
+    def convert(shrink: bool):
+        options = DecomposeOptions(rope_frequencies=[0, 2, 4, 6], nope_shrink=shrink)
+        return decompose_layer(source, input_moment, lossless, 8, inv_freq=inv_freq, options=options)
+
+    plain, shrunk = convert(False), convert(True)
+    torch.testing.assert_close(shrunk.q_weight, plain.q_weight)
+    torch.testing.assert_close(shrunk.kv_a_weight[-8:], plain.kv_a_weight[-8:])
+
+    def nope_key_and_value(layer):
+        # per query head [NoPE key (16); value (16)] from the latent: [heads, 32, hidden]
+        return (layer.kv_b_weight @ layer.kv_a_weight[:-8]).view(4, 32, -1)
+
+    factors = nope_shrink_factors(inv_freq, DecomposeOptions.rope_context).repeat(2)
+    expected_key = factors[:, None] * nope_key_and_value(plain)[:, :16]
+    torch.testing.assert_close(nope_key_and_value(shrunk)[:, :16], expected_key, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(nope_key_and_value(shrunk)[:, 16:], nope_key_and_value(plain)[:, 16:])
+
+
 # ---------------------------------------------------------------------------------------------------- ranks
 
 
@@ -234,6 +299,7 @@ def closed_form(tmp_path_factory, pico_folders, wikitext):
     """llama-gqa at 0.25, closed form: the start that refinement begins from."""
     output = tmp_path_factory.mktemp("closed-form") / "mla"
     report = convert(str(pico_folders["llama-gqa"]), output, refine_settings(wikitext, refine_steps=0))
+    assert report["nope_shrink"] is False
     return output, report
 
 
@@ -303,6 +369,7 @@ def test_bad_quality_options_are_refused(tmp_path, pico_folders, wikitext):
         ({"rank_allocation": "random"}, "--rank-allocation must be one of uniform, spectrum"),
         ({"key_scale": -1.0}, "--key-scale must be 'search' or a positive number"),
         ({"refine_steps": -5}, "--refine-steps must be 0 (off) or positive"),
+        ({"nope_shrink": "yes"}, "--nope-shrink must be one of off, on"),
     ):
         with pytest.raises(MLAConvertError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             convert(str(pico_folders["llama-gqa"]), tmp_path / "bad", options(wikitext, **overrides))
