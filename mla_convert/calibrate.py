@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .conversion_options import ConversionOptions
+from .conversion_options import ConversionOptions, refine_steps
 from .decompose import NormalisedMoments, weight_only_moment
 from .errors import MLAConvertError
 from .plan import RankPlan, SourceShape
@@ -177,15 +177,15 @@ def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
 def needs_text(plan: RankPlan, options: ConversionOptions) -> bool:
     """Whether the conversion reads calibration text: not for the exact form, nor for weight-only SVD that is not
     refined (--target deepseek always does: its latent norm starts at the latent's mean RMS on calibration tokens)."""
-    refine_steps = 0 if plan.exact else options.refine_steps
-    weight_only = options.init == "svd" and refine_steps == 0 and options.target != "deepseek"
+    steps = 0 if plan.exact else refine_steps(options)
+    weight_only = options.init == "svd" and steps == 0 and options.target != "deepseek"
     return not (plan.exact or weight_only)
 
 
 def kept_sequences(plan: RankPlan, options: ConversionOptions, seq_len: int) -> int:
     """How many calibration sequences' attention inputs refinement and the key-scale search need (0: none)."""
-    refine_steps = 0 if plan.exact else options.refine_steps
-    return math.ceil(options.refine_tokens / seq_len) if refine_steps > 0 or searches_key_scale(plan, options) else 0
+    steps = 0 if plan.exact else refine_steps(options)
+    return math.ceil(options.refine_tokens / seq_len) if steps > 0 or searches_key_scale(plan, options) else 0
 
 
 def calibrate(

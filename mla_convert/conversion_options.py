@@ -21,6 +21,9 @@ DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")
 # Refinement's learning rate under DeepSeek's latent norm: at the plain target's 3e-4 it made 17 of SmolLM2-135M's 30
 # layers worse on held-out windows at budget 0.5; 1e-4 and 3e-5 improve every layer tried (README, DeepSeek section).
 DEEPSEEK_REFINE_LR = 5e-5
+# Refinement's steps per layer under that smaller rate: 100 (the plain target's) leave SmolLM2-135M at 0.5 at 1.182x
+# the source's perplexity, 300 at 1.115x (README, DeepSeek section).
+DEEPSEEK_REFINE_STEPS = 300
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
@@ -108,10 +111,13 @@ class ConversionOptions:
         f"their energies: 'search' tries {_grid_text()} per layer and keeps the one that reproduces the source "
         "layer's attention output best on calibration data",
     )  # fmt: skip
-    refine_steps: int = option(
-        RefineOptions.steps, group="method", metavar="N", at_least=0, zero_means="off",
+    # None: the target's own (`refine_steps`)
+    refine_steps: int | None = option(
+        None, group="method", metavar="N", at_least=0, zero_means="off",
         help="after the closed-form start, Adam steps per layer fitting each layer's attention output to the "
-        "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off",
+        "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off. "
+        f"Default {RefineOptions.steps}, with --target deepseek {DEEPSEEK_REFINE_STEPS} (its smaller --refine-lr "
+        "needs more steps)",
     )  # fmt: skip
     # None: the target's own (`refine_lr`)
     refine_lr: float | None = option(
@@ -155,6 +161,13 @@ def check_options(options: ConversionOptions) -> None:
             f"--target deepseek needs --rope-strategy {' or '.join(DEEPSEEK_ROPE_STRATEGIES)}: DeepSeek-V3 rotates "
             f"each RoPE pair with one frequency of its own table, and {options.rope_strategy} mixes frequencies"
         )
+
+
+def refine_steps(options: ConversionOptions) -> int:
+    """Refinement's steps per layer: `--refine-steps`, else the target's default."""
+    if options.refine_steps is not None:
+        return options.refine_steps
+    return DEEPSEEK_REFINE_STEPS if options.target == "deepseek" else RefineOptions.steps
 
 
 def refine_lr(options: ConversionOptions) -> float:

@@ -28,6 +28,7 @@ from .conversion_options import (
     ConversionOptions,
     check_options,
     refine_lr,
+    refine_steps,
     uses_nope_shrink,
     uses_spectrum_allocation,
 )
@@ -119,7 +120,7 @@ def build_mla(
     if options.target == "deepseek":
         model = attach_latent_norm(model, calibration.moments, calibration.sequences)
     refine_stats = [{} for _ in layers]
-    if not plan.exact and options.refine_steps > 0:
+    if not plan.exact and refine_steps(options) > 0:
         refine_stats = refine(source_model, model, calibration.layer_inputs, options, progress)
     return model, plan, layers, refine_stats
 
@@ -227,7 +228,7 @@ def refine(
     progress: bool = True,
 ) -> list[dict]:
     """Fits each MLA layer of `model` to its source layer on the recorded calibration inputs (`--refine-steps`)."""
-    refine_options = RefineOptions(steps=options.refine_steps, lr=refine_lr(options))
+    refine_options = RefineOptions(steps=refine_steps(options), lr=refine_lr(options))
     return refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
 
 
@@ -281,7 +282,7 @@ def conversion_report(
             "key_scales_per_token_per_layer": plan.key_scales,
             "dtype": options.dtype,
         },
-        "refine_steps": 0 if plan.exact else options.refine_steps,
+        "refine_steps": 0 if plan.exact else refine_steps(options),
         "refine_lr": refine_lr(options),
         "layers": [
             dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])

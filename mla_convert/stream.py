@@ -50,7 +50,9 @@ from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tab
 from .calibrate import (
     calibration_sequences, kept_sequences, moment_sum, needs_text, normalised_moment_sums, searches_key_scale,
 )  # fmt: skip
-from .conversion_options import KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, uses_spectrum_allocation
+from .conversion_options import (
+    KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, refine_steps, uses_spectrum_allocation,
+)  # fmt: skip
 from .convert import conversion_report, decompose_options_for, first_key_scale
 from .decompose import (
     MLAAttentionWeights, NormalisedMoments, attention_weights, decompose_layer, single_thread, weight_only_moment,
@@ -576,10 +578,10 @@ def convert_layers(
     refinement stats, the check against the source and the MLA config the layers were built with."""
     options, meter, device = stream.options, stream.meter, stream.device
     config = stream.skeleton.config
-    refine_steps = 0 if plan.exact else options.refine_steps
+    steps = 0 if plan.exact else refine_steps(options)
     search = searches_key_scale(plan, options)
     keep = kept_sequences(plan, options, sequences.shape[1]) if sequences is not None else 0
-    refine_options = RefineOptions(steps=options.refine_steps, lr=refine_lr(options))
+    refine_options = RefineOptions(steps=steps, lr=refine_lr(options))
     generator = torch.Generator().manual_seed(options.seed)
 
     with meter.stage("embeddings"):
@@ -629,7 +631,7 @@ def convert_layers(
         del target
         mla_layer = mla.layer(layer_idx, source_state, weights, device)
         stats = {}
-        if refine_steps > 0:
+        if steps > 0:
             with meter.stage("refine"), eager_on_cpu([config, mla.config], device):
                 inputs = windows(kept, refine_options.window).to(device, torch.float32)
                 stats = refine_layer(

@@ -234,7 +234,7 @@ def main() -> None:
             options = ConversionOptions(
                 kv_budget=budget,
                 init="pca" if args.calibration else "svd",
-                refine_steps=ConversionOptions.refine_steps if args.calibration else 0,
+                refine_steps=None if args.calibration else 0,  # None: the default
                 calibration=args.calibration,
             )
             convert(args.source, folders[f"mla {budget:g}"], options)

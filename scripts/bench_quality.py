@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
 from mla_convert.calibrate import calibrate
+from mla_convert.conversion_options import refine_steps
 from mla_convert.convert import ConversionOptions, build_mla, refine
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import ReferenceLogProbs, evaluate
@@ -155,7 +156,7 @@ class Bench:
             "kv_numbers_per_token": sum(plan.cache_per_layer),
             "calibration_seconds": round(calibration_seconds, 1),
         }
-        if options.refine_steps == 0:
+        if refine_steps(options) == 0:
             self.add(group, budget, label, kind, tokens, self.score(model), {**extra, "build_seconds": round(seconds, 1)})
             return
         if group == "default":
