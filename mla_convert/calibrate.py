@@ -174,18 +174,23 @@ def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
     return not plan.exact and options.init == "pca" and options.key_scale == "search"
 
 
+def refinement_steps(plan: RankPlan, options: ConversionOptions) -> int:
+    """Steps per layer this conversion refines for: none for the exact form, else `--refine-steps` or the target's
+    default."""
+    return 0 if plan.exact else refine_steps(options)
+
+
 def needs_text(plan: RankPlan, options: ConversionOptions) -> bool:
     """Whether the conversion reads calibration text: not for the exact form, nor for weight-only SVD that is not
     refined (--target deepseek always does: its latent norm starts at the latent's mean RMS on calibration tokens)."""
-    steps = 0 if plan.exact else refine_steps(options)
-    weight_only = options.init == "svd" and steps == 0 and options.target != "deepseek"
+    weight_only = options.init == "svd" and refinement_steps(plan, options) == 0 and options.target != "deepseek"
     return not (plan.exact or weight_only)
 
 
 def kept_sequences(plan: RankPlan, options: ConversionOptions, seq_len: int) -> int:
     """How many calibration sequences' attention inputs refinement and the key-scale search need (0: none)."""
-    steps = 0 if plan.exact else refine_steps(options)
-    return math.ceil(options.refine_tokens / seq_len) if steps > 0 or searches_key_scale(plan, options) else 0
+    refines = refinement_steps(plan, options) > 0
+    return math.ceil(options.refine_tokens / seq_len) if refines or searches_key_scale(plan, options) else 0
 
 
 def calibrate(

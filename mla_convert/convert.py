@@ -22,7 +22,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from mla_modeling import MLAForCausalLM
 
 from .assemble import assemble, mla_config
-from .calibrate import Calibration, calibrate, searches_key_scale
+from .calibrate import Calibration, calibrate, refinement_steps, searches_key_scale
 from .conversion_options import (
     KEY_SCALE_GRID,
     ConversionOptions,
@@ -120,7 +120,7 @@ def build_mla(
     if options.target == "deepseek":
         model = attach_latent_norm(model, calibration.moments, calibration.sequences)
     refine_stats = [{} for _ in layers]
-    if not plan.exact and refine_steps(options) > 0:
+    if refinement_steps(plan, options) > 0:
         refine_stats = refine(source_model, model, calibration.layer_inputs, options, progress)
     return model, plan, layers, refine_stats
 
@@ -282,7 +282,7 @@ def conversion_report(
             "key_scales_per_token_per_layer": plan.key_scales,
             "dtype": options.dtype,
         },
-        "refine_steps": 0 if plan.exact else refine_steps(options),
+        "refine_steps": refinement_steps(plan, options),
         "refine_lr": refine_lr(options),
         "layers": [
             dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])

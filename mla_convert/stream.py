@@ -48,10 +48,11 @@ from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 
 from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
 from .calibrate import (
-    calibration_sequences, kept_sequences, moment_sum, needs_text, normalised_moment_sums, searches_key_scale,
+    calibration_sequences, kept_sequences, moment_sum, needs_text, normalised_moment_sums, refinement_steps,
+    searches_key_scale,
 )  # fmt: skip
 from .conversion_options import (
-    KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, refine_steps, uses_spectrum_allocation,
+    KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, uses_spectrum_allocation,
 )  # fmt: skip
 from .convert import conversion_report, decompose_options_for, first_key_scale
 from .decompose import (
@@ -578,7 +579,7 @@ def convert_layers(
     refinement stats, the check against the source and the MLA config the layers were built with."""
     options, meter, device = stream.options, stream.meter, stream.device
     config = stream.skeleton.config
-    steps = 0 if plan.exact else refine_steps(options)
+    steps = refinement_steps(plan, options)
     search = searches_key_scale(plan, options)
     keep = kept_sequences(plan, options, sequences.shape[1]) if sequences is not None else 0
     refine_options = RefineOptions(steps=steps, lr=refine_lr(options))
