@@ -14,7 +14,7 @@ from .refine import RefineOptions
 INIT_METHODS = ("pca", "svd")
 RANK_ALLOCATIONS = ("uniform", "spectrum")
 # What the folder is for: "mla", our own MLA model (any ranks and RoPE tables); "deepseek", a model that
-# `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint (issue 13)
+# `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint for the engines
 TARGETS = ("mla", "deepseek")
 # The RoPE strategies that can keep exactly one component per DeepSeek frequency (freqfold rotates pairs of them)
 DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")

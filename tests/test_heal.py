@@ -408,7 +408,7 @@ def test_bf16_mixed_precision_heals_and_evaluates_in_float32(healed, student, pi
 
 
 # ---------------------------------------------------------------------------------------------------- never lose files,
-# one line for every failure (issue 17)
+# one line for every failure
 
 
 def quick(pico_folders, wikitext, **overrides) -> HealOptions:
