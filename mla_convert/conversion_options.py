@@ -14,15 +14,15 @@ from .refine import RefineOptions
 INIT_METHODS = ("pca", "svd")
 RANK_ALLOCATIONS = ("uniform", "spectrum")
 # What the folder is for: "mla", our own MLA model (any ranks and RoPE tables); "deepseek", a model that
-# `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint (issue 13)
+# `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint for the engines
 TARGETS = ("mla", "deepseek")
 # The RoPE strategies that can keep exactly one component per DeepSeek frequency (freqfold rotates pairs of them)
 DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")
 # Refinement's learning rate under DeepSeek's latent norm: at the plain target's 3e-4 it made 17 of SmolLM2-135M's 30
-# layers worse on held-out windows at budget 0.5; 1e-4 and 3e-5 improve every layer tried (README, DeepSeek section).
+# layers worse on held-out windows at budget 0.5; 1e-4 and 3e-5 improve every layer tried (docs/deepseek.md).
 DEEPSEEK_REFINE_LR = 5e-5
 # Refinement's steps per layer under that smaller rate: 100 (the plain target's) leave SmolLM2-135M at 0.5 at 1.182x
-# the source's perplexity, 300 at 1.115x (README, DeepSeek section).
+# the source's perplexity, 300 at 1.115x (docs/deepseek.md).
 DEEPSEEK_REFINE_STEPS = 300
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`

@@ -1,4 +1,4 @@
-"""Conversion under DeepSeek-V3's constraints (issue 13): what a folder must be for `export.export_deepseek_v3`.
+"""Conversion under DeepSeek-V3's constraints: what a folder must be for `export.export_deepseek_v3`.
 
 DeepSeek-V3's attention differs from a plain MLA conversion in three ways that a re-layout cannot fix afterwards:
 

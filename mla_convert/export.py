@@ -1,4 +1,4 @@
-"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format (issue 13).
+"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format (vLLM, SGLang).
 
 Re-layout only, no fitting: the exported folder computes what the MLA folder computes, and loads with transformers'
 own `DeepseekV3ForCausalLM` (no plugin, no remote code), and so with the engines that serve DeepSeek-V3 checkpoints.

@@ -18,7 +18,7 @@ conversion, both loaded in bfloat16, prefill `--prompt` tokens with a cache, and
 hold (`DynamicCache` keys and values; the latent cache's latent, RoPE key and Qwen3's key scales) are divided by the
 prompt length and the measured layers and multiplied by the real model's layer count.
 
-Gemma-3 (`gemma3_text`) is not converted (README, "What stands in the way of Gemma-3"): its row has the source's
+Gemma-3 (`gemma3_text`) is not converted (docs/families.md says what stands in its way): its row has the source's
 cache only. The prompt is shorter than every sliding window, so every layer holds every token; past a window, local
 layers of source and conversion alike hold `sliding_window - 1` tokens.
 
@@ -81,7 +81,7 @@ FAMILIES = {
         query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768, rms_norm_eps=1e-6,
     )),
 }
-# Refused by the converter (README): measured as sources only.
+# Refused by the converter (docs/families.md): measured as sources only.
 UNSUPPORTED = {"gemma-3-1b": "not supported: per-layer-kind RoPE, (1 + w) norms and embedding scaling missing"}
 BYTES_PER_NUMBER = 2  # bfloat16
 

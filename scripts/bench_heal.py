@@ -41,7 +41,7 @@ from mla_convert.heal import HealOptions, heal
 
 DEFAULT_TOKENS = (25_000, 50_000, 100_000)
 LONG_TOKENS = (200_000, 400_000)
-TARGET_RATIOS = {0.25: 1.5, 0.5: 1.08}  # the targets for perplexity / source perplexity at 100k tokens
+TARGET_RATIOS = {0.25: 1.5, 0.5: 1.08}  # healing's goals for perplexity / source perplexity at 100k tokens
 
 
 def cpu_has_bf16() -> bool:

@@ -34,7 +34,7 @@ last 20% of the calibration text (windows of 512, --eval-tokens), the largest we
 outputs, and their peak memory and time.
 
 Rows are merged into --json (default runs/bench_scale.json) across runs (`--fresh` starts over), so the 1B, 8B and
-8B-half rows may come from separate runs; the table and the targets of issue 14 are printed over all of them:
+8B-half rows may come from separate runs; the table and the scale targets are printed over all of them:
 8B-shaped peak RSS at most 6 GB, peak RSS not growing with the number of layers (rows of one shape, different
 --layers), SmolLM2 streamed = whole-model perplexity to 3 decimals. Figures are never invented: a target without its
 rows is reported as not measured.
@@ -80,7 +80,7 @@ SHAPES = {
 }
 INIT_STD = 0.02
 GB = 10**9
-RSS_TARGET_GB = 6.0  # issue 14: the 8B-shaped source converts with peak RSS at most 6 GB
+RSS_TARGET_GB = 6.0  # the scale target: the 8B-shaped source converts with peak RSS at most 6 GB
 # peak RSS of rows of one shape with different layer counts: "not growing with layers" when within this share
 FLAT_TOLERANCE = 0.10
 SAMPLE_SECONDS = 0.2
@@ -477,7 +477,7 @@ def table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """Issue 14's targets, as far as these rows show them."""
+    """The scale targets, as far as these rows show them."""
     lines = []
     synthetic = [r for r in rows if r["kind"] == "synthetic"]
     full_8b = [r for r in synthetic if r["shape"] == "8b" and r["layers"] == SHAPES["8b"]["num_hidden_layers"]]
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
         "rows": all_rows,
     }, indent=2) + "\n")
     print("\n" + table(all_rows))
-    print("\nissue 14's targets, as these rows show them:")
+    print("\nthe scale targets, as these rows show them:")
     print("\n".join(targets(all_rows)))
     print(f"\nthis run: {len(rows)} rows in {time.perf_counter() - started:.0f} s; wrote {json_path} "
           f"({len(all_rows)} rows in all)")

@@ -1,4 +1,4 @@
-"""scripts/bench_scale.py's synthetic sources and its reading of issue 14's targets (nothing timed here: the bench's
+"""scripts/bench_scale.py's synthetic sources and its reading of the scale targets (nothing timed here: the bench's
 figures come from running it)."""
 
 import importlib.util

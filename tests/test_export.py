@@ -1,4 +1,4 @@
-"""DeepSeek-V3 export (issue 13): a conversion under DeepSeek's constraints (latent norm, one kv_lora_rank, DeepSeek's
+"""DeepSeek-V3 export: a conversion under DeepSeek's constraints (latent norm, one kv_lora_rank, DeepSeek's
 RoPE table), exported, loads in transformers' own `DeepseekV3ForCausalLM` in a process that never imports the plugin,
 and computes what the MLA folder computes; folders the format cannot hold are refused with nothing written."""
 
@@ -27,7 +27,7 @@ from mla_convert.heal.options import DEEPSEEK_LR
 from mla_convert.refine import RefineOptions
 
 
-# Relative max logit difference allowed between the exported folder and the MLA folder (float32), as in issue 13
+# Relative max logit difference allowed between the exported folder and the MLA folder (float32): the export's promise
 EXPORT_TOLERANCE = 1e-4
 # Full cache budget of the pico models (2 * kv heads * head_dim 16) split into latent + RoPE key:
 # name -> (kv_lora_rank, qk_rope_head_dim). MHA keeps all 8 frequencies (DeepSeek's plain table); GQA and Mistral

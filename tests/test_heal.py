@@ -350,7 +350,7 @@ def test_resume_without_checkpoint_and_existing_output_are_refused(student, pico
 
 def test_default_lr_follows_the_students_latent_norm(student):
     """Without --lr, a plain MLA student heals at 5e-5 and one with DeepSeek's latent norm at the smaller rate that
-    keeps it near its source (README, DeepSeek section); --lr always wins."""
+    keeps it near its source (docs/deepseek.md); --lr always wins."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(student)
@@ -408,7 +408,7 @@ def test_bf16_mixed_precision_heals_and_evaluates_in_float32(healed, student, pi
 
 
 # ---------------------------------------------------------------------------------------------------- never lose files,
-# one line for every failure (issue 17)
+# one line for every failure
 
 
 def quick(pico_folders, wikitext, **overrides) -> HealOptions:

@@ -66,7 +66,7 @@ def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tok
     assert "Paris" in answer, answer
 
     # Calibrated on the first 80% of the text, evaluated on the last 20%, with the default options (refinement
-    # included): perplexity within 1.3x of the source's (issue 3's target at half the cache).
+    # included): perplexity within 1.3x of the source's (the promised quality at half the cache).
     results = evaluate(model, held_out, reference=source, progress=False)
     assert results["perplexity"] <= 1.3 * results["reference_perplexity"], results
     assert results["top1_agreement"] > 0.7, results

@@ -20,7 +20,7 @@ EVAL_PRECISIONS = ("float32", "training")
 
 # Healing's peak learning rate. A student with DeepSeek's latent norm (`convert --target deepseek`) needs a smaller
 # one, as its refinement does: on SmolLM2-135M at budget 0.5, 5e-5 took KL to the source from 0.21 to 0.96 in
-# 25,600 tokens and left it at 0.50 after 100k, where 1e-5 kept it near 0.22 while perplexity fell (README).
+# 25,600 tokens and left it at 0.50 after 100k, where 1e-5 kept it near 0.22 while perplexity fell (docs/deepseek.md).
 DEFAULT_LR = 5e-5
 DEEPSEEK_LR = 1e-5
 
