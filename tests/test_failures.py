@@ -34,6 +34,9 @@ class Case:
     setup: object = None
     cwd: str = "."
     env: dict = field(default_factory=dict)
+    # 0: a run that must succeed without touching anything of the user's (`{out}` is the only new path);
+    # `fragment` is then a line its stderr must hold ("" for none)
+    code: int = 2
 
 
 def poison(work: Path) -> None:
@@ -80,6 +83,35 @@ def user_folder(work: Path) -> None:
     """`mine/`: a folder of the user's that is not an mla-convert output."""
     (work / "mine").mkdir()
     (work / "mine" / "thesis.tex").write_text("years of work")
+
+
+def users_report(name: str):
+    """`mine/`: a user's folder that happens to hold a file called `name` (their own notes), and their thesis."""
+
+    def setup(work: Path) -> None:
+        user_folder(work)
+        (work / "mine" / name).write_text(json.dumps({"note": "my own notes on the conversion"}))
+
+    return setup
+
+
+def users_checkpoints(work: Path) -> None:
+    """`ckpts/step-1000/`: a user's own training checkpoint, in the folder they then name as --checkpoint-dir."""
+    convert_student(work)
+    (work / "ckpts" / "step-1000").mkdir(parents=True)
+    (work / "ckpts" / "step-1000" / "model.bin").write_bytes(b"a week of training")
+
+
+def users_backup(work: Path) -> None:
+    """`.out.old-backup-v1/` and `.out.partial-notes/`: a user's backups of an output, named like our staging."""
+    convert_student(work)
+    for name in (".out.old-backup-v1", ".out.partial-notes"):
+        shutil.copytree(work / "student", work / name)
+        (work / name / "NOTES.txt").write_text("why this one was kept")
+
+
+def users_results(work: Path) -> None:
+    (work / "results.json").write_text(json.dumps({"experiment": "a week of runs", "scores": [1, 2, 3]}))
 
 
 def plain_file(work: Path) -> None:
@@ -151,6 +183,30 @@ CASES = [
     Case("eval --json over the model's config", ["eval", "{src}", "--data", "{data}", "--json", "{src}/config.json"],
          "--json"),
     Case("eval --json over the data", ["eval", "{src}", "--data", "{data}", "--json", "{data}"], "is the data"),
+    Case("overwrite leaves a folder with a user's conversion.json alone",
+         ["convert", "{src}", "{work}/mine", "--overwrite", "--kv-budget", "1.0"], "--force",
+         users_report("conversion.json")),
+    Case("overwrite leaves a folder with a user's healing.json alone",
+         ["convert", "{src}", "{work}/mine", "--overwrite", "--kv-budget", "1.0"], "--force",
+         users_report("healing.json")),
+    Case("gqa overwrite leaves a folder with a user's conversion.json alone",
+         ["gqa", "{src}", "{work}/mine", "--num-kv-heads", "1", "--overwrite"], "--force",
+         users_report("conversion.json")),
+    Case("heal overwrite leaves a folder with a user's healing.json alone", [*HEAL[:2], "{work}/mine", *HEAL[3:],
+         "--overwrite"], "--force", lambda work: (convert_student(work), users_report("healing.json")(work))),
+    Case("export overwrite leaves a folder with a user's conversion.json alone",
+         ["export", "deepseek", "{work}/mine", *EXPORT, "--overwrite"], "--force",
+         lambda work: (convert_deepseek_student(work), users_report("conversion.json")(work))),
+    Case("eval --json over an existing file", ["eval", "{src}", "--data", "{data}", "--json", "{work}/results.json"],
+         "exists", users_results),
+    Case("eval --json --overwrite over a user's file",
+         ["eval", "{src}", "--data", "{data}", "--json", "{work}/results.json", "--overwrite"], "--force",
+         users_results),
+    Case("heal keeps a user's step-* folder in --checkpoint-dir",
+         [*HEAL, "--checkpoint-dir", "ckpts", "--batch-size", "1", "--save-every", "1", "--eval-tokens", "64"], "",
+         users_checkpoints, code=0),
+    Case("a run keeps a user's backups named like staging folders", ["convert", "{src}", "{out}", "--kv-budget", "1.0"],
+         "", users_backup, code=0),
     Case("heal output is the teacher", [*HEAL[:2], "src", *HEAL[3:], "--overwrite"], "is the teacher",
          convert_student),
     Case("heal output is the student", [*HEAL[:2], "student", *HEAL[3:], "--overwrite"], "is the student",
@@ -246,8 +302,15 @@ def test_bad_input_is_one_line_and_changes_nothing(work, case):
 
     result = run_cli(*args, cwd=work / case.cwd, env=env)
 
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == case.code, result.stderr
     assert "Traceback" not in result.stderr
+    if case.code == 0:
+        # a success: everything that was there is as it was, the output is the one new thing, nothing is left over
+        after = {path.name: tree_digest(path) for path in work.iterdir()}
+        assert {name: after.get(name) for name in before} == before
+        assert set(after) - set(before) <= {"out"}
+        assert case.fragment in result.stderr, result.stderr
+        return
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not progress_bar(line)]
     assert len(lines) == 1 and lines[0].startswith("mla-convert"), result.stderr
     assert case.fragment in lines[0], lines[0]
@@ -294,18 +357,36 @@ def test_force_replaces_a_users_folder_only_when_asked(work):
 
 
 def test_stale_staging_of_a_killed_run_is_removed_by_the_next_run(work):
-    """Only folders with our marker go: a user's folder that merely looks like staging stays."""
-    ours = work / ".out.partial-abc123"
-    ours.mkdir()
-    (ours / ".mla-convert-staging").touch()
+    """Only folders with our exact staging names and our marker for this OUTPUT go: a user's folder that merely
+    looks like staging stays, even with a marker file of that name."""
+    import tempfile
+
+    from mla_convert.folders import STAGING_MARKER, _mark_staging
+
+    ours = Path(tempfile.mkdtemp(prefix=".out.partial-", dir=work))
+    _mark_staging(ours, work / "out")
     (ours / "model.safetensors").write_bytes(b"half")
-    theirs = work / ".out.partial-mine"
-    theirs.mkdir()
-    (theirs / "keep.txt").write_text("not ours")
+    theirs = [work / ".out.partial-mine", work / ".out.partial-abcd1234", Path(tempfile.mkdtemp(prefix=".out.old-",
+              dir=work))]  # fmt: skip
+    for folder in theirs:
+        folder.mkdir(exist_ok=True)
+        (folder / STAGING_MARKER).touch()
+        (folder / "keep.txt").write_text("not ours")
     result = run_cli("convert", str(work / "src"), str(work / "out"), "--kv-budget", "1.0")
     assert result.returncode == 0, result.stderr
     assert not ours.exists()
-    assert (theirs / "keep.txt").read_text() == "not ours"
+    assert all((folder / "keep.txt").read_text() == "not ours" for folder in theirs)
+
+
+def test_overwrite_replaces_our_outputs_old_and_new(work):
+    """The marker makes an output replaceable; one written before the marker is recognised by its report."""
+    output = work / "out"
+    assert run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0").returncode == 0
+    assert run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0", "--overwrite").returncode == 0
+    (output / ".mla-convert-output").unlink()  # as an earlier version wrote it
+    result = run_cli("gqa", str(work / "src"), str(output), "--num-kv-heads", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((output / "conversion.json").read_text())["method"] == "gqa-mean-pool"
 
 
 KILLED_SAVE = """
