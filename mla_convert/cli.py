@@ -4,7 +4,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -130,6 +132,7 @@ class EvalOptions:
     """The `eval` verb's options (the model is its positional argument)."""
 
     data: str = option("", metavar="FILE_OR_DATASET", required=True, help="evaluation text")
+    text_column: str = option("text", metavar="NAME", help="column of --data's records that holds the text")
     reference: str | None = option(None, metavar="SOURCE", help="the source model to compare against")
     reference_gguf_file: str | None = option(None, metavar="NAME", help="GGUF file name inside the reference folder")
     # at least a context and a token to predict
@@ -357,7 +360,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from .data import EVALUATION_PART, load_text, tokenize_into_sequences
     from .evaluate import evaluate
     from .folders import write_text_atomically
-    from .sources import load_model
+    from .sources import load_model, same_tokenizer
 
     options = options_from_args(EvalOptions, args)
     check_fields(options)
@@ -375,8 +378,14 @@ def run_eval(args: argparse.Namespace) -> None:
     warn_if_longer_than_trained(model, options.seq_len)
     reference = None
     if options.reference:
-        reference, _ = load_model(options.reference, gguf_file=options.reference_gguf_file)
-    text, description = load_text(options.data, EVALUATION_PART)
+        reference, reference_tokenizer = load_model(options.reference, gguf_file=options.reference_gguf_file)
+        if reference_tokenizer is not None and not same_tokenizer(tokenizer, reference_tokenizer):
+            raise MLAConvertError(
+                f"the reference {options.reference} and the model {args.model} use different tokenizers "
+                f"({len(reference_tokenizer)} and {len(tokenizer)} tokens, or the same tokens with other ids): KL and "
+                "top-1 agreement compare them token by token, so the reference must be the model's source"
+            )
+    text, description = load_text(options.data, EVALUATION_PART, options.text_column)
     sequences = tokenize_into_sequences(tokenizer, text, options.seq_len, options.max_tokens)
     results = evaluate(model, sequences, reference=reference, batch_size=options.batch_size)
     results = {"model": args.model, "reference": options.reference, "data": description, **results, **EVAL_JSON_MARK}
@@ -435,8 +444,20 @@ COMMANDS = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does: a save in progress removes its
+    staging folder instead of leaving it to the next run. A BaseException, so no `except Exception` swallows it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         COMMANDS[args.command](args)
     except MLAConvertError as error:
@@ -445,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mla-convert: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mla-convert: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -301,12 +301,18 @@ def save_atomically(output: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_model_atomically(output: Path, model, tokenizer=None, reports: Mapping[str, dict] | None = None) -> None:
+def save_model_atomically(
+    output: Path, model, tokenizer=None, reports: Mapping[str, dict] | None = None, max_shard_size: int | None = None
+) -> None:
     """A model folder in `output`, atomically: the model (`save_pretrained` also writes generation_config.json), its
-    tokenizer where there is one, and each of `reports` as a JSON file of that name (`conversion.json`)."""
+    tokenizer where there is one, and each of `reports` as a JSON file of that name (`conversion.json`).
+    `max_shard_size`: the largest weights file, in bytes (None: transformers' default)."""
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        if max_shard_size is None:
+            model.save_pretrained(folder)
+        else:
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         for name, report in (reports or {}).items():

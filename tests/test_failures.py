@@ -35,8 +35,11 @@ class Case:
     cwd: str = "."
     env: dict = field(default_factory=dict)
     # 0: a run that must succeed without touching anything of the user's (`{out}` is the only new path);
-    # `fragment` is then a line its stderr must hold ("" for none)
+    # `fragment` is then a line its stderr must hold ("" for none), and `check(work)` what else must hold
     code: int = 2
+    check: object = None
+    # what the error line must not say (advice that does not apply)
+    not_in: str | None = None
 
 
 def poison(work: Path) -> None:
@@ -155,8 +158,88 @@ def convert_deepseek_student(work: Path) -> None:
     convert(str(work / "src"), work / "deepseek", options)
 
 
+def other_tokenizer(work: Path) -> None:
+    """`other/`: the pico source with another tokenizer of the same size (the same tokens, other ids)."""
+    from test_heal import permuted_tokenizer
+
+    shutil.copytree(work / "src", work / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (work / "other" / name).unlink(missing_ok=True)
+    permuted_tokenizer().save_pretrained(work / "other")
+
+
+def cut_gguf(work: Path) -> None:
+    """`cut.gguf`: the start of SmolLM2's GGUF file, as a download cut short leaves it."""
+    from conftest import missing
+
+    from mla_convert.sources import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except Exception as e:  # the package is a test dependency
+        missing(str(e))
+    with open(path, "rb") as f:
+        (work / "cut.gguf").write_bytes(f.read(30_000))
+
+
+def garbage_gguf(work: Path) -> None:
+    """`junk.gguf`: GGUF's magic and version, then bytes that mean nothing."""
+    (work / "junk.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(range(7, 256)) * 20)
+
+
+def little_free_space(work: Path) -> None:
+    """`shim/sitecustomize.py`: makes the process see `FAKE_FREE_BYTES` free on every filesystem (with
+    `PYTHONPATH={work}/shim`), so that a disk nearly full is tried without filling one."""
+    (work / "shim").mkdir()
+    (work / "shim" / "sitecustomize.py").write_text(
+        "import os, shutil\n"
+        "_real = shutil.disk_usage\n"
+        "def _disk_usage(path):\n"
+        "    usage = _real(path)\n"
+        "    return type(usage)(usage.total, usage.used, int(os.environ['FAKE_FREE_BYTES']))\n"
+        "shutil.disk_usage = _disk_usage\n"
+    )
+
+
+def records_in(column: str):
+    """`records.jsonl`: the short text as one record per line, in field `column`."""
+
+    def setup(work: Path) -> None:
+        lines = [line for line in (work / "text.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        (work / "records.jsonl").write_text("".join(json.dumps({column: line}) + "\n" for line in lines))
+
+    return setup
+
+
+def bad_jsonl(work: Path) -> None:
+    """`bad.jsonl`: a good record, then a line cut short on the file's third line."""
+    (work / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "thr\n{"text": "four"}\n')
+
+
+def tiny_text(work: Path) -> None:
+    (work / "tiny.txt").write_text("A few words, far fewer than a calibration sequence.\n" * 3)
+
+
+def checkpoint_path_is_a_file(work: Path) -> None:
+    convert_student(work)
+    (work / "out.checkpoints").write_text("a user's file named like the default checkpoint folder")
+
+
+def sharded_weights(work: Path) -> None:
+    from safetensors import safe_open
+
+    index = json.loads((work / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (work / "out" / "model.safetensors").exists()
+    for shard in shards:
+        assert (work / "out" / shard).stat().st_size <= 100_000 + 20_000  # a tensor larger than the limit aside
+        with safe_open(work / "out" / shard, framework="pt") as f:
+            assert list(f.keys())
+
+
 HEAL = ["heal", "student", "{out}", "--teacher", "src", "--data", "{data}", "--max-tokens", "256", "--seq-len", "64"]
 EXPORT = ["--format", "deepseek-v3"]
+SHIM = {"PYTHONPATH": "{work}/shim"}
 DEEPSEEK = ["--target", "deepseek"]
 
 
@@ -222,6 +305,14 @@ CASES = [
     Case("NaN source below full budget", ["convert", "nan", "{out}", "--kv-budget", "0.5"], "NaN", poison),
     Case("NaN source pooled", ["gqa", "nan", "{out}", "--num-kv-heads", "1"], "NaN", poison),
     Case("NaN model evaluated", ["eval", "nan", "--data", "{data}"], "NaN", poison),
+    Case("eval against a reference with another tokenizer of the same size",
+         ["eval", "{src}", "--data", "{data}", "--reference", "other"], "different tokenizers", other_tokenizer),
+    Case("a RoPE size at full budget", ["convert", "{src}", "{out}", "--kv-budget", "1.0", "--qk-rope-head-dim", "2"],
+         "--qk-rope-head-dim 2 cannot apply"),
+    Case("a budget below the smallest that rounds up to it", ["convert", "{src}", "{out}", "--kv-budget", "0.04"],
+         "smallest valid budget for this model is 0.0469"),
+    Case("--max-shard-size without streaming", ["convert", "{src}", "{out}", "--kv-budget", "1.0", "--streaming", "off",
+         "--max-shard-size", "100KB"], "", code=0, check=sharded_weights),
     Case("config without sizes", ["convert", "bare", "{out}", "--kv-budget", "1.0"], "does not match the weights",
          strip_config),
     Case("config without sizes evaluated", ["eval", "bare", "--data", "{data}"], "does not match the weights",
@@ -230,6 +321,21 @@ CASES = [
     Case("truncated weights", ["convert", "cut", "{out}"], "truncated", truncate_weights),
     Case("empty weights file", ["convert", "empty", "{out}"], "model.safetensors", empty_weights),
     Case("broken config.json", ["convert", "badjson", "{out}"], "config.json", bad_config_json),
+    Case("truncated GGUF", ["convert", "cut.gguf", "{out}", "--kv-budget", "1.0"], "truncated", cut_gguf),
+    Case("truncated GGUF pooled", ["gqa", "cut.gguf", "{out}", "--num-kv-heads", "1"], "truncated", cut_gguf),
+    Case("truncated GGUF as the reference", ["eval", "{src}", "--data", "{data}", "--reference", "cut.gguf"],
+         "truncated", cut_gguf),
+    Case("truncated GGUF as the teacher", [*HEAL[:4], "cut.gguf", *HEAL[5:]], "truncated",
+         lambda work: (convert_student(work), cut_gguf(work))),
+    Case("GGUF magic and garbage", ["convert", "junk.gguf", "{out}", "--kv-budget", "1.0"], "corrupt", garbage_gguf),
+    Case("no room for the tokenizer", ["convert", "{src}", "{out}", "--kv-budget", "1.0"], "not enough free space",
+         little_free_space, env={**SHIM, "FAKE_FREE_BYTES": "530000"}),
+    Case("no room for the tokenizer, streamed", ["convert", "{src}", "{out}", "--kv-budget", "1.0", "--streaming", "on"],
+         "not enough free space", little_free_space, env={**SHIM, "FAKE_FREE_BYTES": "530000"}),
+    Case("no room for the pooled model", ["gqa", "{src}", "{out}", "--num-kv-heads", "1"], "not enough free space",
+         little_free_space, env={**SHIM, "FAKE_FREE_BYTES": "100000"}),
+    Case("no room for the healed model's files", HEAL, "not enough free space",
+         lambda work: (convert_student(work), little_free_space(work)), env={**SHIM, "FAKE_FREE_BYTES": "500000"}),
     Case("cuda without cuda", ["convert", "{src}", "{out}", "--device", "cuda"], "--device cuda"),
     Case("mps without mps", ["convert", "{src}", "{out}", "--device", "mps"], "--device mps"),
     Case("unknown device", ["convert", "{src}", "{out}", "--device", "tpu7"], "--device"),
@@ -244,6 +350,25 @@ CASES = [
     # 4. clarity
     Case("a negative number is a value", ["convert", "{src}", "{out}", "--refine-lr", "-1e-4"],
          "--refine-lr must be positive"),
+    Case("a RoPE key that takes the whole budget", ["convert", "{src}", "{out}", "--kv-budget", "0.5",
+         "--qk-rope-head-dim", "32"], "--qk-rope-head-dim 32 takes them all", not_in="--kv-lora-rank"),
+    Case("fewer calibration tokens than a sequence", ["convert", "{src}", "{out}", "--kv-budget", "0.5", "--calibration",
+         "{data}", "--calibration-tokens", "1"], "--calibration-tokens must be at least 512"),
+    Case("calibration text shorter than a sequence", ["convert", "{src}", "{out}", "--kv-budget", "0.5",
+         "--calibration", "tiny.txt"], "use more text", tiny_text, not_in="shorter"),
+    Case("calibration records without a text column", ["convert", "{src}", "{out}", "--kv-budget", "0.5",
+         "--calibration", "records.jsonl"], "--text-column", records_in("body")),
+    Case("evaluation records without a text column", ["eval", "{src}", "--data", "records.jsonl"], "--text-column",
+         records_in("body")),
+    Case("evaluation records with their column named", ["eval", "{src}", "--data", "records.jsonl", "--seq-len", "64",
+         "--text-column", "body"], "", records_in("body"), code=0),
+    Case("a bad line in the middle of a jsonl file", ["convert", "{src}", "{out}", "--kv-budget", "0.5",
+         "--calibration", "bad.jsonl"], "line 3", bad_jsonl),
+    Case("heal --any-teacher with another tokenizer", [*HEAL[:4], "other", *HEAL[5:], "--any-teacher"],
+         "even with --any-teacher", lambda work: (convert_student(work), other_tokenizer(work)),
+         not_in="converted from"),
+    Case("the default checkpoint folder is a file", HEAL, "where checkpoints go by default",
+         checkpoint_path_is_a_file, not_in="--checkpoint-dir /"),
     Case("hub id while offline", ["convert", "someone/some-model", "{out}"], "HF_HUB_OFFLINE",
          env={"HF_HUB_OFFLINE": "1"}),
     Case("dataset name while offline", ["convert", "{src}", "{out}", "--calibration", "wikitext:wikitext-2-raw-v1"],
@@ -298,7 +423,7 @@ def test_bad_input_is_one_line_and_changes_nothing(work, case):
              "work": work}
     args = [arg.format(**names) for arg in case.args]
     before = {path.name: tree_digest(path) for path in work.iterdir()}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **case.env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **{key: value.format(**names) for key, value in case.env.items()}}
 
     result = run_cli(*args, cwd=work / case.cwd, env=env)
 
@@ -310,10 +435,13 @@ def test_bad_input_is_one_line_and_changes_nothing(work, case):
         assert {name: after.get(name) for name in before} == before
         assert set(after) - set(before) <= {"out"}
         assert case.fragment in result.stderr, result.stderr
+        if case.check is not None:
+            case.check(work)
         return
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not progress_bar(line)]
     assert len(lines) == 1 and lines[0].startswith("mla-convert"), result.stderr
     assert case.fragment in lines[0], lines[0]
+    assert case.not_in is None or case.not_in not in lines[0], lines[0]
     # the disk: inputs and everything else as it was, no output, no staging folder anywhere in the work folder
     assert {path.name: tree_digest(path) for path in work.iterdir()} == before
     assert not [path for path in work.rglob("*") if ".partial-" in path.name or ".old-" in path.name]
