@@ -154,10 +154,12 @@ def check_options(options: ConversionOptions) -> None:
     """Refuses bad options with the valid range, naming the flags of `convert`, before anything is loaded (budgets
     and ranks depend on the source: `plan_ranks` checks them)."""
     check_fields(options)
-    if options.calibration_tokens < options.calibration_seq_len:
+    # one calibration sequence: of calibration_seq_len tokens of text, or of at most 256 sampled ones (calibrate.py)
+    sequence = options.calibration_seq_len if options.calibration is not None else min(options.calibration_seq_len, 256)
+    if options.calibration_tokens < sequence:
         raise MLAConvertError(
-            f"--calibration-tokens must be at least {options.calibration_seq_len} (one calibration sequence of "
-            f"{options.calibration_seq_len} tokens), got {options.calibration_tokens}"
+            f"--calibration-tokens must be at least {sequence} (one calibration sequence of {sequence} tokens), got "
+            f"{options.calibration_tokens}"
         )
     key_scale = options.key_scale
     if key_scale != "search" and not (

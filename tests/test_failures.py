@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -582,3 +583,45 @@ def test_a_kill_at_the_final_rename_keeps_the_old_output_or_the_new_one(work, wh
     assert leftovers(work) == []
     assert ".mla-convert-staging" not in tree_digest(output)
     assert torch.isfinite(load_file(output / "model.safetensors")["model.embed_tokens.weight"]).all()
+
+
+TERMINATED_SAVE = """
+import os, signal, sys
+import mla_convert.folders as folders
+from mla_convert.cli import main
+
+replace = folders._replace
+
+def terminate_then_replace(staging, output):
+    os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler ending the job, while the result is saved
+    replace(staging, output)
+
+folders._replace = terminate_then_replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "over an earlier output"])
+def test_sigterm_during_the_final_save_cleans_up_as_ctrl_c_does(work, existing):
+    output = work / "out"
+    if existing:
+        assert run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0").returncode == 0
+    old = tree_digest(output) if existing else None
+    argv = ["convert", str(work / "src"), str(output), "--kv-budget", "1.0", "--overwrite"]
+    result = subprocess.run([sys.executable, "-c", TERMINATED_SAVE, *argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "Traceback" not in result.stderr and "mla-convert: terminated" in result.stderr
+    assert leftovers(work) == []  # the staging folder went with the process, not at the next run
+    assert (tree_digest(output) if existing else output.exists()) == (old if existing else False)
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_written_files_follow_the_users_umask(work, streaming):
+    """Whole-model and streamed outputs alike: what the user's umask allows, as for any file they write."""
+    output = work / "out"
+    result = run_cli("convert", str(work / "src"), str(output), "--kv-budget", "1.0", "--streaming", streaming,
+                     preexec_fn=lambda: os.umask(0o002))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in output.iterdir()}
+    assert modes and set(modes.values()) == {0o664}, {name: oct(mode) for name, mode in modes.items()}
+    assert stat.S_IMODE(output.stat().st_mode) == 0o775
