@@ -12,7 +12,8 @@ a user's files safe live here once:
 - The result is built in a staging folder `.NAME.partial-*` beside OUTPUT (marked with `STAGING_MARKER`) and swapped
   in with one atomic rename, so at any moment OUTPUT is either the complete old folder or the complete new one.
   Staging folders left by a killed run are removed by the next run to the same OUTPUT: only folders with exactly
-  the names `tempfile.mkdtemp` gives them and the staging marker's text for that OUTPUT.
+  the names `tempfile.mkdtemp` gives them, holding the staging marker's text for that OUTPUT or our output marker
+  (an old OUTPUT swapped out just before the kill).
 """
 
 from __future__ import annotations
@@ -113,11 +114,11 @@ def _legacy_report_is_ours(folder: Path) -> bool:
     return False
 
 
-def looks_like_our_output(folder: Path) -> bool:
-    """Whether `folder` was written by mla-convert: it holds the marker with our text, or (older outputs) a report
-    whose content is ours. Any file a user may have of the same name is not enough."""
+def looks_like_our_output(folder: Path, legacy: bool = True) -> bool:
+    """Whether `folder` was written by mla-convert: it holds the marker with our text, or (older outputs, unless
+    `legacy` is False) a report whose content is ours. Any file a user may have of the same name is not enough."""
     folder = Path(folder)
-    return _read_small(folder / OUTPUT_MARKER) == OUTPUT_MARKER_TEXT or _legacy_report_is_ours(folder)
+    return _read_small(folder / OUTPUT_MARKER) == OUTPUT_MARKER_TEXT or (legacy and _legacy_report_is_ours(folder))
 
 
 def _staging_text(output: Path) -> str:
@@ -140,7 +141,9 @@ def _stale_staging(output: Path) -> list[Path]:
         if pattern.fullmatch(path.name)
         and path.is_dir()
         and not path.is_symlink()
-        and _read_small(path / STAGING_MARKER) == _staging_text(output)
+        # an old OUTPUT that a kill right after the exchange left where the staging folder was carries only its own
+        # output marker
+        and (_read_small(path / STAGING_MARKER) == _staging_text(output) or looks_like_our_output(path, legacy=False))
     ]
 
 
