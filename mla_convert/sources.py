@@ -250,7 +250,7 @@ def side_files_bytes(source: str | os.PathLike, gguf_file: str | None = None) ->
             from transformers.integrations.gguf.reader import GgufHeader
 
             tokenizer = 2 * GgufHeader.from_file(str(gguf)).data_start
-        except Exception:  # the file was checked where its config was read; the size is only an estimate
+        except (ImportError, OSError, ValueError, KeyError, struct.error):  # an estimate: the file is checked elsewhere
             tokenizer = 2 * gguf.stat().st_size if gguf.is_file() else 0
     elif path.is_dir():
         tokenizer = sum((path / name).stat().st_size for name in _TOKENIZER_FILES if (path / name).is_file())
