@@ -406,7 +406,8 @@ def export_float_checkpoint(
     The folder is written beside `out_dir` and renamed into place at the end, so an interrupted export never
     leaves a half-written checkpoint that later loads as a valid one.
     """
-    # The result is a plain model folder, not marked as ours: `overwrite` is the caller's explicit word to replace it.
+    # `overwrite` is the caller's explicit word to replace the folder: one written before outputs were marked as ours
+    # (`save_atomically` marks this one) has no report to recognise it by.
     out_dir = prepare_output(out_dir, inputs={"source": source}, overwrite=overwrite, force=overwrite)
     model, tokenizer = load_source(source, gguf_file, dtype=dtype)
 

@@ -2,8 +2,9 @@
 
 Each case runs the real command in a fresh process on pico models copied into the test's folder, then checks
 what a user would: the exit code, that stderr holds exactly one line (progress bars aside) and no traceback,
-that every input is byte-for-byte unchanged, and that no output or staging folder was left behind.
-Add a case by adding a row to `CASES`.
+that every input is byte-for-byte unchanged, and that no output or staging folder was left behind. A few rows are
+runs that must succeed (`code=0`) next to files of the user's that look like ours: they check that everything that
+was there before is still there, byte for byte. Add a case by adding a row to `CASES`.
 """
 
 import hashlib
