@@ -157,8 +157,11 @@ def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple
         sequences = sample_from_model(model, tokenizer, options.calibration_tokens, seq_len, seed=options.seed)
         info = {"kind": "sampled", "description": f"sampled from the source model (seed {options.seed})"}
     else:
-        text, description = load_text(options.calibration, CALIBRATION_PART)
-        sequences = tokenize_into_sequences(tokenizer, text, options.calibration_seq_len, options.calibration_tokens)
+        text, description = load_text(options.calibration, CALIBRATION_PART, options.text_column)
+        # no flag sets the calibration sequence length: the advice for short text is only "more text"
+        sequences = tokenize_into_sequences(
+            tokenizer, text, options.calibration_seq_len, options.calibration_tokens, seq_len_flag=None
+        )
         info = {"kind": "text", "description": description}
         if sequences.numel() < options.calibration_tokens // options.calibration_seq_len * options.calibration_seq_len:
             print(

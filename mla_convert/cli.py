@@ -4,7 +4,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -130,13 +132,16 @@ class EvalOptions:
     """The `eval` verb's options (the model is its positional argument)."""
 
     data: str = option("", metavar="FILE_OR_DATASET", required=True, help="evaluation text")
+    text_column: str = option("text", metavar="NAME", help="column of --data's records that holds the text")
     reference: str | None = option(None, metavar="SOURCE", help="the source model to compare against")
     reference_gguf_file: str | None = option(None, metavar="NAME", help="GGUF file name inside the reference folder")
     # at least a context and a token to predict
     seq_len: int = option(512, metavar="L", at_least=2, help="tokens per evaluated sequence")
     max_tokens: int = option(16384, metavar="N", help="evaluate at most this many tokens")
     batch_size: int = option(4, metavar="B", at_least=1, help="sequences per forward pass")
-    json: str | None = option(None, metavar="FILE", help="also write the results to FILE")
+    json: str | None = option(None, metavar="FILE", help="also write the results to FILE (a new file)")
+    overwrite: bool = option(False, help="let --json replace a results file written by an earlier eval")
+    force: bool = option(False, help="with --overwrite: let --json replace FILE whatever it holds")
 
 
 def add_eval(commands) -> None:
@@ -293,8 +298,29 @@ def run_gqa(args: argparse.Namespace) -> None:
     )
 
 
-def check_json_output(path: str, inputs: dict) -> Path:
-    """`--json FILE`: checked before the work, so an hour of evaluation is never lost to a typo in its path."""
+# In every results file `eval --json` writes: what lets `--overwrite` replace it, and nothing else.
+EVAL_JSON_MARK = {"written_by": "mla-convert eval"}
+# The keys of results files written before the mark existed
+LEGACY_EVAL_KEYS = ("model", "reference", "data", "perplexity", "nll", "tokens")
+
+
+def is_our_results_file(path: Path) -> bool:
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(results, dict):
+        return False
+    return all(results.get(key) == value for key, value in EVAL_JSON_MARK.items()) or all(
+        key in results for key in LEGACY_EVAL_KEYS
+    )
+
+
+def check_json_output(path: str, inputs: dict, overwrite: bool = False, force: bool = False) -> Path:
+    """`--json FILE`: checked before the work, so an hour of evaluation is never lost to a typo in its path, and
+    a file that exists is replaced only when asked, and only a results file of ours unless forced."""
     from .folders import check_disjoint
 
     target = Path(path).expanduser().absolute()
@@ -305,6 +331,18 @@ def check_json_output(path: str, inputs: dict) -> Path:
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise MLAConvertError(f"--json {path}: cannot write in {target.parent} (permission denied)")
     check_disjoint(target, inputs, "--json")
+    if force and not overwrite:
+        raise MLAConvertError("--force only widens --overwrite: pass both to replace a file that is not ours")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise MLAConvertError(f"--json {path} exists (pass --overwrite to replace a results file of an earlier eval)")
+        if target.is_symlink() or not target.is_file():
+            raise MLAConvertError(f"--json {path} exists and is not a plain file: name another file")
+        if not force and not is_our_results_file(target):
+            raise MLAConvertError(
+                f"--json {path} exists and is not a results file written by mla-convert eval, so --overwrite leaves "
+                "it alone: pass --force as well to replace it"
+            )
     return target
 
 
@@ -322,25 +360,35 @@ def run_eval(args: argparse.Namespace) -> None:
     from .data import EVALUATION_PART, load_text, tokenize_into_sequences
     from .evaluate import evaluate
     from .folders import write_text_atomically
-    from .sources import load_model
+    from .sources import load_model, same_tokenizer
 
     options = options_from_args(EvalOptions, args)
     check_fields(options)
     if options.max_tokens < options.seq_len:
         raise MLAConvertError(f"--max-tokens ({options.max_tokens}) must be at least --seq-len ({options.seq_len})")
     inputs = {"model": args.model, "reference": options.reference, "data": options.data}
-    json_path = check_json_output(options.json, inputs) if options.json is not None else None
+    json_path = None
+    if options.json is not None:
+        json_path = check_json_output(options.json, inputs, options.overwrite, options.force)
+    elif options.overwrite or options.force:
+        raise MLAConvertError("--overwrite and --force are about --json FILE: give --json, or leave them out")
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise MLAConvertError(f"no tokenizer found in {args.model}")
     warn_if_longer_than_trained(model, options.seq_len)
     reference = None
     if options.reference:
-        reference, _ = load_model(options.reference, gguf_file=options.reference_gguf_file)
-    text, description = load_text(options.data, EVALUATION_PART)
+        reference, reference_tokenizer = load_model(options.reference, gguf_file=options.reference_gguf_file)
+        if reference_tokenizer is not None and not same_tokenizer(tokenizer, reference_tokenizer):
+            raise MLAConvertError(
+                f"the reference {options.reference} and the model {args.model} use different tokenizers "
+                f"({len(reference_tokenizer)} and {len(tokenizer)} tokens, or the same tokens with other ids): KL and "
+                "top-1 agreement compare them token by token, so the reference must be the model's source"
+            )
+    text, description = load_text(options.data, EVALUATION_PART, options.text_column)
     sequences = tokenize_into_sequences(tokenizer, text, options.seq_len, options.max_tokens)
     results = evaluate(model, sequences, reference=reference, batch_size=options.batch_size)
-    results = {"model": args.model, "reference": options.reference, "data": description, **results}
+    results = {"model": args.model, "reference": options.reference, "data": description, **results, **EVAL_JSON_MARK}
     print(f"data: {description}, {results['tokens']} predicted tokens in sequences of {options.seq_len}")
     print(f"perplexity: {results['perplexity']:.3f}")
     if reference is not None:
@@ -396,8 +444,20 @@ COMMANDS = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does: a save in progress removes its
+    staging folder instead of leaving it to the next run. A BaseException, so no `except Exception` swallows it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         COMMANDS[args.command](args)
     except MLAConvertError as error:
@@ -406,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mla-convert: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mla-convert: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -82,6 +82,9 @@ class ConversionOptions:
         help="calibration text: a .txt/.jsonl/.parquet file or folder (its first 80% is used), or a datasets name "
         "NAME[:CONFIG]. Without it, calibration text is sampled from the source model itself (data-free)",
     )  # fmt: skip
+    text_column: str = option(
+        "text", metavar="NAME", help="column of --calibration's records (.jsonl/.json/.parquet, datasets) that holds the text"
+    )  # fmt: skip
     calibration_tokens: int = option(32768, metavar="N", help="calibration tokens", at_least=1)
     calibration_seq_len: int = option(512, at_least=1)
     init: str = option(
@@ -143,7 +146,7 @@ class ConversionOptions:
     )  # fmt: skip
     max_shard_size: str = option(
         "2GB", metavar="SIZE",
-        help="streaming: the largest weights file written (e.g. 500MB, 2GB); larger outputs are sharded with an index",
+        help="the largest weights file written (e.g. 500MB, 2GB); larger outputs are sharded with an index",
     )  # fmt: skip
 
 
@@ -151,6 +154,13 @@ def check_options(options: ConversionOptions) -> None:
     """Refuses bad options with the valid range, naming the flags of `convert`, before anything is loaded (budgets
     and ranks depend on the source: `plan_ranks` checks them)."""
     check_fields(options)
+    # one calibration sequence: of calibration_seq_len tokens of text, or of at most 256 sampled ones (calibrate.py)
+    sequence = options.calibration_seq_len if options.calibration is not None else min(options.calibration_seq_len, 256)
+    if options.calibration_tokens < sequence:
+        raise MLAConvertError(
+            f"--calibration-tokens must be at least {sequence} (one calibration sequence of {sequence} tokens), got "
+            f"{options.calibration_tokens}"
+        )
     key_scale = options.key_scale
     if key_scale != "search" and not (
         isinstance(key_scale, (int, float)) and not isinstance(key_scale, bool) and 0 < key_scale < float("inf")

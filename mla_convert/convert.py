@@ -39,7 +39,7 @@ from .families import check_source_family, sliding_window, source_layer_types
 from .folders import prepare_output, save_model_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import AttentionTargets, RefineOptions, refine_all
-from .sources import check_device, load_source, load_source_config
+from .sources import check_device, load_source, load_source_config, side_files_bytes
 from .verify import verify
 
 
@@ -63,7 +63,9 @@ def convert(
     options = options or ConversionOptions()
     check_options(options)
     check_device(options.device)
-    from .stream import Meter, convert_streaming, streams  # the streaming pipeline reuses this module's steps
+    from .stream import Meter, convert_streaming, parse_size, streams  # streaming reuses this module's steps
+
+    max_shard_size = parse_size(options.max_shard_size)  # both paths shard the weights alike
 
     if streams(source, gguf_file, options):
         return convert_streaming(source, output, options, gguf_file, overwrite=overwrite, force=force)
@@ -80,7 +82,7 @@ def convert(
         inputs={"source": source, "calibration data": options.calibration},
         overwrite=overwrite,
         force=force,
-        required_bytes=estimated_size(source_config, plan, options.dtype),
+        required_bytes=estimated_size(source_config, plan, options.dtype) + side_files_bytes(source, gguf_file),
     )
     source_model, tokenizer = load_source(source, gguf_file, dtype=torch.float32, device=options.device)
     if options.target == "deepseek":
@@ -99,7 +101,7 @@ def convert(
     report = conversion_report(source, gguf_file, source_config, options, plan, layers, refine_stats, calibration_info)
     report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
     report.update(streaming=False, **meter.report())
-    save_converted(model, tokenizer, report, output, options.dtype)
+    save_converted(model, tokenizer, report, output, options.dtype, max_shard_size)
     return report
 
 
@@ -232,7 +234,9 @@ def refine(
     return refine_all(source_model, model, layer_inputs, refine_options, options.seed, progress)
 
 
-def save_converted(model: MLAForCausalLM, tokenizer, report: dict, output: Path, dtype: str) -> None:
+def save_converted(
+    model: MLAForCausalLM, tokenizer, report: dict, output: Path, dtype: str, max_shard_size: int | None = None
+) -> None:
     """Writes the model in `dtype` (it was checked in float32), its tokenizer and `conversion.json` to `output`."""
     model = model.to(getattr(torch, dtype))
     model.config.dtype = getattr(torch, dtype)
@@ -240,7 +244,7 @@ def save_converted(model: MLAForCausalLM, tokenizer, report: dict, output: Path,
     # `trust_remote_code=True` where mla-convert is not installed.
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
-    save_model_atomically(output, model, tokenizer, {"conversion.json": report})
+    save_model_atomically(output, model, tokenizer, {"conversion.json": report}, max_shard_size)
 
 
 def conversion_report(

@@ -19,6 +19,8 @@ from .sources import require_hub
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# Every verb that reads records names their text column with this flag
+TEXT_COLUMN_FLAG = "--text-column"
 # Big enough that tokenizer call overhead is negligible, small enough that memory stays flat on large corpora.
 TOKENIZE_CHUNK_CHARS = 100_000
 # Characters read from a text file at a time.
@@ -138,12 +140,16 @@ def _read_json_records(path: Path) -> list:
 
 
 def _jsonl_records(path: Path) -> Iterator:
+    number = 0
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, start=1):
                 if line.strip():
-                    yield json.loads(line)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    yield json.loads(line.strip())
+    except json.JSONDecodeError as e:
+        # json numbers lines within the one line it was given: the file's line is ours to say
+        raise MLAConvertError(f"cannot read {path}: line {number} is not JSON ({e.msg}, column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
         raise MLAConvertError(f"cannot read {path}: {e}") from e
 
 
@@ -156,7 +162,9 @@ def _parquet_file(path: Path, column: str):
         raise MLAConvertError(f"cannot read {path}: {e}") from e
     names = parquet.schema_arrow.names
     if column not in names:
-        raise MLAConvertError(f"{path} has no {column!r} column; available columns: {sorted(names)}")
+        raise MLAConvertError(
+            f"{path} has no {column!r} column; available columns: {sorted(names)} (name one with {TEXT_COLUMN_FLAG})"
+        )
     return parquet
 
 
@@ -181,7 +189,9 @@ def _count_records(path: Path, column: str) -> int:
         _record_text(record, column, str(path))
     available = sorted({key for record in records for key in record})
     if records and column not in available:
-        raise MLAConvertError(f"{path} has no {column!r} column; available columns: {available}")
+        raise MLAConvertError(
+            f"{path} has no {column!r} column; available columns: {available} (name one with {TEXT_COLUMN_FLAG})"
+        )
     return len(records) if suffix == ".json" else count
 
 
@@ -325,7 +335,8 @@ def _hub_stream(spec: str, part: TextPart, column: str) -> RecordStream:
             for record in dataset.skip(index):
                 if column not in record:
                     raise MLAConvertError(
-                        f"dataset {spec!r} has no {column!r} column; available columns: {sorted(record)}"
+                        f"dataset {spec!r} has no {column!r} column; available columns: {sorted(record)} (name one "
+                        f"with {TEXT_COLUMN_FLAG})"
                     )
                 yield _pieces("" if record[column] is None else str(record[column]))
         except (OSError, ConnectionError) as e:
@@ -419,13 +430,18 @@ def _read_record(pieces: Iterable[str], limit: int | None) -> str:
 
 
 def tokenize_into_sequences(
-    tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    seq_len: int,
+    max_tokens: int | None = None,
+    seq_len_flag: str | None = "--seq-len",
 ) -> torch.LongTensor:
     """Tokenize text into a `[num_sequences, seq_len]` tensor of consecutive, non-overlapping windows.
 
     Kept simple on purpose: no special tokens are added (no BOS prefix per window), and the tokens left over after
     the last full window are dropped. The text is tokenized in pieces of `TOKENIZE_CHUNK_CHARS` characters and
-    tokenization stops once `max_tokens` (rounded down to whole windows) is reached.
+    tokenization stops once `max_tokens` (rounded down to whole windows) is reached. `seq_len_flag`: the flag that
+    sets `seq_len`, for the advice when the text is too short (None where the user cannot set it).
     """
     if seq_len < 2:
         raise MLAConvertError(f"sequences need at least 2 tokens (context and a token to predict), got {seq_len}")
@@ -442,8 +458,8 @@ def tokenize_into_sequences(
     if limit is not None:
         num_sequences = min(num_sequences, limit // seq_len)
     if num_sequences == 0:
+        shorter = f", or a shorter {seq_len_flag}" if seq_len_flag else ""
         raise MLAConvertError(
-            f"the text gives {len(ids)} tokens, fewer than one sequence of {seq_len}: use more text or shorter "
-            "sequences"
+            f"the text gives {len(ids)} tokens, fewer than one sequence of {seq_len}: use more text{shorter}"
         )
     return torch.tensor(ids[: num_sequences * seq_len], dtype=torch.long).view(num_sequences, seq_len)

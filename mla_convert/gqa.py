@@ -25,7 +25,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from .errors import MLAConvertError
 from .folders import prepare_output, save_model_atomically
 from .plan import SourceShape
-from .sources import load_source, load_source_config
+from .sources import load_source, load_source_config, side_files_bytes
 
 
 METHOD = "gqa-mean-pool"
@@ -92,6 +92,18 @@ def head_count_for_budget(config: PreTrainedConfig, kv_budget: float) -> int:
         f"--kv-budget {kv_budget} cannot be reached by pooling KV heads ({_describe(config)}; a budget is new KV "
         f"heads / {num_kv_heads}, and the new count must divide both); valid budgets: {budgets}"
     )
+
+
+def pooled_size(config: PreTrainedConfig, num_kv_heads: int) -> int:
+    """Bytes of the pooled model's weights in float32 (the source's parameters, counted on the meta device, less the
+    KV heads pooling removes)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        numbers = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    _, source_kv_heads, head_dim = _head_counts(config)
+    removed = 2 * (source_kv_heads - num_kv_heads) * head_dim * config.hidden_size * config.num_hidden_layers
+    return (numbers - removed) * 4
 
 
 def _pool_rows(tensor: torch.Tensor, old_heads: int, new_heads: int, head_dim: int) -> torch.Tensor:
@@ -181,7 +193,10 @@ def convert_to_gqa(
         num_kv_heads = head_count_for_budget(config, kv_budget)
     check_head_count(config, num_kv_heads)
     num_heads, source_kv_heads, head_dim = _head_counts(config)
-    output = prepare_output(output, inputs={"source": source}, overwrite=overwrite, force=force)
+    output = prepare_output(
+        output, inputs={"source": source}, overwrite=overwrite, force=force,
+        required_bytes=pooled_size(config, num_kv_heads) + side_files_bytes(source, gguf_file),
+    )  # fmt: skip
 
     model, tokenizer = load_source(source, gguf_file, dtype=torch.float32)
     pool_kv_heads(model, num_kv_heads)

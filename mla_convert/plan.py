@@ -89,20 +89,27 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
         rank = options.kv_lora_rank
     else:
         budget = options.kv_budget if options.kv_budget is not None else 1.0
-        # at least a latent of 1, a RoPE pair and (QK-norm) the key scales
-        smallest = (3 + scales) / full
+        # at least a latent of 1, a RoPE pair and (QK-norm) the key scales; shown rounded up, so it is valid
+        smallest = math.ceil((3 + scales) / full * 1e4) / 1e4
         if not (budget > 0 and budget <= 1.0) or math.isnan(budget):
             raise MLAConvertError(
-                f"--kv-budget must be in ({smallest:.4f}, 1.0] (the fraction of the source's KV cache of "
+                f"--kv-budget must be in [{smallest:.4f}, 1.0] (the fraction of the source's KV cache of "
                 f"{full} numbers per token and layer that remains), got {budget}"
             )
         total = round(budget * full)
-        if total < 3 + scales:
+        # below the smallest budget even where it rounds up to it: the message names that minimum
+        if budget * full < 3 + scales - 1e-9 or total < 3 + scales:
             raise MLAConvertError(
-                f"--kv-budget {budget} leaves {total} numbers per token and layer; the smallest valid budget "
-                f"for this model is {smallest:.4f}"
+                f"--kv-budget {budget} leaves {budget * full:.4g} of the {full} numbers per token and layer, fewer "
+                f"than a latent of 1 and a RoPE pair need; the smallest valid budget for this model is {smallest:.4f}"
             )
         if total == full:
+            if options.qk_rope_head_dim is not None and options.qk_rope_head_dim != all_rope:
+                raise MLAConvertError(
+                    f"--kv-budget {budget} keeps the whole cache, which is the exact form: its RoPE key is every key "
+                    f"dimension ({all_rope}), so --qk-rope-head-dim {options.qk_rope_head_dim} cannot apply; leave "
+                    "it out, or give a budget below 1.0"
+                )
             # The exact form (MLA.md §2): every key dimension keeps its RoPE, the latent is V itself.
             # With QK-norm the key scales come on top: the exact form caches `full + kv_heads` numbers.
             return RankPlan([all_rope] * shape.num_layers, all_rope, full, exact=True, key_scales=scales)
@@ -119,6 +126,15 @@ def plan_ranks(shape: SourceShape, options: ConversionOptions) -> RankPlan:
             f"({shape.num_kv_heads} kv heads x head_dim {shape.head_dim}), got {rope_dim}"
         )
     max_rank = 2 * all_rope - rope_dim
+    if options.kv_lora_rank is None and rank < 1:
+        # the rank was derived, not given: name what the user gave
+        room = total - scales
+        largest = (room - 1) // 2 * 2  # even, and leaving a latent of at least 1
+        hint = f"a --qk-rope-head-dim of at most {largest}" if largest >= 2 else "no --qk-rope-head-dim"
+        raise MLAConvertError(
+            f"--kv-budget {options.kv_budget} leaves {room} numbers per token and layer for the RoPE key and the "
+            f"latent, and --qk-rope-head-dim {rope_dim} takes them all: give {hint}, or a larger --kv-budget"
+        )
     if not 1 <= rank <= max_rank:
         raise MLAConvertError(
             f"--kv-lora-rank must be in [1, {max_rank}] for this model with --qk-rope-head-dim {rope_dim} "

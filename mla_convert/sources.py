@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import urllib.parse
 from pathlib import Path
 
@@ -132,8 +133,38 @@ def _check_model_type(model_type: str, where: str, allowed: tuple[str, ...]) -> 
         raise MLAConvertError(f"{where} is a {model_type!r} model; supported model types: {', '.join(allowed)}")
 
 
+def check_gguf_file(path: Path) -> None:
+    """Refuses, in one line, a local GGUF file that is cut short or is not GGUF past its first bytes: its header
+    and tensor table must parse, and every tensor must lie inside the file. transformers' reader fails on such a
+    file with whatever the bytes give (`struct.error`, a reshape error, "not a valid JSON file")."""
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # another transformers: its own errors are caught where the config is loaded
+        return
+    try:
+        header = GgufHeader.from_file(str(path))
+        end = max((header.data_start + info.offset + info.nbytes for info in header.tensors), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OverflowError,
+            MemoryError) as e:  # fmt: skip
+        raise MLAConvertError(f"the GGUF file {path} is truncated or corrupt: {_first_line(e)}") from None
+    except OSError as e:
+        raise MLAConvertError(f"cannot read the GGUF file {path}: {e}") from None
+    size = path.stat().st_size
+    if end > size:
+        raise MLAConvertError(
+            f"the GGUF file {path} is truncated: its tensors need {end} bytes and the file has {size}"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _load_config(source: str, gguf_file: str | None, allowed: tuple[str, ...]) -> PreTrainedConfig:
     folder, gguf_file = resolve_source(source, gguf_file)
+    if gguf_file is not None and (Path(folder) / gguf_file).is_file():
+        check_gguf_file(Path(folder) / gguf_file)
     if gguf_file is None and Path(folder).is_dir():
         # Checked before AutoConfig so that an unsupported model type gets our message, not "Unrecognized model".
         config_path = Path(folder) / "config.json"
@@ -141,7 +172,7 @@ def _load_config(source: str, gguf_file: str | None, allowed: tuple[str, ...]) -
     where = os.path.join(folder, gguf_file) if gguf_file else folder
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise MLAConvertError(f"cannot load the model config from {where}: {e}") from e
     _check_model_type(config.model_type, where, allowed)
     if gguf_file is None and Path(folder).is_dir():
@@ -203,6 +234,30 @@ def check_weights_match_config(folder: Path, config: PreTrainedConfig) -> None:
         raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
 
 
+# What an output holds besides its weights and tokenizer, at most: config, generation config, modeling files, reports
+SIDE_FILES_ALLOWANCE = 2**20
+
+
+def side_files_bytes(source: str | os.PathLike, gguf_file: str | None = None) -> int:
+    """About what a result writes besides its weights: the source's tokenizer (the size of its tokenizer files; for a
+    GGUF file, twice its metadata, which holds the vocabulary) and `SIDE_FILES_ALLOWANCE` for the rest. Free space
+    is checked against the weights plus this, so that a save never fails on its last files."""
+    path = Path(os.fspath(source)).expanduser()
+    tokenizer = 0
+    if gguf_file is not None or path.suffix.lower() == ".gguf":
+        gguf = path / gguf_file if gguf_file is not None else path
+        try:
+            from transformers.integrations.gguf.reader import GgufHeader
+
+            tokenizer = 2 * GgufHeader.from_file(str(gguf)).data_start
+        except (ImportError, OSError, ValueError, KeyError, struct.error):  # an estimate: the file is checked elsewhere
+            tokenizer = 2 * gguf.stat().st_size if gguf.is_file() else 0
+    elif path.is_dir():
+        tokenizer = sum((path / name).stat().st_size for name in _TOKENIZER_FILES if (path / name).is_file())
+        tokenizer += sum(p.stat().st_size for p in path.glob("*.txt") if p.is_file())  # merges.txt
+    return tokenizer + SIDE_FILES_ALLOWANCE
+
+
 def load_source_config(source: str, gguf_file: str | None = None) -> PreTrainedConfig:
     """Load the source's transformers config and check that its architecture can be converted."""
     return _load_config(source, gguf_file, SUPPORTED_MODEL_TYPES)
@@ -244,7 +299,7 @@ def _load(
             output_loading_info=True,
             **kwargs,
         )
-    except (OSError, ValueError, SafetensorError, EOFError) as e:
+    except (OSError, ValueError, SafetensorError, EOFError, struct.error) as e:
         raise MLAConvertError(f"the weights in {where} could not be read: {e}") from e
     # transformers only warns about missing weights and initializes them randomly: a broken source must not pass.
     broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
@@ -289,6 +344,12 @@ def check_device(device: str | torch.device) -> torch.device:
     elif parsed.type != "cpu":
         raise MLAConvertError(f"--device {device}: only cpu, cuda and mps devices are supported")
     return parsed
+
+
+def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers give every token the same id: what comparing two models' logits token by token needs
+    (a vocabulary of the same size is not enough)."""
+    return len(first) == len(second) and first.get_vocab() == second.get_vocab()
 
 
 def load_source(
@@ -345,7 +406,8 @@ def export_float_checkpoint(
     The folder is written beside `out_dir` and renamed into place at the end, so an interrupted export never
     leaves a half-written checkpoint that later loads as a valid one.
     """
-    # The result is a plain model folder, not marked as ours: `overwrite` is the caller's explicit word to replace it.
+    # `overwrite` is the caller's explicit word to replace the folder: one written before outputs were marked as ours
+    # (`save_atomically` marks this one) has no report to recognise it by.
     out_dir = prepare_output(out_dir, inputs={"source": source}, overwrite=overwrite, force=overwrite)
     model, tokenizer = load_source(source, gguf_file, dtype=dtype)
 

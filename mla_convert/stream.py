@@ -63,7 +63,7 @@ from .families import check_source_family, layer_windows, llama_layout_state, so
 from .folders import prepare_output, save_atomically
 from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .refine import RefineOptions, attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
-from .sources import _load_tokenizer, _safetensors_shapes, all_finite, check_device, load_source_config
+from .sources import _load_tokenizer, _safetensors_shapes, all_finite, check_device, load_source_config, side_files_bytes
 from .verify import check_verification, logit_agreement, verification_ids
 
 
@@ -715,7 +715,7 @@ def convert_streaming(
         inputs={"source": source, "calibration data": options.calibration},
         overwrite=overwrite,
         force=force,
-        required_bytes=estimated_size(source_config, plan, options.dtype),
+        required_bytes=estimated_size(source_config, plan, options.dtype) + side_files_bytes(folder),
     )
     tokenizer = _load_tokenizer(str(folder), None)
     stream = Stream.open(folder, source_config, options, meter, progress)

@@ -227,8 +227,9 @@ def test_cli_round_trip(tmp_path, pico_folders, wikitext, capsys):
     # scores no difference
     assert results["kl"] > 0.01 and results["top1_agreement"] < 1
     assert results["perplexity"] != pytest.approx(results["reference_perplexity"], rel=1e-3)
+    # an existing results file is replaced only when asked (it is one eval wrote)
     assert main(["eval", source, "--data", str(wikitext), "--reference", source, "--seq-len", "64",
-                 "--max-tokens", "256", "--json", str(results_file)]) == 0
+                 "--max-tokens", "256", "--json", str(results_file), "--overwrite"]) == 0
     itself = json.loads(results_file.read_text())
     assert itself["kl"] == pytest.approx(0, abs=1e-6) and itself["top1_agreement"] == 1
     assert itself["perplexity"] == pytest.approx(results["reference_perplexity"], rel=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import zipfile
 from collections import OrderedDict
@@ -23,6 +24,12 @@ STATE_FILE = "heal_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 CHECKPOINT_PREFIX = "step-"
 PARTIAL_SUFFIX = ".partial"
+# Inside every checkpoint heal writes, before anything else: only folders with it (and our exact names) are ever
+# resumed from or deleted, whatever else a user keeps in --checkpoint-dir.
+CHECKPOINT_MARKER = ".mla-convert-checkpoint"
+CHECKPOINT_MARKER_TEXT = '{"written_by": "mla-convert heal", "what": "a healing checkpoint"}\n'
+# What `save_checkpoint` names a checkpoint: step-00000020
+CHECKPOINT_NAME = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d{{8}})")
 # Settings that decide the training trajectory: a resumed run must use the same ones.
 TRAJECTORY_SETTINGS = (
     "student",
@@ -89,14 +96,26 @@ def default_checkpoint_dir(output: str | os.PathLike) -> Path:
     return output.parent / f"{output.name}.checkpoints"
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(CHECKPOINT_PREFIX) or not (path / STATE_FILE).is_file():
-        return None
+def is_our_checkpoint(path: Path) -> bool:
+    """Whether `path` is a folder heal wrote as a checkpoint: it holds our marker (or, written before the marker
+    existed, a heal_state.json with a step and the run's settings). A user's folder of a similar name is not."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    marker = path / CHECKPOINT_MARKER
     try:
-        return int(name[len(CHECKPOINT_PREFIX) :])
-    except ValueError:
+        if marker.is_file() and not marker.is_symlink() and marker.stat().st_size < 4096:
+            return marker.read_text(encoding="utf-8") == CHECKPOINT_MARKER_TEXT
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("settings"), dict)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    if match is None or not (path / STATE_FILE).is_file() or not is_our_checkpoint(path):
         return None
+    return int(match.group(1))
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -114,7 +133,16 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, state: dict) -
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for path in (partial, final):
+            if path.exists() and not is_our_checkpoint(path):
+                raise MLAConvertError(
+                    f"{path} is in the way of a checkpoint and was not written by heal: move it, or pass another "
+                    "--checkpoint-dir"
+                )
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        # first, so that a save killed half-way leaves a folder the next run may remove
+        (partial / CHECKPOINT_MARKER).write_text(CHECKPOINT_MARKER_TEXT, encoding="utf-8")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
@@ -130,11 +158,13 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, state: dict) -
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
-    """Removes our checkpoints (and the folder, if nothing else is in it): never anything else a user put there."""
+    """Removes the checkpoints heal wrote there, complete or cut short (our names, our marker), and the folder if
+    nothing else is in it: never anything else a user put there."""
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX):
+        name = path.name.removesuffix(PARTIAL_SUFFIX)
+        if CHECKPOINT_NAME.fullmatch(name) and is_our_checkpoint(path):
             shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         checkpoint_dir.rmdir()

@@ -12,11 +12,14 @@ from ..data import EVALUATION_PART, load_text, tokenize_into_sequences
 from ..evaluate import ScoredBatch, ScoreSums, score_batches
 
 
-def held_out_sequences(tokenizer, spec: str, text_column: str, seq_len: int, tokens: int) -> tuple[torch.Tensor, str]:
-    """`[n, seq_len]` windows from the last 20% of `spec` (the part training never reads), and their description."""
+def held_out_sequences(
+    tokenizer, spec: str, text_column: str, seq_len: int, tokens: int, seq_len_flag: str = "--seq-len"
+) -> tuple[torch.Tensor, str]:
+    """`[n, seq_len]` windows from the last 20% of `spec` (the part training never reads), and their description.
+    `seq_len_flag`: the flag that set `seq_len`, for the advice when the text is too short."""
     # About 4 characters a token in English text; 32 leaves room for any tokenizer and stays small.
     text, description = load_text(spec, EVALUATION_PART, text_column, max_chars=max(tokens * 32, 1 << 16))
-    return tokenize_into_sequences(tokenizer, text, seq_len, tokens), description
+    return tokenize_into_sequences(tokenizer, text, seq_len, tokens, seq_len_flag), description
 
 
 @contextlib.contextmanager

@@ -137,16 +137,24 @@ def prepare_paths(student: str, output, options: HealOptions) -> tuple[Path, Pat
     """OUTPUT and the checkpoint folder, checked before anything is loaded: neither may be, hold or lie inside an
     input (nor each other), and checkpoints of an earlier run are resumed or discarded only when asked to."""
     from ..folders import check_disjoint, prepare_output
+    from ..sources import SIDE_FILES_ALLOWANCE
 
     inputs = {"student": student, "teacher": options.teacher, "training data": options.data}
     inputs["held-out data"] = options.eval_data
-    # the healed folder is the student's size: the same tensors, in the same dtype
-    size = sum(path.stat().st_size for path in Path(student).glob("*.safetensors"))
+    # the healed folder is the student's size (the same tensors in the same dtype, its tokenizer, configs, modeling
+    # files and conversion.json), plus the report and its plot
+    files = [path for path in Path(student).iterdir() if path.is_file()] if Path(student).is_dir() else []
+    size = sum(path.stat().st_size for path in files) + SIDE_FILES_ALLOWANCE
     output = prepare_output(output, inputs=inputs, overwrite=options.overwrite, force=options.force, required_bytes=size)
     checkpoint_dir = default_checkpoint_dir(output)
     if options.checkpoint_dir:
         checkpoint_dir = Path(options.checkpoint_dir).expanduser().absolute()
     if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        if not options.checkpoint_dir:
+            raise MLAConvertError(
+                f"{checkpoint_dir}, where checkpoints go by default (OUTPUT.checkpoints), is a file, not a folder: "
+                "move it, or name another folder with --checkpoint-dir"
+            )
         raise MLAConvertError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder: name a folder")
     check_disjoint(checkpoint_dir, inputs, "--checkpoint-dir")
     if _overlaps(checkpoint_dir, output):
@@ -179,8 +187,9 @@ def prepare_data(tokenizer, options: HealOptions) -> HealData:
     eval_seq_len = options.eval_seq_len or options.seq_len
     eval_data = options.eval_data or options.data
     sequences, description = held_out_sequences(
-        tokenizer, eval_data, options.text_column, eval_seq_len, options.eval_tokens
-    )
+        tokenizer, eval_data, options.text_column, eval_seq_len, options.eval_tokens,
+        "--eval-seq-len" if options.eval_seq_len else "--seq-len",
+    )  # fmt: skip
     return HealData(stream, sequences, description)
 
 
@@ -422,15 +431,16 @@ def load_models_and_data(accelerator, student: str, options: HealOptions):
 
     student_config = load_student_config(student)
     teacher_config = load_source_config(options.teacher, options.teacher_gguf_file)
-    check_vocabularies(student, getattr(student_config, "vocab_size", None), options.teacher, teacher_config.vocab_size)
+    check_vocabularies(student, getattr(student_config, "vocab_size", None), options.teacher, teacher_config.vocab_size,
+                       options.any_teacher)  # fmt: skip
     if accelerator.is_main_process:
         warn_beyond_positions(student_config, options.seq_len, options.eval_seq_len or options.seq_len)
     tokenizer = load_student_tokenizer(student)
     data = prepare_data(tokenizer, options) if tokenizer is not None else None
     model, _ = load_student(student, dtype=torch.float32)
     teacher, teacher_tokenizer = load_teacher(options, getattr(torch, options.teacher_dtype), accelerator.device)
-    check_vocabularies(student, vocab_size(model), options.teacher, vocab_size(teacher))
-    check_same_tokenizer(tokenizer, teacher_tokenizer, student, options.teacher)
+    check_vocabularies(student, vocab_size(model), options.teacher, vocab_size(teacher), options.any_teacher)
+    check_same_tokenizer(tokenizer, teacher_tokenizer, student, options.teacher, options.any_teacher)
     check_teacher_is_source(student, model, teacher, options)
     if tokenizer is None:
         tokenizer = teacher_tokenizer

@@ -31,23 +31,35 @@ def vocab_size(model) -> int:
     return model.get_input_embeddings().num_embeddings
 
 
-def check_vocabularies(student: str, student_vocab: int | None, teacher: str, teacher_vocab: int) -> None:
+def _what_distillation_needs(any_teacher: bool) -> str:
+    if any_teacher:
+        # --any-teacher lifts "the student's source", not "the same tokens"
+        return "distillation compares the two models token by token, so even with --any-teacher the teacher must use the student's tokenizer"
+    return "distillation needs the source the student was converted from"
+
+
+def check_vocabularies(
+    student: str, student_vocab: int | None, teacher: str, teacher_vocab: int, any_teacher: bool = False
+) -> None:
     if student_vocab is not None and student_vocab != teacher_vocab:
         raise MLAConvertError(
             f"the teacher {teacher} has a vocabulary of {teacher_vocab} tokens and the student {student} "
-            f"{student_vocab}: distillation needs the source the student was converted from"
+            f"{student_vocab}: {_what_distillation_needs(any_teacher)}"
         )
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
+def check_same_tokenizer(
+    student_tokenizer, teacher_tokenizer, student: str, teacher: str, any_teacher: bool = False
+) -> None:
+    from ..sources import same_tokenizer
+
     if student_tokenizer is None or teacher_tokenizer is None:
         return
-    same = len(student_tokenizer) == len(teacher_tokenizer)
-    if not same or student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+    if not same_tokenizer(student_tokenizer, teacher_tokenizer):
         raise MLAConvertError(
             f"the teacher {teacher} and the student {student} use different tokenizers ({len(teacher_tokenizer)} "
-            f"and {len(student_tokenizer)} tokens, or the same tokens with other ids): distillation needs the "
-            "source the student was converted from"
+            f"and {len(student_tokenizer)} tokens, or the same tokens with other ids): "
+            f"{_what_distillation_needs(any_teacher)}"
         )
 
 
