@@ -19,7 +19,8 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 main_site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # After this venv's own site-packages: the main environment's, with its .pth files run (the editable install of this
 # project, and any environment it chains to), so that this venv's transformers comes first on sys.path.
-echo "import site; site.addsitedir('$main_site')" > "$site/_main_environment.pth"
+"$venv/bin/python" -c 'import sys; print(f"import site; site.addsitedir({sys.argv[1]!r})")' "$main_site" \
+    > "$site/_main_environment.pth"
 
 installed=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)
 if [[ "$installed" != "$version".* ]] || [ ! -d "$site/transformers" ]; then

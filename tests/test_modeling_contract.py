@@ -3,6 +3,9 @@
 Pico MLA models come from converting a pico Llama (2 layers, hidden 64): at full budget the MLA model computes what
 Llama computes, so its outputs are compared with the source's; at half budget the latent is narrower than the keys
 and values it replaces, and both attention forms (expanded, absorbed) are exercised.
+
+It runs on both transformers versions the project supports: `bash scripts/test_transformers_versions.sh` runs it on
+5.23 (5.24 renamed the cache `past_key_values` to `cache`, in arguments and outputs).
 """
 
 import copy
@@ -172,12 +175,15 @@ def test_generation_continues_from_a_returned_cache(pico_folders, exact_folder, 
     cache = cache_of(first)
     # The last token generated is not in the cache yet: the next call reads it first
     assert cache.get_seq_length() == first.sequences.shape[1] - 1
-    continued = model.generate(
-        first.sequences,
-        attention_mask=ones(first.sequences),
-        **{GENERATION_CACHE_ARGUMENT: cache},
-        **greedy(max_new_tokens=6),
-    )
+    with warnings.catch_warnings():
+        # Nor does any step warn that the cache's name is deprecated (5.23's generate() hands forward its old name)
+        warnings.simplefilter("error", FutureWarning)
+        continued = model.generate(
+            first.sequences,
+            attention_mask=ones(first.sequences),
+            **{GENERATION_CACHE_ARGUMENT: cache},
+            **greedy(max_new_tokens=6),
+        )
     assert torch.equal(continued, expected)
     assert torch.equal(model.generate(prompt, attention_mask=ones(prompt), **greedy(max_new_tokens=10)), expected)
     # Continued, the cache still holds only the latent and the RoPE key of every token
@@ -231,6 +237,31 @@ def test_generation_from_inputs_embeds_equals_the_sources(pico_folders, exact_fo
     from_embeds = model.generate(inputs_embeds=embeds, attention_mask=ones(prompt), **kwargs)
     assert torch.equal(from_embeds, from_ids[:, prompt.shape[1] :])
     assert not torch.equal(generated, from_embeds)
+
+
+def test_generation_continues_from_inputs_embeds_and_a_returned_cache(pico_folders, exact_folder):
+    # The second call gets the embeddings of the whole sequence and a cache of all but the last token: it reads
+    # only the embeddings the cache lacks
+    results = {}
+    for name, folder in (("llama", pico_folders[SOURCE]), ("mla", exact_folder)):
+        model = load(folder)
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(token_ids(2, 8, seed=13))
+        first = model.generate(
+            inputs_embeds=embeds, attention_mask=ones(embeds), return_dict_in_generate=True, **greedy(max_new_tokens=3)
+        )
+        with torch.no_grad():
+            whole = torch.cat((embeds, model.get_input_embeddings()(first.sequences)), dim=1)
+        continued = model.generate(
+            inputs_embeds=whole,
+            attention_mask=ones(whole),
+            **{GENERATION_CACHE_ARGUMENT: cache_of(first)},
+            **greedy(max_new_tokens=4),
+        )
+        uninterrupted = model.generate(inputs_embeds=embeds, attention_mask=ones(embeds), **greedy(max_new_tokens=7))
+        assert torch.equal(torch.cat((first.sequences, continued), dim=1), uninterrupted), name
+        results[name] = uninterrupted
+    assert torch.equal(results["mla"], results["llama"])
 
 
 def test_static_cache_generation_equals_the_dynamic_cache(half_folder):
