@@ -38,6 +38,10 @@ def cache_field(output_class: type) -> str:
     return "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
 
 
+# The cache's keyword in the installed transformers' `generate()` and its `prepare_inputs_for_generation` (renamed
+# with the output field)
+GENERATION_CACHE_ARGUMENT = cache_field(CausalLMOutputWithPast)
+
 
 class MLARotaryEmbedding(nn.Module):
     """RoPE over the source model's frequencies (`config.head_dim`); each layer picks the pairs it uses."""
@@ -258,15 +262,23 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        # `generate()` accepts only the inputs this signature (or `forward`'s, for `**kwargs`) names: `inputs_embeds`,
+        # and the cache under the installed transformers' name for it (`past_key_values` in 5.23, which `forward`
+        # takes only through its deprecation shim).
+        cache = cache if cache is not None else past_key_values
         # LongRoPE (Phi-3's long variants) rotates with other frequencies once the sequence passes the original
         # context, which invalidates the keys cached before: as Phi-3 does, the step that crosses it recomputes the
         # whole sequence (one slower step; the cached latents and RoPE keys are rebuilt with the long factors).
         rope_parameters = self.config.rope_parameters or {}
         original_context = rope_parameters.get("original_max_position_embeddings")
-        # The cache keyword: `cache` from transformers 5.24, `past_key_values` in 5.23
-        name = "cache" if "cache" in kwargs else "past_key_values"
-        cache = kwargs.get(name)
         if (
             rope_parameters.get("rope_type") == "longrope"
             and original_context is not None
@@ -274,10 +286,16 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
             and input_ids.shape[1] > original_context
             and cache.get_seq_length() <= original_context
         ):
-            kwargs[name] = None
+            cache = None
             if "next_sequence_length" in kwargs:
                 kwargs["next_sequence_length"] = None
-        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, **{GENERATION_CACHE_ARGUMENT: cache}, **kwargs
+        )
+        # `forward`'s own name in every version, so that 5.23's decoding steps raise no deprecation warning
+        if "past_key_values" in model_inputs:
+            model_inputs["cache"] = model_inputs.pop("past_key_values")
+        return model_inputs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

@@ -3,6 +3,9 @@
 Pico MLA models come from converting a pico Llama (2 layers, hidden 64): at full budget the MLA model computes what
 Llama computes, so its outputs are compared with the source's; at half budget the latent is narrower than the keys
 and values it replaces, and both attention forms (expanded, absorbed) are exercised.
+
+It runs on both transformers versions the project supports: `bash scripts/test_transformers_versions.sh` runs it on
+5.23 (5.24 renamed the cache `past_key_values` to `cache`, in arguments and outputs).
 """
 
 import copy
@@ -19,6 +22,7 @@ from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert.convert import ConversionOptions, convert
 from mla_modeling import MLAForCausalLM, MLALatentCacheLayer
+from mla_modeling.modeling_mla import GENERATION_CACHE_ARGUMENT, cache_field
 
 from conftest import load_causal_lm as load, relative_error, run_without_plugin, token_ids
 
@@ -45,6 +49,22 @@ def half_folder(tmp_path_factory, pico_folders, wikitext):
 def with_path(model: MLAForCausalLM, path: str) -> MLAForCausalLM:
     model.config.attention_path = path
     return model
+
+
+def cache_of(outputs):
+    """The cache an output holds: its `cache` field from transformers 5.24, `past_key_values` in 5.23 (this file runs
+    on both: scripts/test_transformers_versions.sh)."""
+    return getattr(outputs, cache_field(type(outputs)))
+
+
+def greedy(**overrides) -> dict:
+    """`generate()` arguments for greedy decoding to a fixed length; the attention mask is passed, not guessed from a
+    pad token that random ids may hold."""
+    return dict(do_sample=False, eos_token_id=None, pad_token_id=0, **overrides)
+
+
+def ones(input_ids: torch.Tensor) -> torch.LongTensor:
+    return torch.ones(input_ids.shape[:2], dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -78,7 +98,7 @@ def test_attentions_are_the_sources(pico_folders, exact_folder, path):
         outputs = model(input_ids, output_attentions=True, use_cache=True)
         attentions = outputs.attentions
         # One decoding step over the cache: a row over every cached token
-        step = model(token_ids(2, 1, seed=1), cache=outputs.cache, output_attentions=True).attentions
+        step = model(token_ids(2, 1, seed=1), cache=cache_of(outputs), output_attentions=True).attentions
     assert len(attentions) == model.config.num_hidden_layers
     for actual, reference in zip(attentions, expected):
         assert actual.shape == (2, model.config.num_attention_heads, 12, 12)
@@ -113,7 +133,7 @@ def test_the_cache_argument_and_its_deprecated_name(half_folder):
     input_ids = token_ids(2, 10)
     with torch.no_grad():
         prefill = model(input_ids[:, :-1], use_cache=True)
-        cache = prefill.cache
+        cache = cache_of(prefill)
         assert isinstance(cache.layers[0], MLALatentCacheLayer)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -139,6 +159,109 @@ def test_generation_with_the_cache_equals_generation_without_it(half_folder, imp
         # Greedy: every generated token is the argmax of a full forward over what precedes it
         logits = model(cached[:, :-1]).logits
     assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), cached[:, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize("path", ["auto", "expanded"])
+def test_generation_continues_from_a_returned_cache(pico_folders, exact_folder, path):
+    # The cache argument under the installed transformers' name (`past_key_values` in 5.23, `cache` in 5.24), as
+    # its own generation tests pass it
+    source = load(pico_folders[SOURCE])
+    model = with_path(load(exact_folder), path)
+    prompt = token_ids(2, 8, seed=9)
+    expected = source.generate(prompt, attention_mask=ones(prompt), **greedy(max_new_tokens=10))
+    first = model.generate(
+        prompt, attention_mask=ones(prompt), return_dict_in_generate=True, **greedy(max_new_tokens=4)
+    )
+    cache = cache_of(first)
+    # The last token generated is not in the cache yet: the next call reads it first
+    assert cache.get_seq_length() == first.sequences.shape[1] - 1
+    with warnings.catch_warnings():
+        # Nor does any step warn that the cache's name is deprecated (5.23's generate() hands forward its old name)
+        warnings.simplefilter("error", FutureWarning)
+        continued = model.generate(
+            first.sequences,
+            attention_mask=ones(first.sequences),
+            **{GENERATION_CACHE_ARGUMENT: cache},
+            **greedy(max_new_tokens=6),
+        )
+    assert torch.equal(continued, expected)
+    assert torch.equal(model.generate(prompt, attention_mask=ones(prompt), **greedy(max_new_tokens=10)), expected)
+    # Continued, the cache still holds only the latent and the RoPE key of every token
+    config = model.config
+    for layer_idx, layer in enumerate(cache.layers):
+        assert isinstance(layer, MLALatentCacheLayer)
+        assert layer.joint.shape == (2, 1, 17, config.kv_lora_ranks[layer_idx] + config.qk_rope_head_dim)
+
+
+@pytest.mark.parametrize("assistant", ["same", "smaller", "prompt lookup"])
+def test_assisted_decoding_equals_greedy_decoding(pico_folders, exact_folder, half_folder, assistant):
+    # Assisted decoding drafts several tokens, checks them in one forward over the cache and crops the cache back
+    # to the ones kept; the result is greedy decoding's, token for token. The smaller assistant (the half-budget
+    # conversion) drafts tokens the model rejects, so the crop is exercised; the same model's drafts all pass.
+    source = load(pico_folders[SOURCE])
+    model = load(exact_folder)
+    prompt = token_ids(1, 8, seed=10)
+    # Repeated, so that prompt lookup finds n-grams to draft from
+    prompt = torch.cat((prompt, prompt), dim=1)
+    expected = source.generate(prompt, attention_mask=ones(prompt), **greedy(max_new_tokens=12))
+    drafting = {
+        "same": dict(assistant_model=model),
+        "smaller": dict(assistant_model=load(half_folder)),
+        "prompt lookup": dict(prompt_lookup_num_tokens=4),
+    }[assistant]
+    if assistant == "smaller":
+        alone = drafting["assistant_model"].generate(prompt, attention_mask=ones(prompt), **greedy(max_new_tokens=12))
+        assert not torch.equal(alone, expected)
+    assisted = model.generate(prompt, attention_mask=ones(prompt), **drafting, **greedy(max_new_tokens=12))
+    assert torch.equal(assisted, expected)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_generation_from_inputs_embeds_equals_the_sources(pico_folders, exact_folder, cache_implementation):
+    # Embeddings no token has (a soft prompt): the MLA model continues them as Llama does
+    source = load(pico_folders[SOURCE])
+    model = load(exact_folder)
+    prompt = token_ids(2, 8, seed=11)
+    kwargs = greedy(max_new_tokens=8, cache_implementation=cache_implementation)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prompt)
+        assert torch.equal(embeds, source.get_input_embeddings()(prompt))
+        soft_prompt = embeds + 0.5 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(12))
+    expected = source.generate(inputs_embeds=soft_prompt, attention_mask=ones(prompt), **kwargs)
+    generated = model.generate(inputs_embeds=soft_prompt, attention_mask=ones(prompt), **kwargs)
+    # Only the new tokens come back: no ids stand for the prompt
+    assert generated.shape == (2, 8)
+    assert torch.equal(generated, expected)
+    # A token's own embeddings generate what its id does
+    from_ids = model.generate(prompt, attention_mask=ones(prompt), **kwargs)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=ones(prompt), **kwargs)
+    assert torch.equal(from_embeds, from_ids[:, prompt.shape[1] :])
+    assert not torch.equal(generated, from_embeds)
+
+
+def test_generation_continues_from_inputs_embeds_and_a_returned_cache(pico_folders, exact_folder):
+    # The second call gets the embeddings of the whole sequence and a cache of all but the last token: it reads
+    # only the embeddings the cache lacks
+    results = {}
+    for name, folder in (("llama", pico_folders[SOURCE]), ("mla", exact_folder)):
+        model = load(folder)
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(token_ids(2, 8, seed=13))
+        first = model.generate(
+            inputs_embeds=embeds, attention_mask=ones(embeds), return_dict_in_generate=True, **greedy(max_new_tokens=3)
+        )
+        with torch.no_grad():
+            whole = torch.cat((embeds, model.get_input_embeddings()(first.sequences)), dim=1)
+        continued = model.generate(
+            inputs_embeds=whole,
+            attention_mask=ones(whole),
+            **{GENERATION_CACHE_ARGUMENT: cache_of(first)},
+            **greedy(max_new_tokens=4),
+        )
+        uninterrupted = model.generate(inputs_embeds=embeds, attention_mask=ones(embeds), **greedy(max_new_tokens=7))
+        assert torch.equal(torch.cat((first.sequences, continued), dim=1), uninterrupted), name
+        results[name] = uninterrupted
+    assert torch.equal(results["mla"], results["llama"])
 
 
 def test_static_cache_generation_equals_the_dynamic_cache(half_folder):
@@ -181,7 +304,7 @@ def test_eager_and_sdpa_agree(half_folder, path):
             prefill = model(input_ids[:, :12], use_cache=True)
             steps = [prefill.logits]
             for position in range(12, 16):
-                steps.append(model(input_ids[:, position : position + 1], cache=prefill.cache).logits)
+                steps.append(model(input_ids[:, position : position + 1], cache=cache_of(prefill)).logits)
         results[implementation] = torch.cat(steps, dim=1)
     assert relative_error(results["sdpa"], results["eager"]) < 1e-5
 
@@ -199,7 +322,7 @@ def test_a_registered_attention_function_is_the_one_called(half_folder):
     input_ids = token_ids(1, 10)
     with torch.no_grad():
         prefill = model(input_ids[:, :-1], use_cache=True)
-        logits = model(input_ids[:, -1:], cache=prefill.cache).logits
+        logits = model(input_ids[:, -1:], cache=cache_of(prefill)).logits
         expected = expected_model(input_ids).logits[:, -1:]
     # Every layer at every step, in the expanded form: the absorbed form is not forced on an unknown backend
     assert len(calls) == 2 * model.config.num_hidden_layers
