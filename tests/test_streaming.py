@@ -331,3 +331,34 @@ def test_streaming_leaves_its_inputs_byte_for_byte(tmp_path, sources, wikitext):
     after_paths = sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]
     assert after_paths == inputs
     assert contents(after_paths) == before
+
+
+def test_the_per_layer_latent_norm_is_the_whole_models_where_both_see_the_same_activations(pico_folders):
+    """Layer 0 reads the embeddings in the source and in the MLA model alike: there the anchor and the norm measured
+    on one layer's inputs (the pipeline's way) equal those measured through the whole MLA model."""
+    from mla_convert.calibrate import collect_input_moments
+    from mla_convert.decompose import DecomposeOptions, decompose_all
+    from mla_convert.deepseek import check_deepseek_rope, deepseek_closed_form, latent_rms, with_latent_norm
+    from mla_convert.deepseek import with_layer_latent_norm
+    from mla_convert.plan import RankPlan, SourceShape
+
+    source = load_causal_lm(pico_folders["llama-gqa"])
+    shape = SourceShape.from_config(source.config)
+    ids = token_ids(8, 64, seed=1)
+    rank, rope_dim = 24, 8
+    for anchor in (True, False):
+        whole = deepseek_closed_form(source, source.config, rank, rope_dim, ids, latent_anchor=anchor)
+        whole = with_latent_norm(whole, latent_rms(whole, ids))
+        frequencies = check_deepseek_rope(source, shape.head_dim, rope_dim)
+        plan = RankPlan([rank] * shape.num_layers, rope_dim, shape.cache_per_layer, False, frequencies)
+        moments, _ = collect_input_moments(source, ids)
+        options = DecomposeOptions(rope_frequencies=frequencies)
+        plain = decompose_all(source, shape, moments, plan, options, progress=False)[0]
+        with torch.no_grad():
+            inputs = source.model.layers[0].input_layernorm(source.model.embed_tokens(ids))
+        layer = with_layer_latent_norm(plain, moments[0], lambda: inputs.split(4), 0, latent_anchor=anchor)
+        attention = whole.model.layers[0].self_attn
+        assert layer.stats["latent_anchor"] is anchor
+        assert relative_error(layer.kv_a_norm_weight.float(), attention.kv_a_layernorm.weight) < 1e-5
+        assert relative_error(layer.kv_a_weight.float(), attention.kv_a_proj_with_mqa.weight) < 1e-5
+        assert relative_error(layer.kv_b_weight.float(), attention.kv_b_proj.weight) < 1e-5
