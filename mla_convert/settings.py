@@ -158,14 +158,14 @@ def choose_layer_source(
         return False, "auto: the source has no safetensors shards to read layer by layer"
     if calibration == "sampled":
         return False, "auto: data-free calibration samples text from the whole source model"
-    needed, available = in_memory_bytes(path, options), psutil.virtual_memory().available
+    needed, available = in_memory_bytes(path), psutil.virtual_memory().available
     held = f"{needed / 2**30:.1f} GiB in memory, and {available / 2**30:.1f} GiB are available"
     if needed <= AUTO_MEMORY_SHARE * available:
         return False, f"auto: the source fits ({held})"
     return True, f"auto: the source would not fit comfortably ({held})"
 
 
-def in_memory_bytes(folder: Path, options: ConversionOptions) -> int:
+def in_memory_bytes(folder: Path) -> int:
     """What the in-memory layer source holds beyond the streamed one: the source in float32 (sizes from the
     safetensors headers)."""
     shapes = _safetensors_shapes(folder) or {}
@@ -181,7 +181,8 @@ def check_streamable(path: Path, source: str, gguf_file: str | None, calibration
     if _safetensors_shapes(path) is None:
         raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")
     if calibration == "sampled":
+        held = in_memory_bytes(path) / 2**30
         raise MLAConvertError(
             "streaming conversion needs --calibration text: sampling calibration text from the source runs the "
-            "whole model (or convert with --streaming off)"
+            f"whole model (or convert with --streaming off, which holds the source in memory: about {held:.1f} GiB)"
         )

@@ -250,7 +250,7 @@ def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wiki
     monkeypatch.setattr(settings.psutil, "virtual_memory", lambda: Memory)
     roomy = convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))
     assert roomy["streaming"] is False and roomy["settings"]["streaming_reason"].startswith("auto: the source fits")
-    Memory.available = settings.in_memory_bytes(sources["float32"], options(1.0, wikitext))  # it would take all
+    Memory.available = settings.in_memory_bytes(sources["float32"])  # it would take all
     tight = convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))
     assert tight["streaming"] is True and "would not fit" in tight["settings"]["streaming_reason"]
     # data-free calibration samples from the whole source: auto holds it in memory
