@@ -86,6 +86,7 @@ def attention_entries(weights) -> dict[str, torch.Tensor]:
         "q_proj.bias": weights.q_bias,
         "kv_a_proj_with_mqa.weight": weights.kv_a_weight,
         "kv_a_proj_with_mqa.bias": weights.kv_a_bias,
+        "kv_a_layernorm.weight": getattr(weights, "kv_a_norm_weight", None),
         "kv_b_proj.weight": weights.kv_b_weight,
         "o_proj.weight": weights.o_weight,
         "o_proj.bias": weights.o_bias,

@@ -1,34 +1,17 @@
 """Calibration: the text (given, or sampled from the source itself), and what the conversion learns from it: every
-attention layer's input moment and the recorded attention inputs that refinement and the key-scale search fit to."""
+attention layer's input moment (and a QK-norm source's normalised moments), summed batch by batch. The conversion
+takes them layer by layer (`stream.run_layer`); `collect_input_moments` takes them from a whole model in one pass."""
 
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .conversion_options import ConversionOptions, refine_steps
-from .decompose import NormalisedMoments, weight_only_moment
+from .conversion_options import ConversionOptions
 from .errors import MLAConvertError
-from .plan import RankPlan, SourceShape
-
-
-@dataclass
-class Calibration:
-    """What a conversion learns from calibration text: the sequences, a description for the report, every attention
-    layer's input moment `[layers, hidden + 1, hidden + 1]`, and the recorded attention inputs of the first
-    sequences (per layer `[sequences, seq, hidden]`, bfloat16) for the key-scale search and refinement."""
-
-    sequences: torch.LongTensor | None
-    info: dict
-    moments: torch.Tensor
-    layer_inputs: list[torch.Tensor]
-    # QK-norm sources: per layer, the moments of the normalised queries and keys and the mean squared key scales
-    normalised: list[NormalisedMoments] | None = None
 
 
 @torch.no_grad()
@@ -92,46 +75,11 @@ def collect_input_moments(
     return moments / max(count, 1), layer_inputs
 
 
-@torch.no_grad()
-def collect_normalised_moments(
-    model: PreTrainedModel, sequences: torch.LongTensor, batch_size: int = 4
-) -> list[NormalisedMoments]:
-    """For a QK-norm source (Qwen3): per attention layer, `E[q_h q_h^T]` of the normalised queries, `E[k k^T]` of
-    the normalised keys (all kv heads, pre-RoPE) and `E[s_g^2]` of every kv head's key scale `s_g = 1 / rms(k_g)`,
-    accumulated batch by batch. These are what the RoPE placement and the latent's key metric weigh: the error that
-    reaches the attention scores is in the normalised key, `s_g` times the error in the linear (pre-norm) one."""
-    layers = model.model.layers
-    attention = layers[0].self_attn
-    head_dim = attention.head_dim
-    heads = attention.q_proj.out_features // head_dim
-    kv_heads = attention.k_proj.out_features // head_dim
-    query = torch.zeros(len(layers), heads, head_dim, head_dim, dtype=torch.float64)
-    key = torch.zeros(len(layers), kv_heads * head_dim, kv_heads * head_dim, dtype=torch.float64)
-    key_scale_sq = torch.zeros(len(layers), kv_heads, dtype=torch.float64)
-
-    def make_hook(layer_idx: int):
-        def hook(module, args, kwargs):
-            hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-            sums = normalised_moment_sums(module, hidden_states, heads, kv_heads, head_dim)
-            query[layer_idx] += sums[0]
-            key[layer_idx] += sums[1]
-            key_scale_sq[layer_idx] += sums[2]
-
-        return hook
-
-    handles = [layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    count = max(forward_batches(model, sequences, handles, batch_size), 1)
-    return [
-        NormalisedMoments(query=query[i] / count, key=key[i] / count, key_scale_sq=key_scale_sq[i] / count)
-        for i in range(len(layers))
-    ]
-
-
 def normalised_moment_sums(
     attention, hidden_states: torch.Tensor, heads: int, kv_heads: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's sums (float64, CPU) behind `collect_normalised_moments`, from a QK-norm attention module and its
-    input `[..., hidden]` (the whole-model and the streaming conversion accumulate them alike)."""
+    """One batch's sums (float64, CPU) behind a QK-norm layer's `decompose.NormalisedMoments`, from its attention
+    module and input `[..., hidden]`."""
     hidden_states = hidden_states.float()
     # queries: [tokens, heads, head_dim]; keys: [tokens, kv_heads, head_dim], as the source normalises them
     queries = attention.q_norm(attention.q_proj(hidden_states).view(-1, heads, head_dim))
@@ -171,46 +119,3 @@ def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple
             )
     info.update(tokens=int(sequences.numel()), seq_len=int(sequences.shape[1]))
     return sequences, info
-
-
-def searches_key_scale(plan: RankPlan, options: ConversionOptions) -> bool:
-    return not plan.exact and options.init == "pca" and options.key_scale == "search"
-
-
-def refinement_steps(plan: RankPlan, options: ConversionOptions) -> int:
-    """Steps per layer this conversion refines for: none for the exact form, else `--refine-steps` or the target's
-    default."""
-    return 0 if plan.exact else refine_steps(options)
-
-
-def needs_text(plan: RankPlan, options: ConversionOptions) -> bool:
-    """Whether the conversion reads calibration text: not for the exact form, nor for weight-only SVD that is not
-    refined (--target deepseek always does: its latent norm starts at the latent's mean RMS on calibration tokens)."""
-    weight_only = options.init == "svd" and refinement_steps(plan, options) == 0 and options.target != "deepseek"
-    return not (plan.exact or weight_only)
-
-
-def kept_sequences(plan: RankPlan, options: ConversionOptions, seq_len: int) -> int:
-    """How many calibration sequences' attention inputs refinement and the key-scale search need (0: none)."""
-    refines = refinement_steps(plan, options) > 0
-    return math.ceil(options.refine_tokens / seq_len) if refines or searches_key_scale(plan, options) else 0
-
-
-def calibrate(
-    source_model: PreTrainedModel, tokenizer, shape: SourceShape, plan: RankPlan, options: ConversionOptions
-) -> Calibration:
-    """Reads calibration text (or samples it) and records what the chosen options need of it: nothing for the exact
-    form, only the inputs to refine for weight-only SVD."""
-    if not needs_text(plan, options):
-        description = "not needed" if plan.exact else "not needed (weight-only SVD)"
-        info = {"kind": "none", "description": description, "tokens": 0}
-        return Calibration(None, info, weight_only_moment(shape.hidden_size).expand(shape.num_layers, -1, -1), [])
-    sequences, info = calibration_sequences(source_model, tokenizer, options)
-    keep = kept_sequences(plan, options, sequences.shape[1])
-    moments, layer_inputs = collect_input_moments(source_model, sequences, keep_sequences=keep)
-    normalised = None
-    if options.init == "svd":
-        info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
-    elif shape.qk_norm:
-        normalised = collect_normalised_moments(source_model, sequences)
-    return Calibration(sequences, info, moments, layer_inputs, normalised)

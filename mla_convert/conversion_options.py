@@ -3,15 +3,17 @@ checks; see `mla_convert.options`), and their check."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from .decompose import ROPE_STRATEGIES, DecomposeOptions
 from .errors import MLAConvertError
 from .options import check_fields, option
 from .refine import RefineOptions
 
 
 INIT_METHODS = ("pca", "svd")
+# Which key components keep RoPE in the shared key (`decompose.rope_placement`)
+ROPE_STRATEGIES = ("rorope", "freqfold", "partial")
 RANK_ALLOCATIONS = ("uniform", "spectrum")
 # What the folder is for: "mla", our own MLA model (any ranks and RoPE tables); "deepseek", a model that
 # `mla-convert export --format deepseek-v3` can turn into a DeepSeek-V3 checkpoint for the engines
@@ -29,6 +31,7 @@ SAVED_DTYPES = ("float32", "bfloat16", "float16")
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
 STREAMING_MODES = ("auto", "on", "off")
 NOPE_SHRINK_MODES = ("off", "on")
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_key_scale(value: str) -> str | float:
@@ -46,7 +49,7 @@ def _grid_text() -> str:
     return ", ".join(factors[:-1]) + " and " + factors[-1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConversionOptions:
     """What to convert to. Give `kv_budget`, or `kv_lora_rank` (with optional `qk_rope_head_dim`); an explicit
     `kv_lora_rank` wins over `kv_budget`. Field groups: "size" and "budget" (the cache size; `--kv-budget` and
@@ -88,12 +91,12 @@ class ConversionOptions:
     calibration_tokens: int = option(32768, metavar="N", help="calibration tokens", at_least=1)
     calibration_seq_len: int = option(512, at_least=1)
     init: str = option(
-        DecomposeOptions.init, group="method", choices=INIT_METHODS,
+        "pca", group="method", choices=INIT_METHODS,
         help="pca: joint PCA of [K_nope ; V] on calibration activations, in the metric the layer's output feels; "
         "svd: weight-only SVD",
     )  # fmt: skip
     rope_strategy: str = option(
-        DecomposeOptions.rope_strategy, group="method", choices=ROPE_STRATEGIES,
+        "rorope", group="method", choices=ROPE_STRATEGIES,
         help="which key components keep RoPE in the shared key. rorope: PCA of the key heads per frequency, keeping "
         "the components whose loss of RoPE would cost the most attention-score error; freqfold: the same over pairs "
         "of adjacent frequencies; partial: no mixing, MHA2MLA's 2-norm rule",
@@ -140,14 +143,24 @@ class ConversionOptions:
     device: str = option("cpu", help="device for conversion (cpu, cuda, cuda:1, ...)")
     streaming: str = option(
         "auto", choices=STREAMING_MODES,
-        help="on: convert one decoder layer at a time, reading each from the safetensors shards (memory: about two "
-        "layers, the embeddings and the calibration activations, whatever the depth); off: load the whole source; "
-        "auto: on when the source would not fit comfortably in the available memory",
+        help="where the layers are read from (the conversion runs one decoder layer at a time either way, with the "
+        "same result). on: from the safetensors shards, one layer at a time (memory: about two layers, the "
+        "embeddings and the calibration activations, whatever the depth); off: from the whole source held in memory "
+        "(GGUF files, hub ids and data-free calibration need it); auto: on when the source would not fit "
+        "comfortably in the available memory",
     )  # fmt: skip
     max_shard_size: str = option(
         "2GB", metavar="SIZE",
         help="the largest weights file written (e.g. 500MB, 2GB); larger outputs are sharded with an index",
     )  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """`--max-shard-size`: `500MB`, `2GB`, `1GiB` or a number of bytes, as transformers reads it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise MLAConvertError(f"--max-shard-size must be a size like 500MB or 2GB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()])
 
 
 def check_options(options: ConversionOptions) -> None:
@@ -166,33 +179,9 @@ def check_options(options: ConversionOptions) -> None:
         isinstance(key_scale, (int, float)) and not isinstance(key_scale, bool) and 0 < key_scale < float("inf")
     ):
         raise MLAConvertError(f"--key-scale must be 'search' or a positive number, got {key_scale!r}")
+    parse_size(options.max_shard_size)
     if options.target == "deepseek" and options.rope_strategy not in DEEPSEEK_ROPE_STRATEGIES:
         raise MLAConvertError(
             f"--target deepseek needs --rope-strategy {' or '.join(DEEPSEEK_ROPE_STRATEGIES)}: DeepSeek-V3 rotates "
             f"each RoPE pair with one frequency of its own table, and {options.rope_strategy} mixes frequencies"
         )
-
-
-def refine_steps(options: ConversionOptions) -> int:
-    """Refinement's steps per layer: `--refine-steps`, else the target's default."""
-    if options.refine_steps is not None:
-        return options.refine_steps
-    return DEEPSEEK_REFINE_STEPS if options.target == "deepseek" else RefineOptions.steps
-
-
-def refine_lr(options: ConversionOptions) -> float:
-    """The learning rate refinement uses: `--refine-lr`, else the target's default."""
-    if options.refine_lr is not None:
-        return options.refine_lr
-    return DEEPSEEK_REFINE_LR if options.target == "deepseek" else RefineOptions.lr
-
-
-def uses_nope_shrink(options: ConversionOptions) -> bool:
-    """Whether the NoPE key is shrunk per frequency (`--nope-shrink`)."""
-    return options.nope_shrink == "on"
-
-
-def uses_spectrum_allocation(options: ConversionOptions) -> bool:
-    """Whether latent sizes are spread over the layers by their spectra: only for a --kv-budget of the plain MLA
-    target (DeepSeek-V3 has one kv_lora_rank; an explicit --kv-lora-rank is used in every layer as given)."""
-    return options.rank_allocation == "spectrum" and options.target == "mla" and options.kv_lora_rank is None

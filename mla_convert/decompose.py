@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .conversion_options import ROPE_STRATEGIES
 from .families import attention_projections, source_inv_freq
 
 
@@ -66,7 +67,6 @@ class NormalisedMoments:
     key_scale_sq: torch.Tensor
 
 
-ROPE_STRATEGIES = ("rorope", "freqfold", "partial")
 
 
 @dataclass
@@ -129,6 +129,12 @@ class MLAAttentionWeights:
     k_weight: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     rope_key_heads: list[int] | None = None
+    # DeepSeek's latent norm (`kv_a_layernorm`) weight `[kv_lora_rank]`; None: no norm
+    kv_a_norm_weight: torch.Tensor | None = None
+
+    @property
+    def kv_lora_rank(self) -> int:
+        return self.kv_b_weight.shape[1]
 
 
 def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

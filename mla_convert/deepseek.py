@@ -9,8 +9,10 @@ DeepSeek-V3's attention differs from a plain MLA conversion in three ways that a
   component per frequency.
 
 `mla-convert convert --target deepseek` decomposes a source under those constraints (`check_deepseek_source` gives
-the RoPE table) and, after assembling, adds the norm (`attach_latent_norm`) before refinement, which trains the
-norm's weight with the rest of the layer; `build_deepseek_mla` is its closed form alone. The norm is initialised so
+the RoPE table) and, layer by layer, adds the norm (`with_layer_latent_norm`, its anchor and weight measured on the
+source's activations at that layer) before refinement, which trains the norm's weight with the rest of the layer.
+`attach_latent_norm` does the same to a whole MLA model, measuring on that model's own activations (each layer sees
+the converted layers before it); `build_deepseek_mla` is that closed form alone. The norm is initialised so
 that the layer starts as close to the norm-free closed form as a per-layer constant allows: the norm's weight is
 the mean RMS of the latent over calibration tokens, and `kv_b_proj` is unchanged. Where the
 attention input has a nearly constant direction (trained pre-norm models do), one latent dimension becomes an
@@ -32,6 +34,7 @@ exact against the converted folder.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -41,7 +44,9 @@ from mla_modeling import MLAForCausalLM
 
 from .assemble import assemble, mla_config
 from .calibrate import collect_input_moments, forward_batches
-from .decompose import DecomposeOptions, decompose_all, deepseek_frequency_indices, weight_only_moment
+from .decompose import (
+    DecomposeOptions, MLAAttentionWeights, decompose_all, deepseek_frequency_indices, weight_only_moment,
+)  # fmt: skip
 from .errors import MLAConvertError
 from .families import attention_projections, rotary_dim, sliding_window, source_layer_types
 from .plan import RankPlan, SourceShape
@@ -117,15 +122,21 @@ def rope_table_mismatch(
 def check_deepseek_rope(model: PreTrainedModel, head_dim: int, qk_rope_head_dim: int) -> list[int]:
     """The source frequencies DeepSeek's table rotates with, after checking them against the source's own table
     (`model.model.rotary_emb`); refuses shapes and RoPE types that DeepSeek's format cannot express."""
+    return check_deepseek_rope_table(model.model.rotary_emb, model.config, head_dim, qk_rope_head_dim)
+
+
+def check_deepseek_rope_table(
+    rotary: torch.nn.Module, config: PreTrainedConfig, head_dim: int, qk_rope_head_dim: int
+) -> list[int]:
+    """`check_deepseek_rope` from the source's RoPE module and config."""
     try:
         indices = deepseek_frequency_indices(head_dim, qk_rope_head_dim)
     except ValueError as e:
         raise MLAConvertError(f"--target deepseek: {e}") from None
-    rotary = model.model.rotary_emb
-    rope_parameters = dict(model.config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    rope_parameters = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     problem = rope_table_mismatch(
         rotary.inv_freq, float(rotary.attention_scaling), indices, rope_parameters, qk_rope_head_dim,
-        model.config.max_position_embeddings,
+        config.max_position_embeddings,
     )
     if problem is not None:
         raise MLAConvertError(f"--target deepseek cannot express this source's RoPE: {problem}")
@@ -281,35 +292,126 @@ def add_latent_anchor(model: MLAForCausalLM, moments: torch.Tensor, anchored_lay
     return anchored.to(next(model.parameters()).device).eval()
 
 
-def check_deepseek_source(source_model: PreTrainedModel, shape: SourceShape, plan: RankPlan) -> RankPlan:
-    """`--target deepseek`, once the source is loaded: refuses what DeepSeek-V3 cannot hold (attention or MLP biases,
-    a RoPE table DeepSeek's does not reproduce); returns `plan` with DeepSeek's table of source frequencies."""
-    projections = attention_projections(source_model.model.layers[0].self_attn, source_model.config)
+def check_deepseek_source(
+    config: PreTrainedConfig, attention: torch.nn.Module, rotary: torch.nn.Module, shape: SourceShape, plan: RankPlan
+) -> RankPlan:
+    """`--target deepseek`, from the source's config, its first attention layer and its RoPE module: refuses what
+    DeepSeek-V3 cannot hold (attention or MLP biases, a RoPE table DeepSeek's does not reproduce); returns `plan`
+    with DeepSeek's table of source frequencies."""
+    projections = attention_projections(attention, config)
     if any(bias is not None for _, bias in projections.values()):
         raise MLAConvertError(
             "--target deepseek cannot convert this source: its attention has biases (q/k/v, as Qwen2's has), and "
             "DeepSeek-V3's attention (and vLLM's DeepSeek path) has none, so every attention score would change"
         )
-    if source_layer_types(source_model.config) is not None:
+    if source_layer_types(config) is not None:
         raise MLAConvertError(
             f"--target deepseek cannot convert this source: it attends over a sliding window of "
-            f"{sliding_window(source_model.config)} tokens, and DeepSeek-V3 over the whole context"
+            f"{sliding_window(config)} tokens, and DeepSeek-V3 over the whole context"
         )
-    rope_type = (source_model.config.rope_parameters or {}).get("rope_type", "default")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type == "longrope":
         raise MLAConvertError(
             "--target deepseek cannot convert this source: its RoPE is longrope (Phi-3's long variants), whose "
             "per-frequency factors and switch at the original context DeepSeek-V3's RoPE types do not have"
         )
-    if rotary_dim(source_model.config) != shape.head_dim:
+    if rotary_dim(config) != shape.head_dim:
         raise MLAConvertError(
             "--target deepseek cannot convert this source: it rotates only part of each head "
             "(partial_rotary_factor), and DeepSeek-V3's RoPE key rotates all of its dims"
         )
-    if getattr(source_model.config, "mlp_bias", False):
+    if getattr(config, "mlp_bias", False):
         raise MLAConvertError("--target deepseek cannot convert this source: its MLP has biases, DeepSeek-V3's none")
-    frequencies = check_deepseek_rope(source_model, shape.head_dim, plan.qk_rope_head_dim)
+    frequencies = check_deepseek_rope_table(rotary, config, shape.head_dim, plan.qk_rope_head_dim)
     return replace(plan, rope_frequencies=frequencies)
+
+
+# ------------------------------------------------------------------------------------ one layer's latent norm
+
+
+@torch.no_grad()
+def layer_latent_rms(weights: MLAAttentionWeights, inputs: Iterable[torch.Tensor]) -> tuple[float, float]:
+    """The mean over tokens of one decomposed layer's latent RMS (before any norm) on its attention inputs
+    `inputs` (batches `[..., hidden]`, float32), and its relative spread (standard deviation over mean)."""
+    rank = weights.kv_lora_rank
+    total = total_square = 0.0
+    count = 0
+    for batch in inputs:
+        # the latent as the float32 layer computes it: [tokens, kv_lora_rank]
+        rows = weights.kv_a_weight[:rank].to(batch.device, torch.float32)
+        latent = batch.reshape(-1, batch.shape[-1]) @ rows.T
+        if weights.kv_a_bias is not None:
+            latent = latent + weights.kv_a_bias[:rank].to(batch.device, torch.float32)
+        rms = latent.double().pow(2).mean(-1).sqrt()
+        total += float(rms.sum())
+        total_square += float(rms.pow(2).sum())
+        count += rms.numel()
+    mean = total / max(count, 1)
+    variance = max(total_square / max(count, 1) - mean**2, 0.0)
+    return mean, (variance**0.5 / mean if mean > 0 else float("inf"))
+
+
+def anchor_layer(weights: MLAAttentionWeights, moment: torch.Tensor) -> MLAAttentionWeights:
+    """One decomposed layer with its last latent dimension replaced by the anchor (`add_latent_anchor`)."""
+    rank = weights.kv_lora_rank
+    moment = moment.to(torch.float64)
+    kv_a, kv_a_bias = weights.kv_a_weight.to(torch.float64), weights.kv_a_bias
+    content = rank - 1
+    bias = torch.zeros(content, dtype=torch.float64) if kv_a_bias is None else kv_a_bias[:content].double()
+    # the content rows acting on [x; 1]: [kv_lora_rank - 1, hidden + 1]
+    latent_rows = torch.cat((kv_a[:content], bias[:, None]), dim=1)
+    content_energy = float((latent_rows @ moment @ latent_rows.T).trace())
+    direction, _ = anchor_direction(moment)
+    anchor_energy = float(direction @ moment[:-1, :-1] @ direction)
+    scale = (ANCHOR_ENERGY_RATIO * content_energy / anchor_energy) ** 0.5 if anchor_energy > 0 else 0.0
+    # [kv_lora_rank + qk_rope_head_dim, hidden]: the content rows, the anchor row, the RoPE key's rows
+    kv_a_weight = torch.cat((kv_a[:content], (scale * direction)[None], kv_a[rank:])).to(weights.kv_a_weight.dtype)
+    if kv_a_bias is not None:
+        kv_a_bias = torch.cat((kv_a_bias[:content], kv_a_bias.new_zeros(1), kv_a_bias[rank:]))
+    # kv_b reads nothing from the anchor: its column is zero
+    kv_b = weights.kv_b_weight
+    kv_b_weight = torch.cat((kv_b[:, :content], kv_b.new_zeros(kv_b.shape[0], 1)), dim=1)
+    return replace(weights, kv_a_weight=kv_a_weight, kv_a_bias=kv_a_bias, kv_b_weight=kv_b_weight)
+
+
+def normed_layer(weights: MLAAttentionWeights, norm_weight: float, layer_idx: int) -> MLAAttentionWeights:
+    """One decomposed layer under DeepSeek's latent norm with weight `norm_weight` in every latent dimension, its
+    latent rows divided by it (`with_latent_norm`)."""
+    if not 0 < norm_weight < float("inf"):
+        raise MLAConvertError(
+            f"layer {layer_idx}'s latent has a mean RMS of {norm_weight} on the calibration text, so the latent norm "
+            "has no weight to start from: give other calibration text"
+        )
+    rank = weights.kv_lora_rank
+    kv_a_weight = weights.kv_a_weight.clone()
+    kv_a_weight[:rank] /= norm_weight
+    kv_a_bias = weights.kv_a_bias
+    if kv_a_bias is not None:
+        kv_a_bias = kv_a_bias.clone()
+        kv_a_bias[:rank] /= norm_weight
+    norm = torch.full((rank,), float(norm_weight), dtype=kv_a_weight.dtype)
+    return replace(weights, kv_a_weight=kv_a_weight, kv_a_bias=kv_a_bias, kv_a_norm_weight=norm)
+
+
+def with_layer_latent_norm(
+    weights: MLAAttentionWeights,
+    moment: torch.Tensor,
+    inputs: Callable[[], Iterable[torch.Tensor]],
+    layer_idx: int,
+    latent_anchor: bool | None = None,
+) -> MLAAttentionWeights:
+    """`attach_latent_norm` for one decomposed layer, measured on that layer's attention inputs: `inputs()` yields
+    them in batches (the source's activations, as calibration carries them), `moment` is their
+    `E[[x; 1] [x; 1]^T]`. The anchor replaces the last latent dimension where its spread is smaller than the plain
+    latent's RMS spread (`latent_anchor` None; True: always; False: never), then the norm's weight is the mean
+    latent RMS."""
+    anchored = False
+    if latent_anchor is not False and weights.kv_lora_rank >= 2:
+        anchored = latent_anchor or anchor_direction(moment)[1] < layer_latent_rms(weights, inputs())[1]
+    if anchored:
+        weights = anchor_layer(weights, moment)
+    weights.stats["latent_anchor"] = anchored
+    return normed_layer(weights, layer_latent_rms(weights, inputs())[0], layer_idx)
 
 
 def anchored_layers(
@@ -456,13 +558,16 @@ __all__ = [
     "attach_latent_norm",
     "build_deepseek_mla",
     "check_deepseek_rope",
+    "check_deepseek_rope_table",
     "check_deepseek_source",
     "deepseek_closed_form",
     "deepseek_rope_table",
     "drop_last_latent_dimension",
     "latent_rms",
     "latent_rms_statistics",
+    "layer_latent_rms",
     "rope_table_mismatch",
     "save_mla_folder",
     "with_latent_norm",
+    "with_layer_latent_norm",
 ]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .families import layer_windows
 
@@ -202,39 +201,3 @@ def refine_layer(
         # A too-large learning rate or too few recorded inputs: never hand back a layer worse than the start.
         attention.load_state_dict(snapshot)
     return {"refine_error_before": before, "refine_error_after": min(after, before), "refine_kept": kept}
-
-
-def refine_all(
-    source_model: nn.Module,
-    model: nn.Module,
-    layer_inputs: list[torch.Tensor],
-    options: RefineOptions,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[dict]:
-    """Refines every MLA layer of `model` against the same layer of `source_model`; returns per-layer stats.
-
-    `layer_inputs[l]`: `[sequences, seq, hidden]`, the inputs of layer `l`'s attention recorded from the source.
-    """
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    stats = []
-    with attention_implementation([source_model, model], device):
-        rope = source_rope = None
-        for layer_idx in tqdm(range(len(layer_inputs)), desc="refining", unit="layer", disable=not progress):
-            inputs = windows(layer_inputs[layer_idx], options.window).to(device, torch.float32)
-            if rope is None:
-                # The same positions in every layer: the RoPE tables once.
-                source_rope, rope = position_embeddings(source_model, inputs), position_embeddings(model, inputs)
-            stats.append(
-                refine_layer(
-                    source_model.model.layers[layer_idx].self_attn,
-                    model.model.layers[layer_idx].self_attn,
-                    inputs,
-                    source_rope,
-                    rope,
-                    options,
-                    generator,
-                )
-            )
-    return stats

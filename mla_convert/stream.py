@@ -1,35 +1,37 @@
-"""Streaming conversion: the pipeline of `convert`, one decoder layer at a time, in memory bounded by one layer.
+"""The conversion's one pipeline: a loop over the decoder layers of a *layer source*, in memory bounded by one layer
+beside what the source itself holds.
 
-The embeddings and the calibration sequences first; then, per layer: read the layer's source weights from the
-safetensors shards (lazily, in their stored dtype; only this layer is ever cast to float32), run the calibration
-hidden states through it, take its input moment, decompose (with the K/V balance search), assemble the MLA layer,
-refine it, carry the hidden states on, write the layer's tensors to the output shard, free the layer.
+A layer source gives the source's tensors by name: `LazySource` reads them from the safetensors shards one at a
+time in their stored dtype (only the layer at hand is ever cast to float32); `ModelSource` holds a loaded model
+(GGUF files, hub ids, folders without safetensors, data-free calibration, or simply a source that fits in memory).
+Which one is used is a speed and memory choice (`settings.choose_layer_source`): both give the same weights.
 
-The hidden states carried from layer to layer are the SOURCE's (`tokens x hidden`, float32): the whole-model path
-records every layer's inputs from the source model, so both paths decompose and refine on the same activations and
-give the same weights. The check against the source carries two more streams (source and MLA) on the verification
-sequences, and compares their logits at the end as `verify` does.
+The embeddings and the calibration sequences first; then, per layer: run the calibration hidden states carried
+from the previous layer through the source layer, take its input moment, decompose (with the K/V balance search),
+assemble the MLA layer, add DeepSeek's latent norm (`--target deepseek`, measured on the same activations), refine
+it, carry the hidden states on, write the layer's tensors to the output shard, free the layer.
+
+The hidden states carried from layer to layer are the SOURCE's (`tokens x hidden`, float32): every layer is fitted
+to its source layer on the source's own activations. The check against the source carries two more streams (source
+and MLA) on the verification sequences, and compares their logits at the end as `verify` does.
 
 Rank allocation by spectrum needs every layer's spectrum before the first rank is fixed: a first pass reads and runs
 every source layer and decomposes it once (about the cost of the main pass without refinement and key-scale search).
-`--target deepseek` and data-free calibration (sampling text from the source) need the whole model and are refused
-in one line.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import re
 import resource
 import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -47,90 +49,25 @@ from mla_modeling.attention_mla import qk_norm_indices, rope_gather_index
 from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 
 from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
-from .calibrate import (
-    calibration_sequences, kept_sequences, moment_sum, needs_text, normalised_moment_sums, refinement_steps,
-    searches_key_scale,
-)  # fmt: skip
-from .conversion_options import (
-    KEY_SCALE_GRID, ConversionOptions, check_options, refine_lr, uses_spectrum_allocation,
-)  # fmt: skip
-from .convert import conversion_report, decompose_options_for, first_key_scale
+from .calibrate import moment_sum, normalised_moment_sums
 from .decompose import (
     MLAAttentionWeights, NormalisedMoments, attention_weights, decompose_layer, single_thread, weight_only_moment,
 )  # fmt: skip
+from .deepseek import with_layer_latent_norm
 from .errors import MLAConvertError
-from .families import check_source_family, layer_windows, llama_layout_state, source_inv_freq
-from .folders import prepare_output, save_atomically
-from .plan import RankPlan, SourceShape, allocate_ranks, estimated_size, plan_ranks
-from .refine import RefineOptions, attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
-from .sources import _load_tokenizer, _safetensors_shapes, all_finite, check_device, load_source_config, side_files_bytes
-from .verify import check_verification, logit_agreement, verification_ids
+from .families import layer_windows, llama_layout_state, source_inv_freq
+from .plan import RankPlan, SourceShape
+from .refine import attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
+from .settings import Settings
+from .sources import all_finite
+from .verify import logit_agreement
 
 
-# The whole-model path holds the source and the MLA model in float32 beside each other: auto streams when that would
-# take more than this share of the memory available now.
-AUTO_MEMORY_SHARE = 0.6
 # Sequences per forward batch, as `calibrate.collect_input_moments` (the moments are summed in the same order)
 BATCH_SIZE = 4
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-# ---------------------------------------------------------------------------------------------- choosing the path
-
-
-def streams(source: str, gguf_file: str | None, options: ConversionOptions) -> bool:
-    """Whether `convert` takes the streaming path: as asked, or (auto) when the whole-model path would not fit."""
-    if options.streaming != "auto":
-        return options.streaming == "on"
-    if gguf_file is not None or not Path(os.fspath(source)).is_dir():
-        return False
-    needed, available = whole_model_bytes(Path(source), options), psutil.virtual_memory().available
-    if needed <= AUTO_MEMORY_SHARE * available:
-        return False
-    print(
-        f"note: converting layer by layer (--streaming auto): the whole-model path would hold about "
-        f"{needed / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB are available",
-        file=sys.stderr,
-    )
-    return True
-
-
-def whole_model_bytes(folder: Path, options: ConversionOptions) -> int:
-    """What the whole-model path holds: the source and the MLA model in float32 (sizes from the safetensors
-    headers), and every layer's recorded attention inputs for refinement and the key-scale search (bfloat16)."""
-    shapes = _safetensors_shapes(folder) or {}
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        recorded = 2 * options.refine_tokens * int(config["hidden_size"]) * int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = 0  # a broken config.json is refused with its own message when it is read
-    return 2 * 4 * sum(math.prod(shape) for shape in shapes.values()) + recorded
-
-
-def parse_size(text: str) -> int:
-    """`--max-shard-size`: `500MB`, `2GB`, `1GiB` or a number of bytes, as transformers reads it."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(text), re.IGNORECASE)
-    if match is None or float(match.group(1)) <= 0:
-        raise MLAConvertError(f"--max-shard-size must be a size like 500MB or 2GB, got {text!r}")
-    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()])
-
-
-def check_streamable(source: str, gguf_file: str | None, options: ConversionOptions) -> Path:
-    """Refuses, in one line, what the streaming path cannot do; returns the source folder."""
-    if options.target == "deepseek":
-        raise MLAConvertError(
-            "--target deepseek is not streamed yet (its latent norm and anchors are fitted on the whole model): "
-            "convert it with --streaming off"
-        )
-    path = Path(os.fspath(source)).expanduser()
-    if gguf_file is not None or path.suffix.lower() == ".gguf":
-        raise MLAConvertError("streaming conversion reads safetensors shards, not GGUF: convert with --streaming off")
-    if not path.is_dir():
-        raise MLAConvertError(f"streaming conversion reads a local model folder, and {source} is none: download it first")
-    if _safetensors_shapes(path) is None:
-        raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")
-    parse_size(options.max_shard_size)
-    return path
+# Calibration sequences whose latent RMS sets the norm of each key-scale candidate of --target deepseek (4096 tokens
+# at the default 512 per sequence: the norm's weight is a mean, and the search runs four candidates)
+KEY_SCALE_SEARCH_NORM_SEQUENCES = 8
 
 
 # ------------------------------------------------------------------------------------------ memory and time
@@ -215,6 +152,31 @@ class LazySource:
         prefix = f"model.layers.{layer_idx}."
         return {name[len(prefix) :]: self.read(name) for name in self.weight_map if name.startswith(prefix)}
 
+    def generation_config(self, source_config: PreTrainedConfig) -> GenerationConfig:
+        try:
+            return GenerationConfig.from_pretrained(self.folder)
+        except OSError:
+            return GenerationConfig.from_model_config(source_config)
+
+
+class ModelSource:
+    """A source model held in memory (float32, on the CPU), read by name as `LazySource` reads the shards. The model
+    itself is at hand for what needs all of it at once: sampling data-free calibration text."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.state = model.state_dict()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{layer_idx}."
+        return {name[len(prefix) :]: tensor for name, tensor in self.state.items() if name.startswith(prefix)}
+
+    def generation_config(self, source_config: PreTrainedConfig) -> GenerationConfig:
+        return self.model.generation_config
+
 
 def load_module(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """`module` (built on the meta device) holding `state` in float32 on `device`."""
@@ -224,29 +186,31 @@ def load_module(module: nn.Module, state: dict[str, torch.Tensor], device: torch
 
 @dataclass
 class Stream:
-    """What every layer's step needs: the lazily read source, its skeleton (on the meta device: the modules' classes
-    and config, no weights), the RoPE modules, and the options."""
+    """What every layer's step needs: the layer source, its skeleton (on the meta device: the modules' classes and
+    config, no weights), the RoPE modules, and the settings."""
 
-    reader: LazySource
+    reader: LazySource | ModelSource
     source_config: PreTrainedConfig
     skeleton: nn.Module
     rotary: nn.Module
     shape: SourceShape
-    options: ConversionOptions
+    settings: Settings
     device: torch.device
     meter: Meter
     progress: bool = True
 
     @classmethod
-    def open(cls, folder: Path, source_config, options: ConversionOptions, meter: Meter, progress: bool) -> Stream:
-        device = torch.device(options.device)
+    def open(
+        cls, reader: LazySource | ModelSource, source_config, settings: Settings, meter: Meter, progress: bool
+    ) -> Stream:
+        device = torch.device(settings.options.device)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(source_config)
         # RoPE tables are computed from the config, not read: a real module on the conversion's device
         rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
         skeleton.model.rotary_emb = rotary
         shape = SourceShape.from_config(source_config)
-        return cls(LazySource(folder), source_config, skeleton, rotary, shape, options, device, meter, progress)
+        return cls(reader, source_config, skeleton, rotary, shape, settings, device, meter, progress)
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -254,8 +218,8 @@ class Stream:
 
     @property
     def normalises(self) -> bool:
-        """Whether calibration takes a QK-norm source's normalised moments (as `calibrate`: not for weight-only SVD)."""
-        return self.shape.qk_norm and self.options.init != "svd"
+        """Whether calibration takes a QK-norm source's normalised moments (not for weight-only SVD)."""
+        return self.shape.qk_norm and self.settings.init != "svd"
 
     @property
     def windows(self) -> list[int | None]:
@@ -263,7 +227,7 @@ class Stream:
         return layer_windows(self.source_config)
 
     def source_layer(self, layer_idx: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """The source decoder layer in float32 on the device, from `state` (read from the shards when None)."""
+        """The source decoder layer in float32 on the device, from `state` (read from the source when None)."""
         with torch.device("meta"):
             layer = type(self.skeleton.model.layers[layer_idx])(self.skeleton.config, layer_idx)
         return load_module(layer, self.reader.layer_state(layer_idx) if state is None else state, self.device)
@@ -337,6 +301,13 @@ def run_layer(
     )
 
 
+def attention_inputs(layer: nn.Module, hidden: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """`layer`'s attention inputs (after its input norm) on `hidden` `[sequences, seq, hidden]`, batch by batch."""
+    with torch.no_grad():
+        for batch in hidden.split(BATCH_SIZE):
+            yield layer.input_layernorm(batch.to(device))
+
+
 @contextmanager
 def eager_on_cpu(configs: list, device: torch.device):
     """`refine.attention_implementation` for layer modules: eager attention on the CPU while scoring and refining."""
@@ -364,6 +335,8 @@ class MLAStream:
         holder = SimpleNamespace(model=SimpleNamespace(layers=[source_layer]))
         config = mla_config(stream.source_config, holder, plan, [first] * stream.shape.num_layers)
         config.rope_frequency_indices = [list(first.rope_frequency_indices) for _ in range(stream.shape.num_layers)]
+        # DeepSeek's latent norm: every layer's weights carry its weight
+        config.kv_latent_norm = first.kv_a_norm_weight is not None
         if config.qk_norm:
             config.rope_key_heads = [list(first.rope_key_heads) for _ in range(stream.shape.num_layers)]
         with torch.device("meta"):
@@ -400,7 +373,7 @@ def decompose_streamed(
             plan.kv_lora_ranks[layer_idx],
             plan.qk_rope_head_dim,
             inv_freq=stream.inv_freq,
-            options=decompose_options_for(plan, stream.options),
+            options=stream.settings.decompose(plan),
             key_scale=key_scale,
             normalised=normalised,
         )
@@ -488,12 +461,14 @@ class ShardWriter:
     def finish(self) -> None:
         self.flush()
         if len(self.shards) == 1:
-            os.replace(self.shards[0][0], self.folder / "model.safetensors")
+            # a rename within the fresh staging folder (nothing is there to replace); `os.replace` stays the
+            # final swap's alone
+            os.rename(self.shards[0][0], self.folder / "model.safetensors")
             return
         weight_map = {}
         for number, (path, names) in enumerate(self.shards, start=1):
             name = f"model-{number:05d}-of-{len(self.shards):05d}.safetensors"
-            os.replace(path, self.folder / name)
+            os.rename(path, self.folder / name)
             weight_map.update({tensor: name for tensor in names})
         index = {
             "metadata": {"total_parameters": self.total_parameters, "total_size": self.total_bytes},
@@ -503,8 +478,8 @@ class ShardWriter:
 
 
 def write_model_files(folder: Path, stream: Stream, working: MLAConfig, plan: RankPlan, layers: list, dtype: str) -> None:
-    """config.json (with `auto_map`), the modeling files and generation_config.json, as `convert.save_converted`
-    writes them through `save_pretrained`. `working`: the config the layers were built with, whose RoPE tables
+    """config.json (with `auto_map`), the modeling files and generation_config.json, as
+    `save_pretrained` writes them. `working`: the config the layers were built with, whose RoPE tables
     become `assemble.rope_tables` of the converted layers (None where every layer uses the plain one)."""
     config = copy.deepcopy(working)
     config.rope_frequency_indices = mla_rope_tables(layers, plan.qk_rope_head_dim, stream.shape.head_dim)
@@ -518,11 +493,7 @@ def write_model_files(folder: Path, stream: Stream, working: MLAConfig, plan: Ra
     config.architectures = [type(model).__name__]
     custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
-    try:
-        generation_config = GenerationConfig.from_pretrained(stream.reader.folder)
-    except OSError:
-        generation_config = GenerationConfig.from_model_config(stream.source_config)
-    generation_config.save_pretrained(folder)
+    stream.reader.generation_config(stream.source_config).save_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------------- the passes
@@ -539,8 +510,9 @@ class LayerRecord:
 
 
 def layer_moment(stream: Stream, moment: torch.Tensor | None) -> torch.Tensor:
-    # weight-only SVD decomposes in the isotropic moment whatever was calibrated, as `convert.decompose` does
-    if moment is None or stream.options.init == "svd":
+    # Weight-only SVD decomposes in the isotropic moment whatever was calibrated: in the text's moments it would be
+    # activation-aware PCA, not the SVD baseline.
+    if moment is None or stream.settings.init == "svd":
         return weight_only_moment(stream.shape.hidden_size)
     return moment
 
@@ -565,7 +537,8 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
             )
             hidden, moment, normalised = calibrated.output, calibrated.moment, calibrated.normalised
         moment = layer_moment(stream, moment)
-        weights = decompose_streamed(stream, layer, moment, plan, layer_idx, first_key_scale(stream.options), normalised)
+        key_scale = stream.settings.first_key_scale
+        weights = decompose_streamed(stream, layer, moment, plan, layer_idx, key_scale, normalised)
         spectra.append(weights.spectrum)
         del layer, weights
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
@@ -577,13 +550,12 @@ def convert_layers(
 ) -> tuple[list[LayerRecord], list[dict], dict, MLAConfig]:
     """The main pass: every layer converted, written and freed in turn. Returns the layers' records, their
     refinement stats, the check against the source and the MLA config the layers were built with."""
-    options, meter, device = stream.options, stream.meter, stream.device
+    settings, meter, device = stream.settings, stream.meter, stream.device
     config = stream.skeleton.config
-    steps = refinement_steps(plan, options)
-    search = searches_key_scale(plan, options)
-    keep = kept_sequences(plan, options, sequences.shape[1]) if sequences is not None else 0
-    refine_options = RefineOptions(steps=steps, lr=refine_lr(options))
-    generator = torch.Generator().manual_seed(options.seed)
+    deepseek = settings.target == "deepseek"
+    keep = settings.kept_sequences(sequences.shape[1]) if sequences is not None else 0
+    refine_options = settings.refine
+    generator = torch.Generator().manual_seed(settings.options.seed)
 
     with meter.stage("embeddings"):
         embed = stream.reader.read("model.embed_tokens.weight")
@@ -596,14 +568,14 @@ def convert_layers(
 
     mla: MLAStream | None = None
     records, refine_stats = [], []
-    bar = tqdm(range(stream.shape.num_layers), desc="converting (streamed)", unit="layer", disable=not stream.progress)
+    bar = tqdm(range(stream.shape.num_layers), desc="converting", unit="layer", disable=not stream.progress)
     for layer_idx in bar:
         window = stream.windows[layer_idx]
         with meter.stage("read"):
             source_layer = stream.source_layer(layer_idx)
             # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
             source_state = source_layer.state_dict()
-        moment = kept = normalised = None
+        moment = kept = normalised = layer_input = None
         if hidden is not None:
             with meter.stage("calibrate"):
                 last = layer_idx == stream.shape.num_layers - 1
@@ -611,28 +583,45 @@ def convert_layers(
                     source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep,
                     forward=not last, normalised=stream.normalises,
                 )
+                # DeepSeek's latent norm is measured on this layer's inputs: they are kept until it is
+                layer_input = hidden if deepseek else None
                 hidden, moment, kept, normalised = calibrated.output, calibrated.moment, calibrated.kept, calibrated.normalised
                 del calibrated
         moment = layer_moment(stream, moment)
+
+        def with_norm(weights: MLAAttentionWeights, sequences: int | None = None) -> MLAAttentionWeights:
+            """`weights` under DeepSeek's latent norm, measured on the first `sequences` (None: all)."""
+            if not deepseek:
+                return weights
+            inputs = layer_input if sequences is None else layer_input[:sequences]
+            with meter.stage("latent norm"):
+                return with_layer_latent_norm(
+                    weights, moment, lambda: attention_inputs(source_layer, inputs, device), layer_idx
+                )
+
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
+        # Each is scored as it will be used: with its anchor and latent norm in place (on the first sequences).
         weights = best_error = target = None
-        for factor in KEY_SCALE_GRID if search else (first_key_scale(options),):
+        for factor in settings.key_scale_grid:
             with meter.stage("decompose"):
                 candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor, normalised)
-            mla = mla or MLAStream.start(stream, plan, candidate, source_layer)
-            if not search:
+            if not settings.searches_key_scale:
                 weights = candidate
                 break
+            scored = with_norm(candidate, KEY_SCALE_SEARCH_NORM_SEQUENCES)
+            mla = mla or MLAStream.start(stream, plan, scored, source_layer)
             with meter.stage("key-scale search"):
                 target = target or KeyScaleTarget.of(stream, mla, source_layer, kept, window)
-                error = target.error(stream, mla, layer_idx, source_state, candidate)
-            if weights is None or error < best_error:  # ties: the first, as `choose_key_scales`
+                error = target.error(stream, mla, layer_idx, source_state, scored)
+            if weights is None or error < best_error:  # ties: the first
                 weights, best_error = candidate, error
-            del candidate
+            del candidate, scored
         del target
+        weights = with_norm(weights)
+        mla = mla or MLAStream.start(stream, plan, weights, source_layer)
         mla_layer = mla.layer(layer_idx, source_state, weights, device)
         stats = {}
-        if steps > 0:
+        if refine_options.steps > 0:
             with meter.stage("refine"), eager_on_cpu([config, mla.config], device):
                 inputs = windows(kept, refine_options.window).to(device, torch.float32)
                 stats = refine_layer(
@@ -655,7 +644,7 @@ def convert_layers(
             LayerRecord(weights.qk_nope_head_dim, list(weights.rope_frequency_indices), weights.stats, weights.rope_key_heads)
         )
         refine_stats.append(stats)
-        del source_state, source_layer, mla_layer, weights, kept, moment
+        del source_state, source_layer, mla_layer, weights, kept, moment, layer_input
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
 
     with meter.stage("verify"):
@@ -681,79 +670,3 @@ def final_check(stream: Stream, writer: ShardWriter, source_check: torch.Tensor,
             for states in (mla_check, source_check)
         ]
     return logit_agreement(*logits)
-
-
-def convert_streaming(
-    source: str,
-    output: str | os.PathLike,
-    options: ConversionOptions | None = None,
-    gguf_file: str | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    """`convert`, layer by layer from the safetensors shards (see the module's docstring); the same report, plus
-    peak memory and seconds per stage."""
-    options = options or ConversionOptions()
-    check_options(options)
-    check_device(options.device)
-    started = time.perf_counter()
-    meter = Meter()
-    folder = check_streamable(source, gguf_file, options)
-    source_config = load_source_config(str(folder))
-    shape = SourceShape.from_config(source_config)
-    plan = plan_ranks(shape, options)
-    check_source_family(source_config)
-    text = needs_text(plan, options)
-    if text and options.calibration is None:
-        raise MLAConvertError(
-            "streaming conversion needs --calibration text: sampling calibration text from the source runs the "
-            "whole model (or convert with --streaming off)"
-        )
-    output = prepare_output(
-        output,
-        inputs={"source": source, "calibration data": options.calibration},
-        overwrite=overwrite,
-        force=force,
-        required_bytes=estimated_size(source_config, plan, options.dtype) + side_files_bytes(folder),
-    )
-    tokenizer = _load_tokenizer(str(folder), None)
-    stream = Stream.open(folder, source_config, options, meter, progress)
-
-    with meter.stage("calibration text"):
-        if text:
-            sequences, calibration_info = calibration_sequences(None, tokenizer, options)
-            if options.init == "svd":
-                calibration_info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
-        else:
-            sequences = None
-            description = "not needed" if plan.exact else "not needed (weight-only SVD)"
-            calibration_info = {"kind": "none", "description": description, "tokens": 0}
-    if uses_spectrum_allocation(options) and not plan.exact:
-        with meter.stage("spectrum pass"):
-            spectra = collect_spectra(stream, plan, sequences)
-            uniform = plan.kv_lora_ranks[0]
-            plan = replace(plan, kv_lora_ranks=allocate_ranks(spectra, sum(plan.kv_lora_ranks), max(1, uniform // 4)))
-    check_ids = verification_ids(source_config.vocab_size, sequences, options.seed)
-    dtype = getattr(torch, options.dtype)
-
-    def write(staging: Path) -> None:
-        writer = ShardWriter(staging, parse_size(options.max_shard_size), dtype)
-        records, refine_stats, verification, working = convert_layers(stream, plan, sequences, check_ids, writer)
-        check_verification(verification, plan)
-        with meter.stage("write"):
-            writer.finish()
-            write_model_files(staging, stream, working, plan, records, options.dtype)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        report = conversion_report(
-            source, None, source_config, options, plan, records, refine_stats, calibration_info
-        )
-        report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
-        report.update(streaming=True, **meter.report())
-        (staging / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        reports.append(report)
-
-    reports: list[dict] = []
-    save_atomically(output, write)
-    return reports[0]

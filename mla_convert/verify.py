@@ -60,16 +60,3 @@ def check_verification(verification: dict, plan: RankPlan) -> None:
             f"full-budget conversion is not exact (max relative logit error "
             f"{verification['max_relative_logit_error']:.2e}); nothing was written: please report this source"
         )
-
-
-def verify(
-    source_model: PreTrainedModel,
-    model: PreTrainedModel,
-    plan: RankPlan,
-    calibration: torch.LongTensor | None,
-    seed: int,
-) -> dict:
-    """The check against the source (in float32, before any cast), refused if it failed; returns its figures."""
-    verification = compare_logits(source_model, model, verification_ids(source_model.config.vocab_size, calibration, seed))
-    check_verification(verification, plan)
-    return verification

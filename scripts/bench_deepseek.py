@@ -8,7 +8,10 @@ Rows (all closed form, `--refine-steps 0`, K/V balance 1, one latent size in eve
 - `mla`: the plain target with uniform ranks (free RoPE placement: any key component of any frequency);
 - `deepseek table`: DeepSeek's RoPE table (one key component per frequency), no latent norm;
 - `+ anchor`: one latent dimension given to the anchor (`deepseek.add_latent_anchor`), no norm yet;
-- `+ anchor + norm`: what `convert --target deepseek --refine-steps 0 --key-scale 1` builds;
+- `+ anchor + norm`: the closed form of `--target deepseek` with its anchor and norm measured on the whole MLA
+  model's activations (each layer sees the converted layers before it);
+- `convert --target deepseek`: what `convert --target deepseek --refine-steps 0 --key-scale 1` builds, layer by
+  layer, its anchor and norm measured on the source's activations;
 - `norm, no anchor`: the latent norm on the plain latent, to show what the anchor is for;
 - `... --nope-shrink on`: the plain target, the table alone and the full closed form again, with each frequency's
   NoPE key shrunk by E[cos(theta delta)] (`decompose.nope_shrink_factors`).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,9 +33,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.calibrate import calibrate
+from mla_convert.calibrate import calibration_sequences
 from mla_convert.conversion_options import ConversionOptions
-from mla_convert.convert import build_mla
+from mla_convert.convert import convert
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.deepseek import deepseek_closed_form, latent_rms, with_latent_norm
 from mla_convert.evaluate import ReferenceLogProbs, evaluate
@@ -66,9 +70,14 @@ def main() -> None:
     )  # fmt: skip
     plan = plan_ranks(shape, options)
     kv_lora_rank, qk_rope_head_dim = plan.kv_lora_ranks[0], plan.qk_rope_head_dim
-    calibration = calibrate(source, tokenizer, shape, plan, options)
-    sequences = calibration.sequences
+    sequences, calibration_info = calibration_sequences(source, tokenizer, options)
     rows = []
+
+    def converted(conversion: ConversionOptions):
+        """`mla-convert convert`'s model for `conversion`, loaded back in float32."""
+        with tempfile.TemporaryDirectory() as folder:
+            convert(args.source, Path(folder) / "mla", conversion, progress=False)
+            return AutoModelForCausalLM.from_pretrained(Path(folder) / "mla", dtype=torch.float32).eval()
 
     def score(name: str, model) -> None:
         started = time.perf_counter()
@@ -83,13 +92,8 @@ def main() -> None:
         print(f"{name}: {row['perplexity_ratio']:.3f}x, KL {row['kl']:.3f} ({time.perf_counter() - started:.0f} s)",
               flush=True)  # fmt: skip
 
-    plain_mla, *_ = build_mla(source, source.config, plan, calibration, options, progress=False)
-    score("mla", plain_mla)
-    del plain_mla
-    shrunk_options = replace(options, nope_shrink="on")
-    shrunk_mla, *_ = build_mla(source, source.config, plan, calibration, shrunk_options, progress=False)
-    score("mla, --nope-shrink on", shrunk_mla)
-    del shrunk_mla
+    score("mla", converted(options))
+    score("mla, --nope-shrink on", converted(replace(options, nope_shrink="on")))
     table_only = deepseek_closed_form(
         source, source.config, kv_lora_rank, qk_rope_head_dim, sequences, latent_anchor=False
     )
@@ -100,6 +104,7 @@ def main() -> None:
     score("+ anchor", anchored)
     score("+ anchor + norm", with_latent_norm(anchored, latent_rms(anchored, sequences)))
     del anchored
+    score("convert --target deepseek", converted(replace(options, target="deepseek")))
     shrunk_table = deepseek_closed_form(
         source, source.config, kv_lora_rank, qk_rope_head_dim, sequences, latent_anchor=False, nope_shrink=True
     )
@@ -109,7 +114,7 @@ def main() -> None:
     score("+ anchor + norm, --nope-shrink on", with_latent_norm(shrunk, latent_rms(shrunk, sequences)))
 
     print(f"\nbudget {args.budget:g}: {kv_lora_rank} + {qk_rope_head_dim} per layer; held-out: {split}, "
-          f"{held_out.numel()} tokens in windows of {args.seq_len}; calibration: {calibration.info['description']}\n")  # fmt: skip
+          f"{held_out.numel()} tokens in windows of {args.seq_len}; calibration: {calibration_info['description']}\n")  # fmt: skip
     print("| conversion (closed form) | perplexity / source | KL | top-1 |")
     print("|---|---|---|---|")
     for row in rows:
@@ -117,7 +122,7 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "source": args.source, "budget": args.budget, "shape": [kv_lora_rank, qk_rope_head_dim],
-        "held_out": split, "calibration": calibration.info, "rows": rows,
+        "held_out": split, "calibration": calibration_info, "rows": rows,
     }, indent=2) + "\n")  # fmt: skip
 
 

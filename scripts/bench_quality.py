@@ -7,9 +7,9 @@ evaluated on held-out text against the source. No fine-tuning: refinement counts
     python scripts/bench_quality.py runs/smollm2 --cross-domain       (calibration domains, about 30 minutes)
 
 Calibration reads the first 80% of --calibration (32k tokens by default), evaluation the last 20% of --eval-data
-(8k tokens in windows of 512): the two never overlap when they are the same file. Calibration runs once per
-kind (text, and data-free: sampled from the source) and size, and is shared by every conversion, so each row's
-time is its own decomposition and refinement; the calibration times are printed once.
+(8k tokens in windows of 512): the two never overlap when they are the same file. Every
+conversion runs `mla-convert convert`'s own pipeline (calibration included), so each row's time is a whole
+conversion's.
 
 Rows:
 - `default`: the options `mla-convert convert` uses by default, at every budget;
@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,13 +41,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.calibrate import calibrate
-from mla_convert.conversion_options import refine_steps
-from mla_convert.convert import ConversionOptions, build_mla, refine
+from mla_convert.convert import ConversionOptions, convert
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import ReferenceLogProbs, evaluate
 from mla_convert.gqa import pool_kv_heads, valid_gqa_head_counts
-from mla_convert.plan import SourceShape, plan_ranks
+from mla_convert.plan import SourceShape
 
 
 DEFAULT_BUDGETS = (0.75, 0.5, 1 / 3, 0.25, 0.17)
@@ -108,22 +107,7 @@ class Bench:
             )
         # calibration kind -> text (None: data-free, sampled from the source)
         self.calibration_texts = {"text": args.calibration, "other text": args.other_text, "data-free": None}
-        self.calibrations = {}
         self.rows = []
-
-    def calibration(self, kind: str, tokens: int):
-        """Calibration shared by every conversion of the same kind and size (recorded inputs for refinement too)."""
-        key = (kind, tokens)
-        if key not in self.calibrations:
-            options = self.options(calibration=self.calibration_texts[kind], calibration_tokens=tokens,
-                                   refine_tokens=tokens)
-            plan = plan_ranks(self.shape, replace(options, kv_budget=0.5))
-            started = time.perf_counter()
-            calibration = calibrate(self.source, self.tokenizer, self.shape, plan, options)
-            seconds = time.perf_counter() - started
-            print(f"calibration ({kind}, {tokens} tokens): {calibration.info['description']}, {seconds:.0f} s", flush=True)
-            self.calibrations[key] = (calibration, seconds)
-        return self.calibrations[key]
 
     def options(self, **overrides) -> ConversionOptions:
         values = dict(calibration=self.args.calibration, calibration_tokens=self.args.calibration_tokens,
@@ -138,37 +122,38 @@ class Bench:
         results["held_out"] = held_out.split
         return results
 
+    def convert(self, options: ConversionOptions) -> tuple[torch.nn.Module, dict]:
+        """One conversion with `mla-convert convert`'s pipeline, loaded back in float32, and its report."""
+        with tempfile.TemporaryDirectory() as folder:
+            report = convert(self.args.source, Path(folder) / "mla", options, progress=False)
+            model = AutoModelForCausalLM.from_pretrained(Path(folder) / "mla", dtype=torch.float32).eval()
+        return model, report
+
     def mla(self, group: str, budget: float, kind: str = "text", tokens: int | None = None, **overrides) -> None:
-        """One conversion; with refinement in its options, also scored before it (as the `closed form` row)."""
+        """One conversion; with refinement in its options and in the `default` group, also the same conversion
+        without it (the `closed form` row)."""
         tokens = tokens or self.args.calibration_tokens
-        calibration, calibration_seconds = self.calibration(kind, tokens)
         options = self.options(kv_budget=budget, calibration=self.calibration_texts[kind], calibration_tokens=tokens,
                                refine_tokens=tokens, **overrides)
-        plan = plan_ranks(self.shape, options)
-        started = time.perf_counter()
-        closed = replace(options, refine_steps=0)
-        model, plan, _, _ = build_mla(self.source, self.source.config, plan, calibration, closed, False)
-        seconds = time.perf_counter() - started
         label = ", ".join(f"{key}={value}" for key, value in overrides.items()) or "defaults"
-        extra = {
-            "kv_lora_ranks": plan.kv_lora_ranks,
-            "qk_rope_head_dim": plan.qk_rope_head_dim,
-            "kv_numbers_per_token": sum(plan.cache_per_layer),
-            "calibration_seconds": round(calibration_seconds, 1),
-        }
-        if refine_steps(options) == 0:
-            self.add(group, budget, label, kind, tokens, self.score(model), {**extra, "build_seconds": round(seconds, 1)})
-            return
-        if group == "default":
-            self.add("closed form", budget, "refine_steps=0", kind, tokens, self.score(model),
-                     {**extra, "build_seconds": round(seconds, 1)})
-        started = time.perf_counter()
-        refine_stats = refine(self.source, model, calibration.layer_inputs, options, False)
-        seconds += time.perf_counter() - started
-        extra.update(build_seconds=round(seconds, 1),
-                     refined_layers_kept=sum(bool(stat.get("refine_kept")) for stat in refine_stats))
+
+        def extra(report: dict) -> dict:
+            stages = report["seconds_per_stage"]
+            return {
+                "kv_lora_ranks": report["kv_lora_ranks"],
+                "qk_rope_head_dim": report["qk_rope_head_dim"],
+                "kv_numbers_per_token": report["cache"]["mla_numbers_per_token"],
+                "calibration_seconds": round(stages.get("calibration text", 0.0) + stages.get("calibrate", 0.0), 1),
+                "build_seconds": report["seconds"],
+                "refined_layers_kept": sum(bool(layer.get("refine_kept")) for layer in report["layers"]),
+            }
+
+        model, report = self.convert(options)
+        if report["refine_steps"] > 0 and group == "default":
+            closed, closed_report = self.convert(replace(options, refine_steps=0))
+            self.add("closed form", budget, "refine_steps=0", kind, tokens, self.score(closed), extra(closed_report))
         for held_out in self.held_outs if group == "cross-domain" else self.held_outs[:1]:
-            self.add(group, budget, label, kind, tokens, self.score(model, held_out), extra)
+            self.add(group, budget, label, kind, tokens, self.score(model, held_out), extra(report))
 
     def gqa(self, num_kv_heads: int) -> None:
         model = pool_kv_heads(copy.deepcopy(self.source), num_kv_heads)
@@ -256,10 +241,9 @@ def main() -> None:
         print(f"| {row['group']} | {row['budget']:.3f} | {row['method']} | {calibration} | {row['kv_bytes_per_token_fp32']:,} | "
               f"{row['perplexity']:.2f} | {row['ratio']:.3f} | {row['kl']:.3f} | {row['top1_agreement']:.3f} | "
               f"{row['build_seconds']:.0f} |")
-    calibration_seconds = {f"{kind}, {tokens}": round(seconds, 1) for (kind, tokens), (_, seconds) in bench.calibrations.items()}
-    print(f"\ncalibration seconds (shared by the rows): {calibration_seconds}; bench took {time.perf_counter() - started:.0f} s")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
     write_json(args.json, {
-        "held_out": held_out.split, "seq_len": args.seq_len, "calibration_seconds": calibration_seconds,
+        "held_out": held_out.split, "seq_len": args.seq_len,
         "source_kv_bytes_per_token_fp32": 4 * bench.shape.cache_per_layer * bench.shape.num_layers,
         "rows": bench.rows,
     })

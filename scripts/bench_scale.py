@@ -8,6 +8,8 @@ time; and SmolLM2's streamed conversion against the whole-model one.
     python scripts/bench_scale.py --shapes 8b --layers full 16 --keep         (about 1.5-3 hours; 16 GB of source)
     python scripts/bench_scale.py --smollm2 runs/smollm2 --shapes             (about 10 minutes: two conversions, two
                                                                                held-out evaluations)
+    python scripts/bench_scale.py --shapes 1b --target deepseek --kv-lora-rank 512 --qk-rope-head-dim 64
+                                                                              (the serving engines' DeepSeek shape)
 
 Sources are built by the script under --work (default runs/bench_scale, which git ignores), shard by shard: one
 safetensors file per decoder layer, one for the embeddings, one for the final norm (and the LM head when it is not
@@ -101,6 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--refine-steps", type=int, default=10)
     parser.add_argument("--kv-budget", type=float, default=0.25)
+    parser.add_argument("--target", default="mla", choices=("mla", "deepseek"),
+                        help="convert's --target (deepseek: the serving engines' shape with --kv-lora-rank 512 "
+                        "--qk-rope-head-dim 64)")
+    parser.add_argument("--kv-lora-rank", type=int, default=None, help="convert's --kv-lora-rank (replaces --kv-budget)")
+    parser.add_argument("--qk-rope-head-dim", type=int, default=None, help="convert's --qk-rope-head-dim")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="saved dtype of the synthetic conversions (SmolLM2's are saved in float32)")
     parser.add_argument("--max-shard-size", default="2GB")
@@ -261,11 +268,29 @@ def sample_peak(process: subprocess.Popen) -> tuple[threading.Event, dict]:
     return stop, result
 
 
+def cache_arguments(args) -> list[str]:
+    """The cache size flags of the conversions: --kv-lora-rank (with --qk-rope-head-dim) or --kv-budget."""
+    if args.kv_lora_rank is not None:
+        sizes = ["--kv-lora-rank", str(args.kv_lora_rank)]
+    else:
+        sizes = ["--kv-budget", str(args.kv_budget)]
+    if args.qk_rope_head_dim is not None:
+        sizes += ["--qk-rope-head-dim", str(args.qk_rope_head_dim)]
+    return sizes
+
+
+def cache_label(args) -> str:
+    """What a row's cache size is called: `512+64` for explicit ranks, else the budget."""
+    if args.kv_lora_rank is not None:
+        return f"{args.kv_lora_rank}+{args.qk_rope_head_dim or 'head_dim'}"
+    return f"{args.kv_budget:g}"
+
+
 def run_conversion(args, source: Path, output: Path, streaming: str, dtype: str, log: Path) -> dict:
     """One `mla-convert convert` in a child process; its report plus the sampled peak RSS and wall time."""
     command = [
         sys.executable, "-m", "mla_convert", "convert", str(source), str(output),
-        "--streaming", streaming, "--kv-budget", str(args.kv_budget),
+        "--streaming", streaming, "--target", args.target, *cache_arguments(args),
         "--calibration", args.calibration, "--calibration-tokens", str(args.calibration_tokens),
         "--refine-tokens", str(args.calibration_tokens), "--refine-steps", str(args.refine_steps),
         "--dtype", dtype, "--max-shard-size", args.max_shard_size, "--overwrite",
@@ -344,6 +369,8 @@ def synthetic_row(args, work: Path, shape: str, layers: int) -> dict:
         "calibration_tokens": run["report"]["calibration"]["tokens"],
         "refine_steps": args.refine_steps,
         "kv_budget": args.kv_budget,
+        "target": args.target,
+        "cache": cache_label(args),
         "dtype": args.dtype,
         "threads": args.threads,
         **memory_fields(run),
@@ -449,7 +476,7 @@ def smollm2_rows(args, work: Path) -> list[dict]:
 
 def row_key(row: dict) -> tuple:
     return (row["kind"], row["shape"], row["layers"], row.get("streaming_option", "on"), row["calibration_tokens"],
-            row["refine_steps"], row["kv_budget"], row["dtype"])
+            row["refine_steps"], row["kv_budget"], row["dtype"], row.get("target", "mla"), row.get("cache"))
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
@@ -462,14 +489,15 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| shape | streaming | layers | hidden | calibration tokens | peak RSS (GB) | seconds | s/layer | source (GB) "
-        "| output (GB) | held-out ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | target | cache | streaming | layers | hidden | calibration tokens | peak RSS (GB) | seconds | s/layer "
+        "| source (GB) | output (GB) | held-out ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ppl = f"{row['perplexity']:.3f}" if "perplexity" in row else ""
         lines.append(
-            f"| {row['shape']} | {row.get('streaming_option', 'on')} | {row['layers']} | {row['hidden']} | "
+            f"| {row['shape']} | {row.get('target', 'mla')} | {row.get('cache', row['kv_budget'])} | "
+            f"{row.get('streaming_option', 'on')} | {row['layers']} | {row['hidden']} | "
             f"{row['calibration_tokens']:,} | {row['peak_rss_gb']:.2f} | {row['seconds']:.0f} | "
             f"{row['seconds_per_layer']:.1f} | {row['source_gb']:.2f} | {row['output_gb']:.2f} | {ppl} |"
         )

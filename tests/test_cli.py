@@ -183,7 +183,7 @@ def test_failure_midway_leaves_no_partial_output(tmp_path, pico_folders, monkeyp
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(conversion.MLAForCausalLM, "save_pretrained", explode)
+    monkeypatch.setattr(conversion.ShardWriter, "finish", explode)
     output = tmp_path / "out"
     with pytest.raises(OSError):
         conversion.convert(str(pico_folders["llama-gqa"]), output, conversion.ConversionOptions(kv_budget=1.0))

@@ -257,3 +257,48 @@ def test_cache_grows_amortised_and_stays_close_to_what_it_holds(half_folders):
         cache.crop(-1)
         absorbed_logits = model(input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
     assert relative_error(absorbed_logits, expanded_logits) < 1e-5
+
+
+def module_imports(package) -> dict[str, set[str]]:
+    """Every module of `package` and the modules of the package it imports (at any depth of its code)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(package.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        here = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here.split(".")[: len(here.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    imported |= {candidate for candidate in (f"{module}.{alias.name}", module) if candidate in names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name in names}
+        graph[name] = imported - {name}
+    return graph
+
+
+def test_the_converter_has_no_import_cycles():
+    """One pipeline of plain modules: no module of mla_convert imports, however indirectly, one that imports it."""
+    graph = module_imports(mla_convert)
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        for imported in graph[name]:
+            if imported in path:
+                cycles.append(path[path.index(imported) :] + [imported])
+            elif imported not in seen:
+                seen.add(imported)
+                visit(imported, path + [imported])
+
+    for start in graph:
+        seen = {start}
+        visit(start, [start])
+    assert cycles == []

@@ -1,4 +1,5 @@
-"""Streaming conversion (one decoder layer at a time from the safetensors shards) against the whole-model path.
+"""The conversion's one pipeline over each layer source: the source read from its safetensors shards one layer at a
+time (`--streaming on`) gives the weights of the source held in memory (`--streaming off`), bit for bit.
 
 Sources: 3-layer pico checkpoints, one float32 in one file, one Qwen2 (biases, tied embeddings) stored in bfloat16,
 and one Mistral written in several shards with an index.
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
-from mla_convert import stream
+from mla_convert import settings, stream
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.errors import MLAConvertError
 
@@ -65,6 +66,17 @@ def convert_both(source: Path, output: Path, conversion: ConversionOptions) -> t
     return whole, streamed
 
 
+def assert_same_weights(expected_folder: Path, actual_folder: Path) -> None:
+    """Bit for bit: every tensor, and the files that describe the model."""
+    expected, actual = weights(expected_folder), weights(actual_folder)
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (actual_folder / name).read_text() == (expected_folder / name).read_text(), name
+
+
 SETTINGS = {
     # at full budget both are exact
     "exact": dict(budget=1.0),
@@ -85,16 +97,8 @@ def test_streaming_gives_the_whole_model_paths_weights_and_logits(tmp_path, sour
     assert [layer.get("key_scale_factor") for layer in streamed["layers"]] == [
         layer.get("key_scale_factor") for layer in whole["layers"]
     ]
-    expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "streamed")
-    assert set(actual) == set(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype, name
-        assert relative_error(actual[name].float(), tensor.float()) < 1e-5, name
-    for name in ("config.json", "generation_config.json", "tokenizer.json"):
-        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
-    assert streamed["verification"]["max_relative_logit_error"] == pytest.approx(
-        whole["verification"]["max_relative_logit_error"], rel=1e-3, abs=1e-6
-    )
+    assert_same_weights(tmp_path / "whole", tmp_path / "streamed")
+    assert streamed["verification"] == whole["verification"]
 
     ids = token_ids(2, 48)
     with torch.no_grad():
@@ -124,17 +128,48 @@ def family_sources(root: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5])
+@pytest.mark.parametrize("kind", ["float32", "sharded"])
+def test_the_deepseek_target_streams_with_the_in_memory_sources_weights(tmp_path, sources, wikitext, kind, budget):
+    """--target deepseek, layer by layer: the anchor and the latent norm's weight are measured per layer on the
+    carried activations, the same whichever source the layers come from."""
+    conversion = options(budget, wikitext, target="deepseek", key_scale="search", refine_steps=5)
+    whole, streamed = convert_both(sources[kind], tmp_path, conversion)
+    assert_same_weights(tmp_path / "whole", tmp_path / "streamed")
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["kv_latent_norm"] is True
+    assert len(set(streamed["kv_lora_ranks"])) == 1
+    assert all("latent_anchor" in layer and "refine_error_after" in layer for layer in streamed["layers"])
+    assert streamed["settings"]["streaming_reason"] == "--streaming on"
+
+
+def test_a_streamed_deepseek_conversion_exports_and_loads_as_deepseek_v3(tmp_path, sources, wikitext):
+    """The road to a serving engine: convert --target deepseek from the shards, export, load in transformers' own
+    DeepseekV3ForCausalLM (without the plugin), and compute what the converted folder computes."""
+    from test_export import EXPORT_TOLERANCE, run_native
+
+    argv = ["convert", str(sources["sharded"]), str(tmp_path / "mla"), "--target", "deepseek", "--kv-budget", "0.5",
+            "--streaming", "on", "--calibration", str(wikitext), "--calibration-tokens", "1024",
+            "--refine-tokens", "1024", "--refine-steps", "5"]  # fmt: skip
+    result = run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert "converted layer by layer (streaming)" in result.stdout
+    result = run_cli("export", str(tmp_path / "mla"), str(tmp_path / "deepseek"), "--format", "deepseek-v3")
+    assert result.returncode == 0, result.stderr
+    ids = token_ids(2, 48, seed=7)
+    native = run_native(tmp_path / "deepseek", ids, tmp_path)
+    assert native["class"] == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        logits = load_causal_lm(tmp_path / "mla")(input_ids=ids).logits
+    assert relative_error(native["logits"], logits) <= EXPORT_TOLERANCE
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["qwen2-sliding", "phi3", "qwen3"])
 def test_streaming_follows_the_families_sliding_windows_fused_projections_and_qk_norm(tmp_path, wikitext, kind, budget):
     source = family_sources(tmp_path / "sources")[kind]
     conversion = options(budget, wikitext, key_scale="search", rank_allocation="spectrum", refine_steps=10)
     whole, streamed = convert_both(source, tmp_path, conversion)
     assert streamed["kv_lora_ranks"] == whole["kv_lora_ranks"]
-    expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "streamed")
-    assert set(actual) == set(expected)
-    for name, tensor in expected.items():
-        assert relative_error(actual[name], tensor) < 1e-5, name
-    assert (tmp_path / "streamed" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+    assert_same_weights(tmp_path / "whole", tmp_path / "streamed")
     ids = token_ids(1, 96)  # past the window and past Phi-3's original context
     with torch.no_grad():
         logits = load_causal_lm(tmp_path / "streamed")(ids).logits
@@ -162,7 +197,7 @@ def test_the_report_records_peak_memory_and_time_per_stage(tmp_path, sources, wi
     stages = report["seconds_per_stage"]
     assert {"spectrum pass", "read", "calibrate", "decompose", "key-scale search", "refine", "verify", "write"} <= set(stages)
     whole = convert(str(sources["float32"]), tmp_path / "whole", options(0.5, wikitext, streaming="off", refine_steps=2))
-    assert whole["peak_rss_bytes"] > 0 and {"load", "calibrate", "verify"} <= set(whole["seconds_per_stage"])
+    assert whole["peak_rss_bytes"] > 0 and {"load", "read", "calibrate", "verify"} <= set(whole["seconds_per_stage"])
 
 
 def test_sharded_output_has_an_index_and_loads(tmp_path, sources, wikitext):
@@ -208,15 +243,19 @@ def test_streaming_holds_one_source_layer_at_a_time_in_its_stored_dtype(tmp_path
     assert dtypes == {torch.bfloat16 if kind == "bfloat16" else torch.float32}
 
 
-def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch, capsys):
+def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch):
     class Memory:
         available = 10 * 2**30
 
-    monkeypatch.setattr(stream.psutil, "virtual_memory", lambda: Memory)
-    assert convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))["streaming"] is False
-    Memory.available = stream.whole_model_bytes(sources["float32"], options(1.0, wikitext))  # it would take all
-    assert convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))["streaming"] is True
-    assert "converting layer by layer (--streaming auto)" in capsys.readouterr().err
+    monkeypatch.setattr(settings.psutil, "virtual_memory", lambda: Memory)
+    roomy = convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))
+    assert roomy["streaming"] is False and roomy["settings"]["streaming_reason"].startswith("auto: the source fits")
+    Memory.available = settings.in_memory_bytes(sources["float32"])  # it would take all
+    tight = convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))
+    assert tight["streaming"] is True and "would not fit" in tight["settings"]["streaming_reason"]
+    # data-free calibration samples from the whole source: auto holds it in memory
+    sampled = convert(str(sources["float32"]), tmp_path / "sampled", replace(options(0.5, wikitext), calibration=None))
+    assert sampled["streaming"] is False and "data-free" in sampled["settings"]["streaming_reason"]
 
 
 def test_a_failed_streaming_conversion_leaves_nothing_behind(tmp_path, sources, wikitext):
@@ -269,7 +308,6 @@ def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--target", "deepseek", "--calibration", "{data}"], "--target deepseek is not streamed yet"),
         ([], "streaming conversion needs --calibration text"),
         (["--calibration", "{data}", "--max-shard-size", "lots"], "--max-shard-size must be a size"),
     ],
@@ -293,3 +331,34 @@ def test_streaming_leaves_its_inputs_byte_for_byte(tmp_path, sources, wikitext):
     after_paths = sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]
     assert after_paths == inputs
     assert contents(after_paths) == before
+
+
+def test_the_per_layer_latent_norm_is_the_whole_models_where_both_see_the_same_activations(pico_folders):
+    """Layer 0 reads the embeddings in the source and in the MLA model alike: there the anchor and the norm measured
+    on one layer's inputs (the pipeline's way) equal those measured through the whole MLA model."""
+    from mla_convert.calibrate import collect_input_moments
+    from mla_convert.decompose import DecomposeOptions, decompose_all
+    from mla_convert.deepseek import check_deepseek_rope, deepseek_closed_form, latent_rms, with_latent_norm
+    from mla_convert.deepseek import with_layer_latent_norm
+    from mla_convert.plan import RankPlan, SourceShape
+
+    source = load_causal_lm(pico_folders["llama-gqa"])
+    shape = SourceShape.from_config(source.config)
+    ids = token_ids(8, 64, seed=1)
+    rank, rope_dim = 24, 8
+    for anchor in (True, False):
+        whole = deepseek_closed_form(source, source.config, rank, rope_dim, ids, latent_anchor=anchor)
+        whole = with_latent_norm(whole, latent_rms(whole, ids))
+        frequencies = check_deepseek_rope(source, shape.head_dim, rope_dim)
+        plan = RankPlan([rank] * shape.num_layers, rope_dim, shape.cache_per_layer, False, frequencies)
+        moments, _ = collect_input_moments(source, ids)
+        options = DecomposeOptions(rope_frequencies=frequencies)
+        plain = decompose_all(source, shape, moments, plan, options, progress=False)[0]
+        with torch.no_grad():
+            inputs = source.model.layers[0].input_layernorm(source.model.embed_tokens(ids))
+        layer = with_layer_latent_norm(plain, moments[0], lambda: inputs.split(4), 0, latent_anchor=anchor)
+        attention = whole.model.layers[0].self_attn
+        assert layer.stats["latent_anchor"] is anchor
+        assert relative_error(layer.kv_a_norm_weight.float(), attention.kv_a_layernorm.weight) < 1e-5
+        assert relative_error(layer.kv_a_weight.float(), attention.kv_a_proj_with_mqa.weight) < 1e-5
+        assert relative_error(layer.kv_b_weight.float(), attention.kv_b_proj.weight) < 1e-5

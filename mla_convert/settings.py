@@ -1,0 +1,188 @@
+"""The conversion's settings, resolved once at entry: what `ConversionOptions` asks for, with every default the
+target implies filled in and every choice that depends on the source made (how long to refine, how the latent is
+spread over the layers, which K/V balances are tried, whether the layer source is read from the shards or held in
+memory, and why). The pipeline reads `Settings` and never re-derives a default; `conversion.json` records them."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+from transformers import PreTrainedConfig
+
+from .conversion_options import (
+    DEEPSEEK_REFINE_LR, DEEPSEEK_REFINE_STEPS, KEY_SCALE_GRID, ConversionOptions, parse_size,
+)  # fmt: skip
+from .decompose import DecomposeOptions
+from .errors import MLAConvertError
+from .plan import RankPlan
+from .refine import RefineOptions
+from .sources import _safetensors_shapes
+
+
+# The in-memory layer source holds the source in float32 beside the calibration activations: auto reads the source
+# layer by layer from its shards when that would take more than this share of the memory available now.
+AUTO_MEMORY_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every decision of a conversion, made once (`resolve`)."""
+
+    options: ConversionOptions
+    target: str
+    # the full-budget exact form (no calibration, no refinement, no search)
+    exact: bool
+    init: str
+    rope_strategy: str
+    nope_shrink: bool
+    # "spectrum" (latent sizes per layer by the calibration spectra), "uniform" or "explicit --kv-lora-rank"
+    rank_allocation: str
+    # the K/V balances tried per layer; one value: no search
+    key_scale_grid: tuple[float, ...]
+    refine_steps: int
+    refine_lr: float
+    # "text" (the given file or dataset), "sampled" (data-free: from the source itself) or "none"
+    calibration: str
+    # calibration tokens whose attention inputs are kept for refinement and the key-scale search (0: none)
+    kept_tokens: int
+    # read the source layer by layer from its safetensors shards (True) or hold it in memory (False), and why
+    streaming: bool
+    streaming_reason: str
+    max_shard_bytes: int
+
+    @property
+    def searches_key_scale(self) -> bool:
+        return len(self.key_scale_grid) > 1
+
+    @property
+    def first_key_scale(self) -> float:
+        """The K/V balance of the spectrum pass (balanced where the search tries several), or the only one."""
+        return 1.0 if self.searches_key_scale else self.key_scale_grid[0]
+
+    @property
+    def spectrum_allocation(self) -> bool:
+        return self.rank_allocation == "spectrum"
+
+    @property
+    def refine(self) -> RefineOptions:
+        return RefineOptions(steps=self.refine_steps, lr=self.refine_lr)
+
+    def decompose(self, plan: RankPlan) -> DecomposeOptions:
+        return DecomposeOptions(
+            init=self.init, rope_strategy=self.rope_strategy, rope_frequencies=plan.rope_frequencies,
+            nope_shrink=self.nope_shrink,
+        )  # fmt: skip
+
+    def kept_sequences(self, seq_len: int) -> int:
+        """How many calibration sequences of `seq_len` tokens have their attention inputs kept."""
+        return math.ceil(self.kept_tokens / seq_len) if self.kept_tokens else 0
+
+    def record(self) -> dict:
+        """What `conversion.json` records of the resolved settings."""
+        record = {key: value for key, value in asdict(self).items() if key != "options"}
+        record["key_scale_grid"] = list(self.key_scale_grid)
+        return record
+
+
+def resolve(
+    options: ConversionOptions, source: str, gguf_file: str | None, source_config: PreTrainedConfig, plan: RankPlan
+) -> Settings:
+    """`options` for this source and cache plan, with every default filled in (see the module's docstring)."""
+    exact = plan.exact
+    if options.kv_lora_rank is not None:
+        rank_allocation = "explicit --kv-lora-rank"
+    elif options.rank_allocation == "spectrum" and options.target == "mla" and not exact:
+        rank_allocation = "spectrum"
+    else:
+        # DeepSeek-V3 has one kv_lora_rank; the exact form has nothing to spread
+        rank_allocation = "uniform"
+    search = not exact and options.init == "pca" and options.key_scale == "search"
+    if search:
+        grid = KEY_SCALE_GRID
+    else:
+        grid = (1.0 if options.key_scale == "search" else float(options.key_scale),)
+    deepseek = options.target == "deepseek"
+    steps = options.refine_steps if options.refine_steps is not None else (
+        DEEPSEEK_REFINE_STEPS if deepseek else RefineOptions.steps
+    )  # fmt: skip
+    steps = 0 if exact else steps
+    lr = options.refine_lr if options.refine_lr is not None else (DEEPSEEK_REFINE_LR if deepseek else RefineOptions.lr)
+    # weight-only SVD reads text only to refine; DeepSeek's latent norm always starts from the latent's RMS on text
+    weight_only = options.init == "svd" and steps == 0 and not deepseek
+    if exact or weight_only:
+        calibration = "none"
+    else:
+        calibration = "sampled" if options.calibration is None else "text"
+    kept_tokens = options.refine_tokens if calibration != "none" and (steps > 0 or search) else 0
+    streaming, reason = choose_layer_source(source, gguf_file, options, calibration)
+    return Settings(
+        options=options,
+        target=options.target,
+        exact=exact,
+        init=options.init,
+        rope_strategy=options.rope_strategy,
+        nope_shrink=options.nope_shrink == "on",
+        rank_allocation=rank_allocation,
+        key_scale_grid=tuple(grid),
+        refine_steps=steps,
+        refine_lr=lr,
+        calibration=calibration,
+        kept_tokens=kept_tokens,
+        streaming=streaming,
+        streaming_reason=reason,
+        max_shard_bytes=parse_size(options.max_shard_size),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the layer source
+
+
+def choose_layer_source(
+    source: str, gguf_file: str | None, options: ConversionOptions, calibration: str
+) -> tuple[bool, str]:
+    """Whether the layers are read from the safetensors shards one at a time (True) or from the source held in
+    memory (False), and why; refuses, in one line, a `--streaming on` that cannot be honoured."""
+    path = Path(os.fspath(source)).expanduser()
+    if options.streaming == "on":
+        check_streamable(path, source, gguf_file, calibration)
+        return True, "--streaming on"
+    if options.streaming == "off":
+        return False, "--streaming off"
+    if gguf_file is not None or path.suffix.lower() == ".gguf" or not path.is_dir():
+        return False, "auto: a GGUF file or hub id is read into memory"
+    if _safetensors_shapes(path) is None:
+        return False, "auto: the source has no safetensors shards to read layer by layer"
+    if calibration == "sampled":
+        return False, "auto: data-free calibration samples text from the whole source model"
+    needed, available = in_memory_bytes(path), psutil.virtual_memory().available
+    held = f"{needed / 2**30:.1f} GiB in memory, and {available / 2**30:.1f} GiB are available"
+    if needed <= AUTO_MEMORY_SHARE * available:
+        return False, f"auto: the source fits ({held})"
+    return True, f"auto: the source would not fit comfortably ({held})"
+
+
+def in_memory_bytes(folder: Path) -> int:
+    """What the in-memory layer source holds beyond the streamed one: the source in float32 (sizes from the
+    safetensors headers)."""
+    shapes = _safetensors_shapes(folder) or {}
+    return 4 * sum(math.prod(shape) for shape in shapes.values())
+
+
+def check_streamable(path: Path, source: str, gguf_file: str | None, calibration: str) -> None:
+    """Refuses, in one line, what reading the source layer by layer from its shards cannot do."""
+    if gguf_file is not None or path.suffix.lower() == ".gguf":
+        raise MLAConvertError("streaming conversion reads safetensors shards, not GGUF: convert with --streaming off")
+    if not path.is_dir():
+        raise MLAConvertError(f"streaming conversion reads a local model folder, and {source} is none: download it first")
+    if _safetensors_shapes(path) is None:
+        raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")
+    if calibration == "sampled":
+        held = in_memory_bytes(path) / 2**30
+        raise MLAConvertError(
+            "streaming conversion needs --calibration text: sampling calibration text from the source runs the "
+            f"whole model (or convert with --streaming off, which holds the source in memory: about {held:.1f} GiB)"
+        )
