@@ -1,4 +1,4 @@
-"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format (issue 13).
+"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format.
 
 Re-layout only, no fitting: the exported folder computes what the MLA folder computes, and loads with transformers'
 own `DeepseekV3ForCausalLM` (no plugin, no remote code), and so with the engines that serve DeepSeek-V3 checkpoints.
@@ -12,10 +12,18 @@ What changes on the way (transformers' `models/deepseek_v3/modeling_deepseek_v3.
   cached `k_pe` is the same numbers in both;
 - the MLP is dense in every layer (`first_k_dense_replace` = number of layers; the MoE fields only need to be valid),
   the query is full rank (`q_lora_rank=None`: DeepSeek's `q_proj`), there is no multi-token-prediction module, and
-  `lm_head` is always written out (untied), whatever the engine does about tying.
+  `lm_head` is always written out (untied), whatever the engine does about tying;
+- the norms' epsilon: transformers builds `kv_a_layernorm` with 1e-6, vLLM and SGLang with `rms_norm_eps`. The
+  export's `rms_norm_eps` is 1e-6 and the residual stream is rescaled so every norm computes what the MLA folder's
+  does (`Relayout`): one model in every engine.
+
+Tensors are read and written one at a time (sharded, with an index, past `--max-shard-size`): the export's memory
+is about its largest tensor's, whatever the model's size.
 
 Refused (nothing written): per-layer ranks, no latent norm, a RoPE table other than DeepSeek's, attention or MLP
-biases. Those are properties of the conversion, not of the layout: convert with the DeepSeek constraints.
+biases (properties of the conversion, not of the layout: convert with the DeepSeek constraints); NaN or inf weights,
+weights that do not match the config; and, unless `transformers_only`, a RoPE scaling the engines read otherwise
+than transformers.
 """
 
 from __future__ import annotations
@@ -295,11 +303,15 @@ class Relayout:
         return tensor.contiguous()
 
 
-def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
-    """`tensor * scale` computed in float64 and stored in the tensor's dtype; the tensor itself where scale is 1."""
+def _scaled(tensor: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
+    """`tensor * scale` computed in float64 and stored in the tensor's dtype, a block of rows at a time (a whole
+    float64 copy of a 128k-row embedding is 4x its bfloat16 size); the tensor itself where scale is 1."""
     if scale == 1.0:
         return tensor.contiguous()
-    return (tensor.to(torch.float64) * scale).to(tensor.dtype).contiguous()
+    out = torch.empty_like(tensor)
+    for start in range(0, tensor.shape[0], rows):
+        out[start : start + rows] = tensor[start : start + rows].to(torch.float64) * scale
+    return out
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -372,26 +384,23 @@ def write_weights(
     from .stream import ShardWriter
 
     writer = ShardWriter(staging, max_shard_bytes, dtype)
-    handles = {}
-    try:
-        for name, source in sources.items():
-            path = headers[source][0]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            try:
-                tensor = handles[path].get_tensor(source)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
-            if not all_finite(tensor):
-                raise MLAConvertError(
-                    f"the weights in {folder} contain NaN or inf values (first in {source}): the checkpoint is broken, "
-                    "and an export would serve it"
-                )
-            writer.add(name, relayout(name, tensor))
-            del tensor
-        writer.finish()
-    finally:
-        handles.clear()
+    for name, source in sources.items():
+        path = headers[source][0]
+        try:
+            # opened for each tensor: an open file keeps every page read from it mapped, and so in this process's
+            # memory, until the whole model would be
+            with safe_open(path, framework="pt") as weights:
+                tensor = weights.get_tensor(source)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+        if not all_finite(tensor):
+            raise MLAConvertError(
+                f"the weights in {folder} contain NaN or inf values (first in {source}): the checkpoint is broken, "
+                "and an export would serve it"
+            )
+        writer.add(name, relayout(name, tensor))
+        del tensor
+    writer.finish()
 
 
 SERVING_NOTES = """## Serving
