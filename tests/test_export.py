@@ -106,7 +106,8 @@ def exported(request, pico_folders, tmp_path_factory):
     with warnings.catch_warnings():
         # The pico shapes fit no serving kernel: the export warns and goes on.
         warnings.simplefilter("ignore", UserWarning)
-        export_deepseek_v3(root / "mla", root / "deepseek")
+        # Llama-3 scaling (llama-gqa) is exact in transformers only: engines read it as YaRN
+        export_deepseek_v3(root / "mla", root / "deepseek", transformers_only=name == "llama-gqa")
     return name, root / "mla", root / "deepseek"
 
 
@@ -404,7 +405,7 @@ def native_without_plugin(folder, ids: torch.LongTensor, tmp_path) -> dict:
     return torch.load(out_path)
 
 
-def cli_convert_and_export(source, root, size_flags: list[str], wikitext) -> tuple[object, object, str]:
+def cli_convert_and_export(source, root, size_flags: list[str], wikitext, export_flags=()) -> tuple[object, object, str]:
     """`mla-convert convert --target deepseek` then `mla-convert export`, as a user runs them; returns the MLA
     folder, the exported folder and what export printed. `size_flags` come last, so they may override the rest."""
     mla_folder, exported_folder = root / "mla", root / "deepseek"
@@ -413,7 +414,7 @@ def cli_convert_and_export(source, root, size_flags: list[str], wikitext) -> tup
         "--calibration-tokens", "2048", "--refine-steps", "10", *size_flags,
     )  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]
-    exported = run_cli("export", str(mla_folder), str(exported_folder), "--format", "deepseek-v3")
+    exported = run_cli("export", str(mla_folder), str(exported_folder), "--format", "deepseek-v3", *export_flags)
     assert exported.returncode == 0, exported.stderr[-3000:]
     return mla_folder, exported_folder, exported.stdout
 
@@ -423,7 +424,9 @@ def cli_exported(request, pico_folders, wikitext, tmp_path_factory):
     """(name, MLA folder, exported folder, export's output) for each source, made through the command line."""
     name = request.param
     root = tmp_path_factory.mktemp(f"cli-export-{name}")
-    return name, *cli_convert_and_export(pico_folders[name], root, CLI_SHAPES[name][0], wikitext)
+    # Llama-3 scaling (llama-gqa) is exact in transformers only: engines read it as YaRN
+    export_flags = ["--transformers-only"] if name == "llama-gqa" else []
+    return name, *cli_convert_and_export(pico_folders[name], root, CLI_SHAPES[name][0], wikitext, export_flags)
 
 
 def test_cli_conversion_is_deepseek_shaped(cli_exported):
@@ -466,7 +469,7 @@ def test_heal_keeps_and_trains_the_latent_norm(pico_folders, wikitext, tmp_path)
     """`heal --train attention` trains DeepSeek's latent norm with the projections; the healed folder still has it,
     still exports, and its export computes what the healed folder computes."""
     source = pico_folders["llama-gqa"]
-    mla_folder, _, _ = cli_convert_and_export(source, tmp_path, CLI_SHAPES["llama-gqa"][0], wikitext)
+    mla_folder, _, _ = cli_convert_and_export(source, tmp_path, CLI_SHAPES["llama-gqa"][0], wikitext, ["--transformers-only"])
     healed, exported = tmp_path / "healed", tmp_path / "healed-deepseek"
     result = run_cli(
         "heal", str(mla_folder), str(healed), "--teacher", str(source), "--data", str(wikitext), "--max-tokens",
@@ -481,7 +484,7 @@ def test_heal_keeps_and_trains_the_latent_norm(pico_folders, wikitext, tmp_path)
     for old, new in zip(before.model.layers, after.model.layers):
         assert not torch.equal(old.self_attn.kv_a_layernorm.weight, new.self_attn.kv_a_layernorm.weight)
 
-    assert run_cli("export", str(healed), str(exported), "--format", "deepseek-v3").returncode == 0
+    assert run_cli("export", str(healed), str(exported), "--format", "deepseek-v3", "--transformers-only").returncode == 0
     ids = token_ids(2, 40, seed=5)
     native = native_without_plugin(exported, ids, tmp_path)
     with torch.no_grad():
@@ -508,3 +511,181 @@ def test_real_model_cli_export_matches_natively(smollm2_folder, wikitext, tmp_pa
         greedy = mla.generate(ids[:1, :16], max_new_tokens=12, do_sample=False)
     assert relative_error(native["logits"], logits) <= EXPORT_TOLERANCE
     assert torch.equal(native["greedy"], greedy)
+
+
+# ------------------------------------------------------------------------------------- one model in every engine
+
+
+def small_norm_inputs_folder(folder, rms_norm_eps: float = 1e-5) -> torch.nn.Module:
+    """An MLA folder (DeepSeek-constrained, from a pico Llama with `rms_norm_eps`) whose every RMSNorm sees inputs
+    of mean square near the epsilons (the latent rows scaled by 3e-3, the residual stream by 1e-2): a model whose
+    outputs depend on each norm's epsilon, as a real conversion's do on the tokens whose latent RMS is small."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import pico_model
+    from mla_convert.deepseek import build_deepseek_mla
+
+    source = pico_model(LlamaConfig, LlamaForCausalLM, num_key_value_heads=4, rms_norm_eps=rms_norm_eps)
+    model = build_deepseek_mla(source, source.config, 112, 16, token_ids(8, 64, seed=1))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e-2)
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_proj_with_mqa.weight[:112].mul_(3e-3)
+            layer.self_attn.o_proj.weight.mul_(1e-2)
+            layer.mlp.down_proj.weight.mul_(1e-2)
+    save_mla(model, folder)
+    return load_causal_lm(folder)
+
+
+def test_export_is_the_same_model_whatever_eps_the_engine_gives_the_latent_norm(tmp_path):
+    """transformers' DeepseekV3 builds `kv_a_layernorm` with eps 1e-6, vLLM and SGLang with `rms_norm_eps`: the
+    export computes the MLA folder's logits under both readings (its norms' inputs are small enough that a wrong
+    epsilon shows), and its `rms_norm_eps` is the latent norm's epsilon, so the two readings are one model."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from mla_convert.export import export_deepseek_v3
+
+    mla = small_norm_inputs_folder(tmp_path / "mla")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        export_deepseek_v3(tmp_path / "mla", tmp_path / "deepseek")
+    ids = token_ids(2, 40, seed=5)
+    with torch.no_grad():
+        expected = mla(input_ids=ids).logits
+        exported = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "deepseek", dtype=torch.float32).eval()
+        as_transformers = exported(input_ids=ids).logits
+        # vLLM's reading: every RMSNorm, the latent one included, with config.rms_norm_eps
+        for layer in exported.model.layers:
+            layer.self_attn.kv_a_layernorm.variance_epsilon = exported.config.rms_norm_eps
+        as_vllm = exported(input_ids=ids).logits
+    assert relative_error(as_transformers, expected) <= 1e-5
+    assert relative_error(as_vllm, expected) <= 1e-5
+
+
+# ------------------------------------------------------------------------------- streamed, sharded; bad folders
+
+
+@pytest.fixture(scope="module")
+def mla_folder(pico_folders, tmp_path_factory):
+    """A DeepSeek-constrained MLA folder of the pico MHA Llama (112 + 16), and its logits on fixed ids."""
+    folder = tmp_path_factory.mktemp("streamed") / "mla"
+    _, model = deepseek_mla("llama-mha", pico_folders, *SHAPES["llama-mha"])
+    save_mla(model, folder)
+    return folder
+
+
+def folder_hashes(folder) -> dict[str, str]:
+    import hashlib
+
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_sharded_export_loads_as_deepseek_with_equal_logits(mla_folder, tmp_path):
+    """`export --max-shard-size` writes the tensors into several shards with their index, and the sharded folder
+    loads as DeepseekV3ForCausalLM with the MLA folder's logits (and exactly the one-file export's)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    result = run_cli("export", str(mla_folder), str(sharded), "--format", "deepseek-v3", "--max-shard-size", "60KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli("export", str(mla_folder), str(single), "--format", "deepseek-v3").returncode == 0
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(path.name for path in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (sharded / "model.safetensors").exists() and (single / "model.safetensors").is_file()
+    for path in sharded.glob("*.safetensors"):
+        # a tensor larger than the limit gets a shard of its own; every other shard keeps under it
+        assert path.stat().st_size <= 60_000 + 4096 or len([n for n, f in index["weight_map"].items() if f == path.name]) == 1
+
+    ids = token_ids(2, 40, seed=9)
+    with torch.no_grad():
+        expected = load_causal_lm(mla_folder)(input_ids=ids).logits
+        logits = {}
+        for name, folder in (("sharded", sharded), ("single", single)):
+            model = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            logits[name] = model(input_ids=ids).logits
+    assert relative_error(logits["sharded"], expected) <= EXPORT_TOLERANCE
+    assert torch.equal(logits["sharded"], logits["single"])
+
+
+def broken_copy(mla_folder, tmp_path, damage) -> "Path":
+    """A copy of `mla_folder` with `damage(copy)` applied."""
+    import shutil
+
+    copy = tmp_path / "broken-mla"
+    shutil.copytree(mla_folder, copy)
+    damage(copy)
+    return copy
+
+
+def with_nan(folder) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def truncated(folder) -> None:
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def mismatched_config(folder) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (with_nan, ("NaN", "model.layers.1.mlp.up_proj.weight")),
+        (truncated, ("corrupt or truncated",)),
+        (mismatched_config, ("config.json does not match the weights",)),
+    ],
+    ids=["nan", "truncated", "config-mismatch"],
+)
+def test_export_refuses_broken_folder_in_one_line(mla_folder, tmp_path, damage, fragments):
+    """A NaN weight, a truncated model.safetensors or a config.json that does not match the weights: exit 2, one
+    line, nothing written, the folder unchanged."""
+    from conftest import assert_clean_failure
+
+    folder = broken_copy(mla_folder, tmp_path, damage)
+    before = folder_hashes(folder)
+    output = tmp_path / "exported"
+    assert_clean_failure(run_cli("export", str(folder), str(output), "--format", "deepseek-v3"), *fragments)
+    assert not output.exists() and leftovers(tmp_path) == []
+    assert folder_hashes(folder) == before
+
+
+def test_export_checks_free_space(mla_folder, tmp_path, monkeypatch):
+    """Too little free space beside OUTPUT for the weights: refused before anything is written."""
+    from collections import namedtuple
+
+    from mla_convert import folders
+    from mla_convert.export import export_deepseek_v3
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    output = tmp_path / "exported"
+    with pytest.raises(MLAConvertError, match="not enough free space"):
+        export_deepseek_v3(mla_folder, output)
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_export_refuses_rope_engines_cannot_read(pico_folders, tmp_path):
+    """A Llama-3-scaled source: vLLM and SGLang read every scaled RoPE as DeepSeek-YaRN, so the export is refused in
+    one line naming what to do (nothing written), and written with --transformers-only."""
+    from conftest import assert_clean_failure
+
+    _, model = deepseek_mla("llama-gqa", pico_folders, *SHAPES["llama-gqa"])
+    save_mla(model, tmp_path / "mla")
+    before = folder_hashes(tmp_path / "mla")
+    refused = run_cli("export", str(tmp_path / "mla"), str(tmp_path / "out"), "--format", "deepseek-v3")
+    assert_clean_failure(refused, "'llama3'", "DeepSeek-YaRN", "--transformers-only")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert folder_hashes(tmp_path / "mla") == before
+    allowed = run_cli("export", str(tmp_path / "mla"), str(tmp_path / "out"), "--format", "deepseek-v3", "--transformers-only")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "DeepSeek-YaRN" in (tmp_path / "out" / "README.md").read_text()
