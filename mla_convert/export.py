@@ -357,20 +357,10 @@ def exported_layout(
     if "lm_head.weight" not in headers:
         # A tied MLA model stores only the embedding; DeepSeek's lm_head is its own tensor.
         sources["lm_head.weight"] = "model.embed_tokens.weight"
-    wrong = [
-        f"{name} is {headers[source][1]} in the weights, {expected[name]} in DeepSeek-V3's layout"
-        for name, source in sources.items()
-        if source in headers and headers[source][1] != expected[name]
-    ]
-    missing = [name for name, source in sources.items() if source not in headers]
-    unexpected = [name for name in headers if name not in expected]
-    if wrong or missing or unexpected:
-        problems = wrong[:3]
-        if missing:
-            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensors DeepSeek-V3 has no place for (e.g. {unexpected[0]})")
-        raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
+    from .sources import check_shapes
+
+    shapes = {name: shape for name, (_, shape, _) in headers.items()}
+    check_shapes(folder, expected, shapes, sources, ("in DeepSeek-V3's layout", "DeepSeek-V3"))
     return sources
 
 
@@ -385,24 +375,12 @@ def write_weights(
 ) -> None:
     """The exported tensors, one at a time (read, re-laid out, checked finite, written): memory holds the largest
     tensor and its float64 copy, never the model."""
-    from .sources import all_finite
+    from .sources import read_checked_tensor
     from .stream import ShardWriter
 
     writer = ShardWriter(staging, max_shard_bytes, dtype)
     for name, source in sources.items():
-        path = headers[source][0]
-        try:
-            # opened for each tensor: an open file keeps every page read from it mapped, and so in this process's
-            # memory, until the whole model would be
-            with safe_open(path, framework="pt") as weights:
-                tensor = weights.get_tensor(source)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
-        if not all_finite(tensor):
-            raise MLAConvertError(
-                f"the weights in {folder} contain NaN or inf values (first in {source}): the checkpoint is broken, "
-                "and an export would serve it"
-            )
+        tensor = read_checked_tensor(headers[source][0], source, folder, ", and an export would serve it")
         writer.add(name, relayout(name, tensor))
         del tensor
     writer.finish()

@@ -218,20 +218,8 @@ def check_weights_match_config(folder: Path, config: PreTrainedConfig) -> None:
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False)
-    wrong = [
-        f"{name} is {shapes[name]} in the weights, {shape} by config.json"
-        for name, shape in expected.items()
-        if name in shapes and shapes[name] != shape
-    ]
-    missing = [name for name in expected if name not in shapes and not (tied and name == "lm_head.weight")]
-    unexpected = [name for name in shapes if name not in expected]
-    if wrong or missing or unexpected:
-        problems = wrong[:3]
-        if missing:
-            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensors the config has no place for (e.g. {unexpected[0]})")
-        raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
+    sources = {name: name for name in expected if not (tied and name == "lm_head.weight" and name not in shapes)}
+    check_shapes(folder, expected, shapes, sources, ("by config.json", "the config"))
 
 
 # What an output holds besides its weights and tokenizer, at most: config, generation config, modeling files, reports
@@ -317,6 +305,43 @@ def all_finite(tensor: torch.Tensor, chunk: int = 2**24) -> bool:
     if not tensor.is_floating_point():
         return True
     return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
+
+def read_checked_tensor(path: Path, name: str, folder: Path, consequence: str = "") -> torch.Tensor:
+    """One tensor of a safetensors file, opened for this tensor alone (an open file keeps every page read from it
+    mapped, and so in this process's memory), refused in one line if the file is corrupt or the tensor not finite."""
+    try:
+        with safe_open(path, framework="pt") as weights:
+            tensor = weights.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+    if not all_finite(tensor):
+        raise MLAConvertError(
+            f"the weights in {folder} contain NaN or inf values (first in {name}): the checkpoint is broken{consequence}"
+        )
+    return tensor
+
+
+def check_shapes(
+    folder: Path, expected: dict[str, tuple], found: dict[str, tuple], sources: dict[str, str], layout: tuple[str, str]
+) -> None:
+    """Refuses, in one line, stored tensors (`found`: name -> shape) that are not the `expected` ones: `sources` maps
+    each expected name to the stored tensor it is read from (a name left out may be absent), `layout` says whose
+    names they are, as (where the shapes come from, who has no place for an extra tensor)."""
+    wrong = [
+        f"{name} is {found[source]} in the weights, {expected[name]} {layout[0]}"
+        for name, source in sources.items()
+        if source in found and found[source] != expected[name]
+    ]
+    missing = [name for name, source in sources.items() if source not in found]
+    unexpected = [name for name in found if name not in expected]
+    if wrong or missing or unexpected:
+        problems = wrong[:3]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors {layout[1]} has no place for (e.g. {unexpected[0]})")
+        raise MLAConvertError(f"{folder / 'config.json'} does not match the weights: {'; '.join(problems)}")
 
 
 def check_finite(model: PreTrainedModel, where: str) -> None:

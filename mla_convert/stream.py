@@ -59,7 +59,7 @@ from .families import layer_windows, llama_layout_state, source_inv_freq
 from .plan import RankPlan, SourceShape
 from .refine import attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
 from .settings import Settings
-from .sources import all_finite
+from .sources import read_checked_tensor
 from .verify import logit_agreement
 
 
@@ -135,17 +135,7 @@ class LazySource:
                     self.weight_map.update({name: path.name for name in f.keys()})
 
     def read(self, name: str) -> torch.Tensor:
-        path = self.folder / self.weight_map[name]
-        try:
-            with safe_open(path, framework="pt") as f:
-                tensor = f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
-        if not all_finite(tensor):
-            raise MLAConvertError(
-                f"the weights in {self.folder} contain NaN or inf values (first in {name}): the checkpoint is broken"
-            )
-        return tensor
+        return read_checked_tensor(self.folder / self.weight_map[name], name, self.folder)
 
     def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """One decoder layer's tensors, named within the layer (`self_attn.q_proj.weight`, ...)."""
