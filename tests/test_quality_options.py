@@ -428,6 +428,7 @@ def test_bad_quality_options_are_refused(tmp_path, pico_folders, wikitext):
         ({"key_scale": -1.0}, "--key-scale must be 'search' or a positive number"),
         ({"refine_steps": -5}, "--refine-steps must be 0 (off) or positive"),
         ({"nope_shrink": "yes"}, "--nope-shrink must be one of off, on"),
+        ({"refine_inputs": "target"}, "--refine-inputs must be one of source, converted, residual"),
     ):
         with pytest.raises(MLAConvertError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             convert(str(pico_folders["llama-gqa"]), tmp_path / "bad", options(wikitext, **overrides))
