@@ -31,6 +31,8 @@ SAVED_DTYPES = ("float32", "bfloat16", "float16")
 KEY_SCALE_GRID = (0.5, 1.0, 2.0, 4.0)
 STREAMING_MODES = ("auto", "on", "off")
 NOPE_SHRINK_MODES = ("off", "on")
+# Whose hidden states a layer is refined on (`stream.convert_layers`): the source's, or the converted model's own
+REFINE_INPUTS = ("source", "converted", "residual")
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -131,6 +133,17 @@ class ConversionOptions:
         help=f"learning rate of refinement; default {RefineOptions.lr:g}, with --target deepseek "
         f"{DEEPSEEK_REFINE_LR:g} (its latent norm makes the layer's loss steeper: at {RefineOptions.lr:g} refinement "
         "makes most layers worse)",
+    )  # fmt: skip
+    refine_inputs: str = option(
+        "source", group="method", choices=REFINE_INPUTS,
+        help="the hidden states each layer is refined on. source: the source model's, so every layer is fitted on "
+        "its own and never sees the error the layers before it left. converted: the converted model's own (its "
+        "earlier layers already converted and refined, applied in order), fitted to the source layer's attention "
+        "output on the source's hidden states: each layer learns to give the right output from the inputs it will "
+        "really get. residual: the same inputs, fitted to the attention output that brings the converted model's "
+        "residual stream back to the source's after the layer (the source's output plus what the earlier layers "
+        "left wrong), so each layer also undoes what it can of the earlier layers' error. converted and residual "
+        "cost one more pass of the refinement tokens through each converted layer",
     )  # fmt: skip
     # calibration tokens whose attention inputs are kept (in bfloat16) for refinement and the key-scale search
     refine_tokens: int = option(

@@ -1,10 +1,11 @@
 """Layer-wise refinement: after the closed-form start, fit each MLA attention layer to its source layer by gradient
 descent on calibration activations.
 
-One layer at a time, with inputs recorded from the source model (so layers are independent and no full-model
-backward pass is needed), the MLA projections are trained to minimise the relative squared error between the MLA
-layer's attention output and the source layer's on the same hidden states. Minutes on a CPU, where healing takes
-hours. The same measurement, without training, scores candidate decompositions (`AttentionTargets`).
+One layer at a time, with inputs recorded from the source model (so no full-model backward pass is needed), the MLA
+projections are trained to minimise the relative squared error between the MLA layer's attention output and the
+source layer's on the same hidden states. Sequential refinement gives the MLA layer the converted model's own
+hidden states on the same tokens instead, and (optionally) adds to the target what the earlier layers left wrong in
+the residual stream (`target_offset`). Minutes on a CPU, where healing takes hours. The same measurement, without training, scores candidate decompositions (`AttentionTargets`).
 """
 
 import math
@@ -145,24 +146,35 @@ def refine_layer(
     rope: tuple[torch.Tensor, torch.Tensor],
     options: RefineOptions,
     generator: torch.Generator,
+    source_inputs: torch.Tensor | None = None,
+    target_offset: torch.Tensor | None = None,
 ) -> dict:
-    """Trains `attention` (an `MLAAttention`) in place so that it reproduces `source_attention` on `inputs`.
+    """Trains `attention` (an `MLAAttention`) in place so that its output on `inputs` reproduces `source_attention`'s
+    output on `source_inputs` (None: on `inputs` too).
 
-    `inputs`: `[windows, window, hidden]` attention inputs (after the layer norm) recorded from the source model.
-    Returns the relative output error on the held-out windows before and after; the weights are restored when
-    training made that error worse.
+    `inputs`: `[windows, window, hidden]` attention inputs (after the layer norm) that the MLA layer is fitted on:
+    recorded from the source model, or from the converted model (sequential refinement), whose windows then hold
+    the same tokens as `source_inputs`' windows. `target_offset` (same shape; None: none) is added to the source's
+    output: the residual stream's error that the layer should undo. Returns the relative output error on the
+    held-out windows before and after; the weights are restored when training made that error worse.
     """
+    source_inputs = inputs if source_inputs is None else source_inputs
     held_out = min(options.eval_windows, len(inputs) - 1)
-    train_inputs, eval_inputs = inputs[: len(inputs) - held_out], inputs[len(inputs) - held_out :]
+    split = len(inputs) - held_out
+    train_inputs, eval_inputs = inputs[:split], inputs[split:]
+    train_source, eval_source = source_inputs[:split], source_inputs[split:]
+    train_offset, eval_offset = (None, None) if target_offset is None else (target_offset[:split], target_offset[split:])
     if held_out == 0:
         # A single window: judge on what was trained on rather than on nothing.
-        eval_inputs = train_inputs
+        eval_inputs, eval_source, eval_offset = train_inputs, train_source, train_offset
     batch_size = min(options.batch_size, len(train_inputs))
     # A local layer (the MLA layer mirrors its source layer's window) is fitted as it attends.
     sliding_window = getattr(attention, "sliding_window", None)
     # targets: [windows, window, hidden]
-    train_targets = attention_outputs(source_attention, train_inputs, source_rope, batch_size, sliding_window)
-    eval_targets = attention_outputs(source_attention, eval_inputs, source_rope, batch_size, sliding_window)
+    train_targets = attention_outputs(source_attention, train_source, source_rope, batch_size, sliding_window)
+    eval_targets = attention_outputs(source_attention, eval_source, source_rope, batch_size, sliding_window)
+    if target_offset is not None:
+        train_targets, eval_targets = train_targets + train_offset, eval_targets + eval_offset
 
     def held_out_error() -> float:
         output = attention_outputs(attention, eval_inputs, rope, batch_size, sliding_window)

@@ -45,6 +45,8 @@ class Settings:
     key_scale_grid: tuple[float, ...]
     refine_steps: int
     refine_lr: float
+    # whose hidden states the layers are refined on: "source" or "converted" (the converted model's own, in order)
+    refine_inputs: str
     # "text" (the given file or dataset), "sampled" (data-free: from the source itself) or "none"
     calibration: str
     # calibration tokens whose attention inputs are kept for refinement and the key-scale search (0: none)
@@ -70,6 +72,11 @@ class Settings:
     @property
     def refine(self) -> RefineOptions:
         return RefineOptions(steps=self.refine_steps, lr=self.refine_lr)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the converted model's own hidden states are carried through the layers to refine them on."""
+        return self.refine_inputs in ("converted", "residual") and self.refine_steps > 0 and self.kept_tokens > 0
 
     def decompose(self, plan: RankPlan) -> DecomposeOptions:
         return DecomposeOptions(
@@ -130,6 +137,7 @@ def resolve(
         key_scale_grid=tuple(grid),
         refine_steps=steps,
         refine_lr=lr,
+        refine_inputs=options.refine_inputs,
         calibration=calibration,
         kept_tokens=kept_tokens,
         streaming=streaming,

@@ -11,9 +11,12 @@ from the previous layer through the source layer, take its input moment, decompo
 assemble the MLA layer, add DeepSeek's latent norm (`--target deepseek`, measured on the same activations), refine
 it, carry the hidden states on, write the layer's tensors to the output shard, free the layer.
 
-The hidden states carried from layer to layer are the SOURCE's (`tokens x hidden`, float32): every layer is fitted
-to its source layer on the source's own activations. The check against the source carries two more streams (source
-and MLA) on the verification sequences, and compares their logits at the end as `verify` does.
+The hidden states carried from layer to layer are the SOURCE's (`tokens x hidden`, float32): every layer is
+decomposed on the source's own activations, and its target is the source layer's output on them. With
+`--refine-inputs converted` or `residual` a second stream, the CONVERTED model's hidden states on the sequences kept
+for refinement, is carried too (each layer applied once it is refined), and the layer is refined on it: it learns
+to reproduce its target from the inputs it will get at run time. The check against the source carries two more
+streams (source and MLA) on the verification sequences, and compares their logits at the end as `verify` does.
 
 Rank allocation by spectrum needs every layer's spectrum before the first rank is fixed: a first pass reads and runs
 every source layer and decomposes it once (about the cost of the main pass without refinement and key-scale search).
@@ -554,6 +557,8 @@ def convert_layers(
         hidden = stream.embed(sequences, embed) if sequences is not None else None
         source_check = stream.embed(check_ids, embed)
         mla_check = source_check.clone()
+        # sequential refinement: the converted model's hidden states on the kept sequences [keep, seq, hidden]
+        mla_hidden = hidden[:keep].clone() if settings.sequential and hidden is not None else None
         del embed
 
     mla: MLAStream | None = None
@@ -565,7 +570,7 @@ def convert_layers(
             source_layer = stream.source_layer(layer_idx)
             # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
             source_state = source_layer.state_dict()
-        moment = kept = normalised = layer_input = None
+        moment = kept = normalised = layer_input = source_hidden = None
         if hidden is not None:
             with meter.stage("calibrate"):
                 last = layer_idx == stream.shape.num_layers - 1
@@ -575,6 +580,9 @@ def convert_layers(
                 )
                 # DeepSeek's latent norm is measured on this layer's inputs: they are kept until it is
                 layer_input = hidden if deepseek else None
+                # the residual target: the source's hidden states entering this layer on the kept sequences
+                if mla_hidden is not None and settings.refine_inputs == "residual":
+                    source_hidden = hidden[:keep].clone()
                 hidden, moment, kept, normalised = calibrated.output, calibrated.moment, calibrated.kept, calibrated.normalised
                 del calibrated
         moment = layer_moment(stream, moment)
@@ -613,17 +621,33 @@ def convert_layers(
         stats = {}
         if refine_options.steps > 0:
             with meter.stage("refine"), eager_on_cpu([config, mla.config], device):
-                inputs = windows(kept, refine_options.window).to(device, torch.float32)
+                source_inputs = windows(kept, refine_options.window).to(device, torch.float32)
+                inputs = source_inputs
+                if mla_hidden is not None:
+                    # the converted model's attention inputs on the same tokens, rounded as the source's are kept
+                    mla_kept = torch.cat(
+                        [part.to("cpu", torch.bfloat16) for part in attention_inputs(mla_layer, mla_hidden, device)]
+                    )
+                    inputs = windows(mla_kept, refine_options.window).to(device, torch.float32)
+                    del mla_kept
+                offset = None
+                if source_hidden is not None:
+                    offset = windows(source_hidden - mla_hidden, refine_options.window).to(device, torch.float32)
                 stats = refine_layer(
                     source_layer.self_attn,
                     mla_layer.self_attn,
                     inputs,
-                    rope_tables(stream.rotary, inputs),
+                    rope_tables(stream.rotary, source_inputs),
                     rope_tables(mla.rotary, inputs),
                     refine_options,
                     generator,
+                    source_inputs=source_inputs,
+                    target_offset=offset,
                 )
-                del inputs
+                del inputs, source_inputs, offset, source_hidden
+        if mla_hidden is not None and layer_idx < stream.shape.num_layers - 1:
+            with meter.stage("refine"):
+                mla_hidden = run_layer(mla_layer, mla_hidden, mla.config, mla.rotary, device, window).output
         with meter.stage("verify"):
             source_check = run_layer(source_layer, source_check, config, stream.rotary, device, window).output
             mla_check = run_layer(mla_layer, mla_check, mla.config, mla.rotary, device, window).output

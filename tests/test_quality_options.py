@@ -340,6 +340,56 @@ def test_a_layer_that_refinement_makes_worse_is_handed_back_as_it_was(tmp_path, 
         assert torch.equal(tensor, expected[name]), name
 
 
+def last_layer_errors(source, folder, ids) -> tuple[float, float]:
+    """The relative errors against the source, each model run whole on `ids`, of the last layer's attention output
+    and of the last hidden states (after the final norm)."""
+
+    def run(model):
+        attention = {}
+        hook = model.model.layers[-1].self_attn.register_forward_hook(lambda m, i, o: attention.update(output=o[0]))
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+        hook.remove()
+        return attention["output"], hidden
+
+    def error(actual, expected) -> float:
+        return float((actual - expected).pow(2).sum() / expected.pow(2).sum())
+
+    expected, actual = run(source), run(load(folder))
+    return error(actual[0], expected[0]), error(actual[1], expected[1])
+
+
+def test_sequential_refinement_corrects_what_an_earlier_layer_got_wrong(tmp_path, pico_folders, wikitext, monkeypatch):
+    """A first layer converted badly on purpose (noise on its output projection; refinement cannot undo it all):
+    the last layer refined on the converted model's own hidden states reproduces the source layer's attention
+    output better, in the converted model as it runs, than the same layer refined on the source's hidden states;
+    fitted to what restores the source's residual stream (`residual`), the last hidden states come closer too."""
+    import mla_convert.stream as stream
+
+    decompose = stream.decompose_streamed
+
+    def worse_first_layer(stream_, layer, moment, plan, layer_idx, *args, **kwargs):
+        weights = decompose(stream_, layer, moment, plan, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            o_weight = weights.o_weight
+            noise = torch.randn(o_weight.shape, generator=torch.Generator().manual_seed(1), dtype=o_weight.dtype)
+            weights = replace(weights, o_weight=o_weight + 2.0 * o_weight.std() * noise)
+        return weights
+
+    monkeypatch.setattr(stream, "decompose_streamed", worse_first_layer)
+    source_path = pico_folders["llama-gqa"]
+    settings = refine_settings(wikitext, key_scale=1.0, refine_steps=100, refine_lr=3e-3)
+    errors = {}
+    for inputs in ("source", "converted", "residual"):
+        report = convert(str(source_path), tmp_path / inputs, replace(settings, refine_inputs=inputs), progress=False)
+        assert report["settings"]["refine_inputs"] == inputs
+        errors[inputs] = last_layer_errors(load(source_path), tmp_path / inputs, held_out_ids(wikitext))
+    (source_attention, source_hidden), (attention, hidden) = errors["source"], errors["converted"]
+    assert attention < 0.85 * source_attention, errors
+    assert hidden < source_hidden, errors
+    assert errors["residual"][1] < 0.95 * source_hidden, errors
+
+
 def test_refinement_targets_causal_attention(pico_folders):
     # Eager attention reads a missing mask as bidirectional: the targets must be causal whatever the implementation.
     source = load(pico_folders["llama-gqa"])
@@ -378,6 +428,7 @@ def test_bad_quality_options_are_refused(tmp_path, pico_folders, wikitext):
         ({"key_scale": -1.0}, "--key-scale must be 'search' or a positive number"),
         ({"refine_steps": -5}, "--refine-steps must be 0 (off) or positive"),
         ({"nope_shrink": "yes"}, "--nope-shrink must be one of off, on"),
+        ({"refine_inputs": "target"}, "--refine-inputs must be one of source, converted, residual"),
     ):
         with pytest.raises(MLAConvertError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             convert(str(pico_folders["llama-gqa"]), tmp_path / "bad", options(wikitext, **overrides))

@@ -84,6 +84,8 @@ SETTINGS = {
     "compressed": dict(budget=0.5, key_scale="search", rank_allocation="spectrum", refine_steps=10),
     # saved in bfloat16: the shards are written in the saved dtype
     "svd-refined": dict(budget=0.5, init="svd", key_scale=1.0, refine_steps=5, dtype="bfloat16"),
+    # sequential refinement: the converted model's own hidden states carried through the layers
+    "sequential": dict(budget=0.5, key_scale=1.0, refine_steps=10, refine_inputs="converted"),
 }
 
 
@@ -106,8 +108,9 @@ def test_streaming_gives_the_whole_model_paths_weights_and_logits(tmp_path, sour
         assert relative_error(logits, load_causal_lm(tmp_path / "whole")(ids).logits) < 1e-4
         if setting == "exact":
             assert relative_error(logits, load_causal_lm(sources[kind])(ids).logits) < 1e-4
-    if setting == "compressed":
+    if setting in ("compressed", "sequential"):
         assert all("refine_error_after" in layer for layer in streamed["layers"])
+        assert streamed["settings"]["refine_inputs"] == overrides.get("refine_inputs", "source")
 
 
 def family_sources(root: Path) -> dict[str, Path]:
