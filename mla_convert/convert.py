@@ -75,7 +75,7 @@ def convert(
         del first
 
     with meter.stage("calibration text"):
-        sequences, calibration_info = calibration_text(reader, tokenizer, settings)
+        sequences, calibration_info = calibration_text(stream, tokenizer, settings)
     if settings.spectrum_allocation:
         with meter.stage("spectrum pass"):
             spectra = collect_spectra(stream, plan, sequences)
@@ -116,14 +116,13 @@ def open_layer_source(source: str, gguf_file: str | None, settings: Settings) ->
     return ModelSource(model), tokenizer
 
 
-def calibration_text(reader: LazySource | ModelSource, tokenizer, settings: Settings) -> tuple[torch.LongTensor | None, dict]:
+def calibration_text(stream: Stream, tokenizer, settings: Settings) -> tuple[torch.LongTensor | None, dict]:
     """The calibration sequences (None where the conversion reads no text) and their description for the report."""
     if settings.calibration == "none":
         description = "not needed" if settings.exact else "not needed (weight-only SVD)"
         return None, {"kind": "none", "description": description, "tokens": 0}
-    # data-free calibration samples from the whole source, which only the in-memory layer source holds
-    model = reader.model if isinstance(reader, ModelSource) else None
-    sequences, info = calibration_sequences(model, tokenizer, settings.options)
+    # data-free calibration samples from the source layer by layer, whichever layer source holds it
+    sequences, info = calibration_sequences(stream, tokenizer, settings.options)
     if settings.init == "svd":
         info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
     return sequences, info
