@@ -105,6 +105,20 @@ def convert(
     return reports[0]
 
 
+def source_stream(
+    source: str, options: ConversionOptions, gguf_file: str | None = None, progress: bool = True
+) -> tuple[Stream, object]:
+    """The source's layers as a conversion with `options` reads them (from the shards or held in memory, as
+    `--streaming` resolves), and its tokenizer: to run the source layer by layer outside a conversion (the
+    data-free sampler's tests and benchmark)."""
+    source_config = load_source_config(source, gguf_file)
+    check_source_family(source_config)
+    plan = plan_ranks(SourceShape.from_config(source_config), options)
+    settings = resolve(options, source, gguf_file, source_config, plan)
+    reader, tokenizer = open_layer_source(source, gguf_file, settings)
+    return Stream.open(reader, source_config, settings, Meter(), progress), tokenizer
+
+
 def open_layer_source(source: str, gguf_file: str | None, settings: Settings) -> tuple[LazySource | ModelSource, object]:
     """The source's layers, read from its safetensors shards (`settings.streaming`) or held in memory, and its
     tokenizer (None when it has none)."""
