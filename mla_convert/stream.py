@@ -205,6 +205,8 @@ class RepeatedLayers:
     reused from layer to layer (one layer in its stored dtype, and its float32 copy where that dtype is another), and
     is checked for NaN or inf the first time only: no shard is mapped into memory and nothing is allocated per step.
     From the model in memory (`ModelSource`) the layer is built around the model's own tensors, as `Stream` does.
+    Each layer's module is built once and used again while it still holds the very tensors just read (on the CPU:
+    the buffers, or the model's tensors); on another device it is built at every read, from the tensors moved there.
     Use as a context manager (it closes the files)."""
 
     DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -215,6 +217,7 @@ class RepeatedLayers:
         self.stored: dict[str, torch.Tensor] = {}
         self.floats: dict[str, torch.Tensor] = {}
         self.checked: set[str] = set()
+        self.modules: dict[int, nn.Module] = {}
 
     def __enter__(self) -> RepeatedLayers:
         return self
@@ -227,15 +230,19 @@ class RepeatedLayers:
     def layer(self, layer_idx: int) -> nn.Module:
         """Source decoder layer `layer_idx` in float32 on the stream's device; valid until the next call."""
         reader = self.stream.reader
-        if not isinstance(reader, LazySource):
-            return self.stream.source_layer(layer_idx)
-        prefix = f"model.layers.{layer_idx}."
-        state = {
-            name[len(prefix) :]: self.read(reader, name, name[len(prefix) :])
-            for name in reader.weight_map
-            if name.startswith(prefix)
-        }
-        return self.stream.source_layer(layer_idx, state)
+        if isinstance(reader, LazySource):
+            prefix = f"model.layers.{layer_idx}."
+            state = {
+                name[len(prefix) :]: self.read(reader, name, name[len(prefix) :])
+                for name in reader.weight_map
+                if name.startswith(prefix)
+            }
+        else:
+            state = reader.layer_state(layer_idx)
+        module = self.modules.get(layer_idx)
+        if module is None or not holds(module, state):
+            module = self.modules[layer_idx] = self.stream.source_layer(layer_idx, state)
+        return module
 
     def read(self, reader: LazySource, name: str, slot: str) -> torch.Tensor:
         """Tensor `name` in float32, in the buffers of `slot` (its name within the layer)."""
@@ -267,6 +274,12 @@ class RepeatedLayers:
         if floats is None or floats.shape != buffer.shape:
             floats = self.floats[slot] = torch.empty(buffer.shape, dtype=torch.float32)
         return floats.copy_(buffer)
+
+
+def holds(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `module`'s weights are the tensors of `state` themselves (the same memory, not copies)."""
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(own[name].data_ptr() == t.data_ptr() for name, t in state.items())
 
 
 def load_module(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
