@@ -3,7 +3,8 @@ beside what the source itself holds.
 
 A layer source gives the source's tensors by name: `LazySource` reads them from the safetensors shards one at a
 time in their stored dtype (only the layer at hand is ever cast to float32); `ModelSource` holds a loaded model
-(GGUF files, hub ids, folders without safetensors, data-free calibration, or simply a source that fits in memory).
+(GGUF files, hub ids, folders without safetensors, or simply a source that fits in memory). Data-free calibration
+samples its text from either, layer by layer (`sampling.sample_layer_by_layer`, through `RepeatedLayers`).
 Which one is used is a speed and memory choice (`settings.choose_layer_source`): both give the same weights.
 
 The embeddings and the calibration sequences first; then, per layer: run the calibration hidden states carried
@@ -181,8 +182,7 @@ class TensorLocation:
 
 
 class ModelSource:
-    """A source model held in memory (float32, on the CPU), read by name as `LazySource` reads the shards. The model
-    itself is at hand for what needs all of it at once: sampling data-free calibration text."""
+    """A source model held in memory (float32, on the CPU), read by name as `LazySource` reads the shards."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
