@@ -176,6 +176,7 @@ def sample_layer_by_layer(
         norm = type(stream.skeleton.model.norm)(stream.shape.hidden_size, eps=stream.source_config.rms_norm_eps)
     norm = load_module(norm, {"weight": reader.read("model.norm.weight")}, device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    is_eos = None  # [vocab] bool, once the vocabulary size is known from the first logits
     rows = []
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), RepeatedLayers(stream) as layers:
@@ -214,7 +215,9 @@ def sample_layer_by_layer(
                         bar.update(1)
                     logits = nn.functional.linear(norm(hidden)[:, -1:, :], head)[:, -1].to(torch.float32)
                     # eos cannot end a row before it is full (`generate`'s min_new_tokens)
-                    scores = torch.where(torch.isin(torch.arange(logits.shape[-1], device=device), eos), -math.inf, logits)
+                    if is_eos is None:
+                        is_eos = torch.isin(torch.arange(logits.shape[-1], device=device), eos)
+                    scores = torch.where(is_eos, -math.inf, logits)
                     next_ids = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1)
                     ids = torch.cat([ids, next_ids], dim=-1)
                 rows.append(ids.cpu())

@@ -166,7 +166,10 @@ class LazySource:
             for key, entry in header.items():
                 if key != "__metadata__":
                     begin, end = entry["data_offsets"]
-                    self._locations[key] = TensorLocation(path, entry["dtype"], tuple(entry["shape"]), 8 + size + begin, 8 + size + end)
+                    start = 8 + size  # the data follow the header's length and the header
+                    self._locations[key] = TensorLocation(
+                        path, entry["dtype"], tuple(entry["shape"]), start + begin, start + end
+                    )
         return self._locations[name]
 
 

@@ -289,9 +289,10 @@ def test_sampling_layer_by_layer_gives_generates_rows_token_for_token(sources, f
     assert expected.shape == (7, 48)
     before = torch.get_rng_state()
     for streaming in ("off", "on"):
-        stream_, tokenizer = source_stream(str(folder), ConversionOptions(kv_budget=0.5, streaming=streaming), progress=False)
+        conversion = ConversionOptions(kv_budget=0.5, streaming=streaming)
+        stream_, tokenizer = source_stream(str(folder), conversion, progress=False)
         assert isinstance(stream_.reader, stream.LazySource) is (streaming == "on")
-        rows = sample_layer_by_layer(stream_, tokenizer, num_tokens=300, seq_len=48, seed=3, batch_size=3, progress=False)
+        rows = sample_layer_by_layer(stream_, tokenizer, 300, 48, seed=3, batch_size=3, progress=False)
         assert torch.equal(rows, expected), streaming
     assert torch.equal(torch.get_rng_state(), before)
     other = sample_layer_by_layer(stream_, tokenizer, num_tokens=300, seq_len=48, seed=4, batch_size=3, progress=False)
