@@ -93,17 +93,23 @@ def normalised_moment_sums(
     )
 
 
-def calibration_sequences(model, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
-    """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself."""
+def calibration_sequences(stream, tokenizer, options: ConversionOptions) -> tuple[torch.LongTensor, dict]:
+    """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself, layer
+    by layer from `stream`'s layer source (`sampling.sample_layer_by_layer`)."""
     from .data import CALIBRATION_PART, load_text, tokenize_into_sequences
-    from .sampling import sample_from_model
+    from .sampling import sample_layer_by_layer
 
     if tokenizer is None:
         raise MLAConvertError("calibration needs the source's tokenizer, and none was found beside the weights")
     if options.calibration is None:
         seq_len = min(options.calibration_seq_len, 256)
-        sequences = sample_from_model(model, tokenizer, options.calibration_tokens, seq_len, seed=options.seed)
-        info = {"kind": "sampled", "description": f"sampled from the source model (seed {options.seed})"}
+        sequences = sample_layer_by_layer(
+            stream, tokenizer, options.calibration_tokens, seq_len, seed=options.seed, progress=stream.progress
+        )
+        info = {
+            "kind": "sampled", "description": f"sampled from the source model (seed {options.seed})",
+            "sampler": "layer by layer",
+        }  # fmt: skip
     else:
         text, description = load_text(options.calibration, CALIBRATION_PART, options.text_column)
         # no flag sets the calibration sequence length: the advice for short text is only "more text"

@@ -75,7 +75,7 @@ def convert(
         del first
 
     with meter.stage("calibration text"):
-        sequences, calibration_info = calibration_text(reader, tokenizer, settings)
+        sequences, calibration_info = calibration_text(stream, tokenizer, settings)
     if settings.spectrum_allocation:
         with meter.stage("spectrum pass"):
             spectra = collect_spectra(stream, plan, sequences)
@@ -105,6 +105,20 @@ def convert(
     return reports[0]
 
 
+def source_stream(
+    source: str, options: ConversionOptions, gguf_file: str | None = None, progress: bool = True
+) -> tuple[Stream, object]:
+    """The source's layers as a conversion with `options` reads them (from the shards or held in memory, as
+    `--streaming` resolves), and its tokenizer: to run the source layer by layer outside a conversion (the
+    data-free sampler's tests and benchmark)."""
+    source_config = load_source_config(source, gguf_file)
+    check_source_family(source_config)
+    plan = plan_ranks(SourceShape.from_config(source_config), options)
+    settings = resolve(options, source, gguf_file, source_config, plan)
+    reader, tokenizer = open_layer_source(source, gguf_file, settings)
+    return Stream.open(reader, source_config, settings, Meter(), progress), tokenizer
+
+
 def open_layer_source(source: str, gguf_file: str | None, settings: Settings) -> tuple[LazySource | ModelSource, object]:
     """The source's layers, read from its safetensors shards (`settings.streaming`) or held in memory, and its
     tokenizer (None when it has none)."""
@@ -116,14 +130,13 @@ def open_layer_source(source: str, gguf_file: str | None, settings: Settings) ->
     return ModelSource(model), tokenizer
 
 
-def calibration_text(reader: LazySource | ModelSource, tokenizer, settings: Settings) -> tuple[torch.LongTensor | None, dict]:
+def calibration_text(stream: Stream, tokenizer, settings: Settings) -> tuple[torch.LongTensor | None, dict]:
     """The calibration sequences (None where the conversion reads no text) and their description for the report."""
     if settings.calibration == "none":
         description = "not needed" if settings.exact else "not needed (weight-only SVD)"
         return None, {"kind": "none", "description": description, "tokens": 0}
-    # data-free calibration samples from the whole source, which only the in-memory layer source holds
-    model = reader.model if isinstance(reader, ModelSource) else None
-    sequences, info = calibration_sequences(model, tokenizer, settings.options)
+    # data-free calibration samples from the source layer by layer, whichever layer source holds it
+    sequences, info = calibration_sequences(stream, tokenizer, settings.options)
     if settings.init == "svd":
         info["decomposition"] = "weight-only SVD (calibration text only for refinement)"
     return sequences, info

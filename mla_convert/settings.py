@@ -125,7 +125,7 @@ def resolve(
     else:
         calibration = "sampled" if options.calibration is None else "text"
     kept_tokens = options.refine_tokens if calibration != "none" and (steps > 0 or search) else 0
-    streaming, reason = choose_layer_source(source, gguf_file, options, calibration)
+    streaming, reason = choose_layer_source(source, gguf_file, options)
     return Settings(
         options=options,
         target=options.target,
@@ -149,14 +149,12 @@ def resolve(
 # ------------------------------------------------------------------------------------------ the layer source
 
 
-def choose_layer_source(
-    source: str, gguf_file: str | None, options: ConversionOptions, calibration: str
-) -> tuple[bool, str]:
+def choose_layer_source(source: str, gguf_file: str | None, options: ConversionOptions) -> tuple[bool, str]:
     """Whether the layers are read from the safetensors shards one at a time (True) or from the source held in
     memory (False), and why; refuses, in one line, a `--streaming on` that cannot be honoured."""
     path = Path(os.fspath(source)).expanduser()
     if options.streaming == "on":
-        check_streamable(path, source, gguf_file, calibration)
+        check_streamable(path, source, gguf_file)
         return True, "--streaming on"
     if options.streaming == "off":
         return False, "--streaming off"
@@ -164,8 +162,6 @@ def choose_layer_source(
         return False, "auto: a GGUF file or hub id is read into memory"
     if _safetensors_shapes(path) is None:
         return False, "auto: the source has no safetensors shards to read layer by layer"
-    if calibration == "sampled":
-        return False, "auto: data-free calibration samples text from the whole source model"
     needed, available = in_memory_bytes(path), psutil.virtual_memory().available
     held = f"{needed / 2**30:.1f} GiB in memory, and {available / 2**30:.1f} GiB are available"
     if needed <= AUTO_MEMORY_SHARE * available:
@@ -180,7 +176,7 @@ def in_memory_bytes(folder: Path) -> int:
     return 4 * sum(math.prod(shape) for shape in shapes.values())
 
 
-def check_streamable(path: Path, source: str, gguf_file: str | None, calibration: str) -> None:
+def check_streamable(path: Path, source: str, gguf_file: str | None) -> None:
     """Refuses, in one line, what reading the source layer by layer from its shards cannot do."""
     if gguf_file is not None or path.suffix.lower() == ".gguf":
         raise MLAConvertError("streaming conversion reads safetensors shards, not GGUF: convert with --streaming off")
@@ -188,9 +184,3 @@ def check_streamable(path: Path, source: str, gguf_file: str | None, calibration
         raise MLAConvertError(f"streaming conversion reads a local model folder, and {source} is none: download it first")
     if _safetensors_shapes(path) is None:
         raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")
-    if calibration == "sampled":
-        held = in_memory_bytes(path) / 2**30
-        raise MLAConvertError(
-            "streaming conversion needs --calibration text: sampling calibration text from the source runs the "
-            f"whole model (or convert with --streaming off, which holds the source in memory: about {held:.1f} GiB)"
-        )

@@ -315,11 +315,16 @@ def read_checked_tensor(path: Path, name: str, folder: Path, consequence: str = 
             tensor = weights.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
         raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+    check_finite_tensor(tensor, name, folder, consequence)
+    return tensor
+
+
+def check_finite_tensor(tensor: torch.Tensor, name: str, folder: Path, consequence: str = "") -> None:
+    """Refuses, in one line, a tensor read from `folder` that holds NaN or inf."""
     if not all_finite(tensor):
         raise MLAConvertError(
             f"the weights in {folder} contain NaN or inf values (first in {name}): the checkpoint is broken{consequence}"
         )
-    return tensor
 
 
 def check_shapes(

@@ -3,7 +3,8 @@ beside what the source itself holds.
 
 A layer source gives the source's tensors by name: `LazySource` reads them from the safetensors shards one at a
 time in their stored dtype (only the layer at hand is ever cast to float32); `ModelSource` holds a loaded model
-(GGUF files, hub ids, folders without safetensors, data-free calibration, or simply a source that fits in memory).
+(GGUF files, hub ids, folders without safetensors, or simply a source that fits in memory). Data-free calibration
+samples its text from either, layer by layer (`sampling.sample_layer_by_layer`, through `RepeatedLayers`).
 Which one is used is a speed and memory choice (`settings.choose_layer_source`): both give the same weights.
 
 The embeddings and the calibration sequences first; then, per layer: run the calibration hidden states carried
@@ -62,7 +63,7 @@ from .families import layer_windows, llama_layout_state, source_inv_freq
 from .plan import RankPlan, SourceShape
 from .refine import attention_error, attention_outputs, refine_layer, rope_tables, target_inputs, windows
 from .settings import Settings
-from .sources import read_checked_tensor
+from .sources import check_finite_tensor, read_checked_tensor
 from .verify import logit_agreement
 
 
@@ -136,6 +137,7 @@ class LazySource:
             for path in sorted(folder.glob("*.safetensors")):
                 with safe_open(path, framework="pt") as f:
                     self.weight_map.update({name: path.name for name in f.keys()})
+        self._locations: dict[str, TensorLocation] = {}
 
     def read(self, name: str) -> torch.Tensor:
         return read_checked_tensor(self.folder / self.weight_map[name], name, self.folder)
@@ -151,10 +153,39 @@ class LazySource:
         except OSError:
             return GenerationConfig.from_model_config(source_config)
 
+    def location(self, name: str) -> TensorLocation:
+        """Where tensor `name`'s bytes lie in its shard (from the file's header, read once per file)."""
+        if name not in self._locations:
+            path = self.folder / self.weight_map[name]
+            try:
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError) as e:
+                raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    start = 8 + size  # the data follow the header's length and the header
+                    self._locations[key] = TensorLocation(
+                        path, entry["dtype"], tuple(entry["shape"]), start + begin, start + end
+                    )
+        return self._locations[name]
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """A stored tensor's bytes: `path[begin:end]`, in safetensors dtype `dtype` ("F32", "BF16", ...)."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
 
 class ModelSource:
-    """A source model held in memory (float32, on the CPU), read by name as `LazySource` reads the shards. The model
-    itself is at hand for what needs all of it at once: sampling data-free calibration text."""
+    """A source model held in memory (float32, on the CPU), read by name as `LazySource` reads the shards."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -169,6 +200,89 @@ class ModelSource:
 
     def generation_config(self, source_config: PreTrainedConfig) -> GenerationConfig:
         return self.model.generation_config
+
+
+class RepeatedLayers:
+    """The source's decoder layers run again and again, in order, as data-free sampling does (every layer at every
+    generated token). From the shards (`LazySource`), each tensor is read through its file, kept open, into a buffer
+    reused from layer to layer (one layer in its stored dtype, and its float32 copy where that dtype is another), and
+    is checked for NaN or inf the first time only: no shard is mapped into memory and nothing is allocated per step.
+    From the model in memory (`ModelSource`) the layer is built around the model's own tensors, as `Stream` does.
+    Each layer's module is built once and used again while it still holds the very tensors just read (on the CPU:
+    the buffers, or the model's tensors); on another device it is built at every read, from the tensors moved there.
+    Use as a context manager (it closes the files)."""
+
+    DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.files: dict[Path, object] = {}
+        self.stored: dict[str, torch.Tensor] = {}
+        self.floats: dict[str, torch.Tensor] = {}
+        self.checked: set[str] = set()
+        self.modules: dict[int, nn.Module] = {}
+
+    def __enter__(self) -> RepeatedLayers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def layer(self, layer_idx: int) -> nn.Module:
+        """Source decoder layer `layer_idx` in float32 on the stream's device; valid until the next call."""
+        reader = self.stream.reader
+        if isinstance(reader, LazySource):
+            prefix = f"model.layers.{layer_idx}."
+            state = {
+                name[len(prefix) :]: self.read(reader, name, name[len(prefix) :])
+                for name in reader.weight_map
+                if name.startswith(prefix)
+            }
+        else:
+            state = reader.layer_state(layer_idx)
+        module = self.modules.get(layer_idx)
+        if module is None or not holds(module, state):
+            module = self.modules[layer_idx] = self.stream.source_layer(layer_idx, state)
+        return module
+
+    def read(self, reader: LazySource, name: str, slot: str) -> torch.Tensor:
+        """Tensor `name` in float32, in the buffers of `slot` (its name within the layer)."""
+        where = reader.location(name)
+        dtype = self.DTYPES.get(where.dtype)
+        if dtype is None:  # a dtype this reader does not know: read it the plain way
+            return reader.read(name)
+        buffer = self.stored.get(slot)
+        if buffer is None or buffer.shape != where.shape or buffer.dtype != dtype:
+            buffer = self.stored[slot] = torch.empty(where.shape, dtype=dtype)
+        target = buffer.reshape(-1).view(torch.uint8).numpy()
+        if target.nbytes != where.end - where.begin:
+            raise MLAConvertError(f"the weights file {where.path} is corrupt: {name} does not have the size of its shape")
+        if where.path not in self.files:
+            self.files[where.path] = open(where.path, "rb", buffering=0)
+        f, view, done = self.files[where.path], memoryview(target), 0
+        f.seek(where.begin)
+        while done < len(view):
+            count = f.readinto(view[done:])
+            if not count:
+                raise MLAConvertError(f"the weights file {where.path} is truncated (in {name})")
+            done += count
+        if name not in self.checked:
+            check_finite_tensor(buffer, name, reader.folder)
+            self.checked.add(name)
+        if dtype == torch.float32:
+            return buffer
+        floats = self.floats.get(slot)
+        if floats is None or floats.shape != buffer.shape:
+            floats = self.floats[slot] = torch.empty(buffer.shape, dtype=torch.float32)
+        return floats.copy_(buffer)
+
+
+def holds(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `module`'s weights are the tensors of `state` themselves (the same memory, not copies)."""
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(own[name].data_ptr() == t.data_ptr() for name, t in state.items())
 
 
 def load_module(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

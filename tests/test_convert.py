@@ -187,6 +187,7 @@ def test_data_free_calibration_samples_from_the_source(tmp_path, pico_folders):
     outputs = [tmp_path / "sampled", tmp_path / "again"]
     report = convert(str(pico_folders["llama-gqa"]), outputs[0], settings)
     assert report["calibration"]["kind"] == "sampled"
+    assert report["calibration"]["sampler"] == "layer by layer"
     assert report["calibration"]["tokens"] >= 1024
     saved = json.loads((outputs[0] / "conversion.json").read_text())
     assert saved["calibration"]["kind"] == "sampled"

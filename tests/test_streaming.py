@@ -20,8 +20,10 @@ from safetensors import safe_open
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
 from mla_convert import settings, stream
-from mla_convert.convert import ConversionOptions, convert
+from mla_convert.convert import ConversionOptions, convert, source_stream
 from mla_convert.errors import MLAConvertError
+from mla_convert.sampling import sample_from_model, sample_layer_by_layer
+from mla_convert.sources import load_source
 
 from conftest import (
     assert_clean_failure, build_pico, byte_tokenizer, leftovers, load_causal_lm, relative_error, run_cli, token_ids,
@@ -256,9 +258,104 @@ def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wiki
     Memory.available = settings.in_memory_bytes(sources["float32"])  # it would take all
     tight = convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))
     assert tight["streaming"] is True and "would not fit" in tight["settings"]["streaming_reason"]
-    # data-free calibration samples from the whole source: auto holds it in memory
+    # data-free calibration samples layer by layer from either source: auto decides on memory alone
     sampled = convert(str(sources["float32"]), tmp_path / "sampled", replace(options(0.5, wikitext), calibration=None))
-    assert sampled["streaming"] is False and "data-free" in sampled["settings"]["streaming_reason"]
+    assert sampled["streaming"] is True and "would not fit" in sampled["settings"]["streaming_reason"]
+    assert sampled["calibration"]["kind"] == "sampled"
+
+
+# ------------------------------------------------------------------------- data-free calibration, layer by layer
+
+
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    return family_sources(tmp_path_factory.mktemp("stream-families"))
+
+
+# Every kind of source: float32 in one file, bfloat16 on disk, several shards, a sliding-window layer (rows longer
+# than its window), Phi-3's longrope (rows longer than its original context: `generate` runs the row again there),
+# QK-norm.
+SAMPLED_KINDS = ["float32", "bfloat16", "sharded", "qwen2-sliding", "phi3", "qwen3"]
+
+
+@pytest.mark.parametrize("kind", SAMPLED_KINDS)
+def test_sampling_layer_by_layer_gives_generates_rows_token_for_token(sources, family_folders, kind):
+    """Data-free calibration text sampled one layer at a time, from the model in memory or from its shards, is
+    `generate`'s (`sample_from_model`), token for token, and leaves the caller's random state alone."""
+    folder = {**sources, **family_folders}[kind]
+    model, tokenizer = load_source(str(folder))
+    # 7 rows of 48 tokens in batches of 3 (the last one short)
+    expected = sample_from_model(model, tokenizer, num_tokens=300, seq_len=48, seed=3, batch_size=3, progress=False)
+    assert expected.shape == (7, 48)
+    before = torch.get_rng_state()
+    for streaming in ("off", "on"):
+        conversion = ConversionOptions(kv_budget=0.5, streaming=streaming)
+        stream_, tokenizer = source_stream(str(folder), conversion, progress=False)
+        assert isinstance(stream_.reader, stream.LazySource) is (streaming == "on")
+        rows = sample_layer_by_layer(stream_, tokenizer, 300, 48, seed=3, batch_size=3, progress=False)
+        assert torch.equal(rows, expected), streaming
+    assert torch.equal(torch.get_rng_state(), before)
+    other = sample_layer_by_layer(stream_, tokenizer, num_tokens=300, seq_len=48, seed=4, batch_size=3, progress=False)
+    assert not torch.equal(other, expected)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "sharded", "phi3"])
+def test_data_free_calibration_streams_with_the_in_memory_sources_weights(tmp_path, sources, family_folders, kind):
+    """--streaming on without --calibration: the text is sampled layer by layer from the shards, and the conversion
+    is the in-memory source's, bit for bit."""
+    conversion = ConversionOptions(
+        kv_budget=0.5, calibration_tokens=512, calibration_seq_len=64, refine_tokens=512, refine_steps=5,
+        key_scale="search", rank_allocation="spectrum",
+    )  # fmt: skip
+    whole, streamed = convert_both({**sources, **family_folders}[kind], tmp_path, conversion)
+    assert_same_weights(tmp_path / "whole", tmp_path / "streamed")
+    for report in (whole, streamed):
+        assert report["calibration"]["kind"] == "sampled" and report["calibration"]["tokens"] == 512
+        assert report["calibration"]["sampler"] == "layer by layer"
+    assert streamed["verification"] == whole["verification"]
+
+
+def test_data_free_streaming_on_the_command_line_shows_its_progress(tmp_path, sources):
+    """The sampler's progress bar counts every layer of every generated token, so a long sampling moves."""
+    output = tmp_path / "out"
+    result = run_cli("convert", str(sources["sharded"]), str(output), "--kv-budget", "0.5", "--streaming", "on",
+                     "--calibration-tokens", "256", "--refine-steps", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "converted layer by layer (streaming)" in result.stdout
+    # one row of 256 tokens: 255 generated tokens through 3 layers
+    assert "Sampling calibration text (layer by layer)" in result.stderr and "765/765" in result.stderr
+    report = json.loads((output / "conversion.json").read_text())
+    assert report["calibration"]["sampler"] == "layer by layer" and report["settings"]["streaming"] is True
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory map (Linux)")
+@pytest.mark.parametrize("kind", ["bfloat16", "sharded"])
+def test_sampling_from_the_shards_holds_one_layer_and_maps_no_shard(sources, monkeypatch, kind):
+    """Every layer is read again at every generated token: into the same buffers (one layer's), through open files,
+    never by mapping a shard into the process's memory."""
+    folder = sources[kind]
+    storages, mapped = set(), []  # mapped: per layer read, the regions of the source's files mapped then
+    read, layer = stream.RepeatedLayers.read, stream.RepeatedLayers.layer
+
+    def tracked_read(self, reader, name, slot):
+        tensor = read(self, reader, name, slot)
+        storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    def tracked_layer(self, layer_idx):
+        module = layer(self, layer_idx)
+        mapped.append({line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line})
+        return module
+
+    monkeypatch.setattr(stream.RepeatedLayers, "read", tracked_read)
+    monkeypatch.setattr(stream.RepeatedLayers, "layer", tracked_layer)
+    stream_, tokenizer = source_stream(str(folder), ConversionOptions(kv_budget=0.5, streaming="on"), progress=False)
+    # 2 rows of 32 tokens in one batch: 31 steps through 3 layers
+    sample_layer_by_layer(stream_, tokenizer, num_tokens=64, seq_len=32, seed=0, batch_size=2, progress=False)
+    per_layer = sum(1 for name in stream_.reader.weight_map if name.startswith("model.layers.0."))
+    assert len(storages) == per_layer
+    # what was mapped before the first layer (the embedding matrix, read whole) stays; no layer maps anything more
+    assert len(mapped) == 31 * 3 and all(regions <= mapped[0] for regions in mapped)
 
 
 def test_a_failed_streaming_conversion_leaves_nothing_behind(tmp_path, sources, wikitext):
@@ -308,17 +405,10 @@ def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_
     assert "converted layer by layer (streaming); peak memory" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "extra, fragment",
-    [
-        ([], "streaming conversion needs --calibration text"),
-        (["--calibration", "{data}", "--max-shard-size", "lots"], "--max-shard-size must be a size"),
-    ],
-)
-def test_streaming_refuses_what_it_cannot_do_in_one_line(tmp_path, sources, wikitext, extra, fragment):
-    args = [arg.replace("{data}", str(wikitext)) for arg in extra]
-    result = run_cli("convert", str(sources["float32"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on", *args)
-    assert_clean_failure(result, fragment)
+def test_streaming_refuses_what_it_cannot_do_in_one_line(tmp_path, sources, wikitext):
+    result = run_cli("convert", str(sources["float32"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on",
+                     "--calibration", str(wikitext), "--max-shard-size", "lots")  # fmt: skip
+    assert_clean_failure(result, "--max-shard-size must be a size")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
