@@ -15,7 +15,8 @@ Sources are built by the script under --work (default runs/bench_scale, which gi
 safetensors file per decoder layer, one for the embeddings, one for the final norm (and the LM head when it is not
 tied), written with `save_file` and listed in `model.safetensors.index.json`, so building never holds more than one
 layer. Weights are N(0, 0.02) (norms 1), fixed by seed per tensor, so a source with fewer layers (`--layers 16`) is
-the first layers of the full one: its shards are hard links to the full source's when that exists (no extra disk).
+the first layers of the full one: its shards are hard links to those of a source of that shape with more layers when
+one exists (no extra disk).
 The tokenizer is byte-level (256 bytes, <s>, </s>), its vocabulary padded with unused tokens to the model's size, so
 calibration text tokenizes offline. `--keep` keeps the sources for the next run (rebuilt only when missing);
 without it they are deleted at the end. Outputs are deleted after their size is measured unless `--keep-outputs`.
@@ -199,8 +200,12 @@ def build_source(work: Path, shape: str, layers: int, seed: int) -> tuple[Path, 
         return folder, 0.0
     started = time.perf_counter()
     config = {**SHAPES[shape], "num_hidden_layers": layers}
-    full = source_folder(work, shape, SHAPES[shape]["num_hidden_layers"])
-    donor = full if full != folder and (full / "model.safetensors.index.json").is_file() else None
+    # a complete source of this shape with more layers holds the same shards (same names and seed): link them
+    donors = sorted((p for p in work.glob(f"source-{shape}-L*") if (p / "model.safetensors.index.json").is_file()
+                     and p.name.removeprefix(f"source-{shape}-L").isdigit()
+                     and int(p.name.removeprefix(f"source-{shape}-L")) > layers),
+                    key=lambda p: int(p.name.removeprefix(f"source-{shape}-L")))
+    donor = donors[-1] if donors else None
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
