@@ -53,14 +53,14 @@ def test_fewer_layers_are_the_first_layers_of_the_full_source_hard_linked(bench,
 
 def row(shape, layers, peak, **extra):
     return {"kind": "synthetic", "shape": shape, "layers": layers, "calibration_tokens": 2048, "peak_rss_gb": peak,
-            **extra}
+            "hidden": {"8b": 4096, "1b": 2048}[shape], **extra}
 
 
 def test_targets_are_read_from_the_rows_or_reported_as_not_measured(bench):
     assert all("not measured" in line for line in bench.targets([]))
     lines = bench.targets([row("8b", 32, 5.2), row("8b", 16, 5.0), row("1b", 16, 2.0)])
-    assert "met (5.20 GB)" in lines[0]
-    assert "8b, peak RSS against layers (2,048 calibration tokens): flat" in lines[1]
+    assert "met (5.20 GB at most, rows of 16, 32 layers)" in lines[0]
+    assert "8b (--target mla), peak RSS against layers (2,048 calibration tokens): flat" in lines[1]
     lines = bench.targets([row("8b", 32, 7.5), row("8b", 16, 4.0)])
     assert "NOT met" in lines[0] and "GROWS" in lines[1]
     smol = [
