@@ -14,7 +14,7 @@ both estimates and their error), with terms for what each path holds at its peak
   MLA layer, the decomposition's and refinement's work), and a share of the larger of the embedding matrix and the
   LM head in their stored dtype (read whole to embed the calibration text and to check the logits);
 - in memory: the whole source (its float32 copy, the loading's transient and the layer's work) as a multiple of
-  its stored bytes.
+  its size in float32 (held in float32 whatever its stored dtype).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ KEPT_BYTES = 0.78
 LAYER_COPIES = 3.0
 # streamed: share of the larger of the embedding matrix and the LM head (stored dtype) at the peak
 EMBEDDING_SHARE = 0.52
-# in memory: multiple of the source's stored bytes (its float32 copy, the loading's transient, the layer's work)
+# in memory: multiple of the source in float32, whatever its stored dtype (the model held in float32, the loading's
+# transient, the layer's work)
 IN_MEMORY_SHARE = 2.77
 
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -50,6 +51,7 @@ class SourceSizes:
     """What the estimate reads from the safetensors headers."""
 
     stored_bytes: int
+    parameters: int
     # parameters of the largest decoder layer
     largest_layer_params: int
     # stored bytes of the larger of the input embedding matrix and the LM head
@@ -62,17 +64,18 @@ class SourceSizes:
         if tensors is None:
             return None
         layers: dict[int, int] = {}
-        embedding = 0
+        embedding = total = 0
         for name, (shape, stored) in tensors.items():
             params = 1
             for size in shape:
                 params *= size
+            total += params
             match = LAYER_NAME.search(name)
             if match:
                 layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + params
             elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
                 embedding = max(embedding, stored)
-        return cls(sum(stored for _, stored in tensors.values()), max(layers.values(), default=0), embedding)
+        return cls(sum(stored for _, stored in tensors.values()), total, max(layers.values(), default=0), embedding)
 
 
 @dataclass(frozen=True)
@@ -98,5 +101,5 @@ def estimate_peak(
     activations = ACTIVATION_SHARE * ACTIVATION_COPIES[target] * 4 * calibration_tokens * hidden_size
     common = BASE_BYTES + activations + KEPT_BYTES * kept_tokens * hidden_size
     streamed = common + LAYER_COPIES * 4 * sizes.largest_layer_params + EMBEDDING_SHARE * sizes.largest_embedding_bytes
-    in_memory = common + IN_MEMORY_SHARE * sizes.stored_bytes
+    in_memory = common + IN_MEMORY_SHARE * 4 * sizes.parameters
     return PeakEstimate(in_memory=round(in_memory), streamed=round(streamed))

@@ -357,7 +357,8 @@ def synthetic_sizes(shape: str, layers: int) -> dict:
     layer = sum(math.prod(size) for size in layer_tensors(config, 0, 0).values())
     embed = config["vocab_size"] * config["hidden_size"]
     params = embed * (1 if config["tie_word_embeddings"] else 2) + layers * layer + config["hidden_size"]
-    return {"stored_bytes": 2 * params, "largest_layer_params": layer, "largest_embedding_bytes": 2 * embed}
+    return {"stored_bytes": 2 * params, "parameters": params, "largest_layer_params": layer,
+            "largest_embedding_bytes": 2 * embed}
 
 
 def estimate_fields(args, source: Path, report: dict) -> dict:
@@ -374,11 +375,11 @@ def estimate_fields(args, source: Path, report: dict) -> dict:
 
 def row_estimate(row: dict) -> float | None:
     """The peak RSS (GB) `mla_convert.memory.estimate_peak` gives now for the row's conversion, for the layer source
-    it used (rows of earlier runs without their sizes: from the shape; None when unknown)."""
+    it used (synthetic sources: sizes from the shape, which rows of earlier runs lack; None when unknown)."""
     from mla_convert.memory import SourceSizes, estimate_peak
 
     sizes = row.get("sizes")
-    if sizes is None and row["kind"] == "synthetic" and row["shape"] in SHAPES:
+    if row["kind"] == "synthetic" and row["shape"] in SHAPES:
         sizes = synthetic_sizes(row["shape"], row["layers"])
     if sizes is None:
         return None
