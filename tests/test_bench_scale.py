@@ -2,6 +2,7 @@
 figures come from running it)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_scale.py"
+MEASURED = Path(__file__).resolve().parents[1] / "docs" / "bench_scale.json"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,10 @@ def test_synthetic_source_loads_in_bf16_with_its_shards_and_tokenizer(bench, tmp
     assert abs(std - bench.INIT_STD) < 0.002
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+    # what the memory estimate of the rows of earlier runs is computed from: the headers' own sizes
+    from mla_convert.memory import SourceSizes
+
+    assert bench.synthetic_sizes("tiny", 2) == vars(SourceSizes.of(folder))
 
 
 def test_fewer_layers_are_the_first_layers_of_the_full_source_hard_linked(bench, tmp_path):
@@ -70,3 +76,16 @@ def test_targets_are_read_from_the_rows_or_reported_as_not_measured(bench):
     assert "NOT met" in bench.targets(smol)[-1]
     smol[1]["perplexity"] = 21.1231
     assert "met (21.123 vs 21.123" in bench.targets(smol)[-1]
+
+
+def test_the_memory_estimate_is_within_15_percent_of_every_measured_peak(bench):
+    """mla_convert.memory's estimate against the peaks measured by this script (docs/bench_scale.json): 1B- and
+    8B-shaped sources at several depths, both targets, SmolLM2 held in memory and streamed."""
+    rows = json.loads(MEASURED.read_text())["rows"]
+    estimated = [(bench.row_estimate(row), row) for row in rows]
+    assert sum(estimate is not None for estimate, _ in estimated) >= 7
+    assert {row.get("streaming", True) for estimate, row in estimated if estimate is not None} == {True, False}
+    for estimate, row in estimated:
+        if estimate is not None:
+            label = (row["shape"], row["layers"], row.get("target", "mla"), row.get("streaming_option", "on"))
+            assert estimate == pytest.approx(row["peak_rss_gb"], rel=bench.ESTIMATE_TOLERANCE), label
