@@ -10,6 +10,8 @@ time; and SmolLM2's streamed conversion against the whole-model one.
                                                                                held-out evaluations)
     python scripts/bench_scale.py --shapes 1b --target deepseek --kv-lora-rank 512 --qk-rope-head-dim 64
                                                                               (the serving engines' DeepSeek shape)
+    python scripts/bench_scale.py --shapes 8b --layers 4 2 --target deepseek --kv-lora-rank 512 --qk-rope-head-dim 64 \
+        --export                                                              (and each DeepSeek-V3 export's memory)
 
 Sources are built by the script under --work (default runs/bench_scale, which git ignores), shard by shard: one
 safetensors file per decoder layer, one for the embeddings, one for the final norm (and the LM head when it is not
@@ -30,6 +32,13 @@ children's OMP threads) is much faster: multi-threaded LAPACK slows down many ti
 children included, is sampled every 0.2 s (psutil); beside it the conversion report's `process_peak_rss_bytes` (the
 kernel's high-water mark of the child) and `peak_rss_bytes` (sampled by the conversion at every stage). GB here is
 10^9 bytes.
+
+`--streaming off|auto` converts the synthetic sources with that option instead (off holds the source in float32:
+twice its bf16 size). `--export` (with `--target deepseek`) also runs `mla-convert export OUT EXP --format
+deepseek-v3 --transformers-only` on each conversion in a child process and reports its peak RSS (sampled) and
+seconds. Every row has the peak that `mla_convert.memory.estimate_peak` gives for it (for the layer source the
+conversion used) and its error against the measured peak, recomputed from the row's sizes whenever the table is
+printed; the targets say whether every row is within 15%.
 
 `--smollm2 FOLDER` (a float source folder, e.g. from scripts/fetch_smollm2.py) converts it with `--streaming on`
 and `--streaming off` at the same options (saved in float32) and reports the held-out perplexity of both on the
