@@ -329,6 +329,8 @@ def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_
     "extra, fragment",
     [
         ([], "streaming conversion needs --calibration text"),
+        # what holding the source in memory instead would take: the conversion's estimated peak, both ways
+        ([], "which holds the source in memory: peak estimated at"),
         (["--calibration", "{data}", "--max-shard-size", "lots"], "--max-shard-size must be a size"),
     ],
 )
