@@ -97,12 +97,12 @@ def calibration_sequences(stream, tokenizer, options: ConversionOptions) -> tupl
     """Calibration tokens: the first 80% of the given text, or (data-free) text sampled from the source itself, layer
     by layer from `stream`'s layer source (`sampling.sample_layer_by_layer`)."""
     from .data import CALIBRATION_PART, load_text, tokenize_into_sequences
-    from .sampling import sample_layer_by_layer
+    from .sampling import SAMPLED_SEQ_LEN, sample_layer_by_layer
 
     if tokenizer is None:
         raise MLAConvertError("calibration needs the source's tokenizer, and none was found beside the weights")
     if options.calibration is None:
-        seq_len = min(options.calibration_seq_len, 256)
+        seq_len = min(options.calibration_seq_len, SAMPLED_SEQ_LEN)
         sequences = sample_layer_by_layer(
             stream, tokenizer, options.calibration_tokens, seq_len, seed=options.seed, progress=stream.progress
         )

@@ -159,8 +159,9 @@ class ConversionOptions:
         help="where the layers are read from (the conversion runs one decoder layer at a time either way, with the "
         "same result). on: from the safetensors shards, one layer at a time (memory: about two layers, the "
         "embeddings and the calibration activations, whatever the depth); off: from the whole source held in memory "
-        "(GGUF files and hub ids need it); auto: on when the source would not fit comfortably in the available "
-        "memory. Data-free calibration samples layer by layer from either",
+        "(GGUF files and hub ids need it); auto: off only when the conversion's peak memory estimated with the "
+        "source in memory is under 60% of the memory available (conversion.json records the estimates of both). "
+        "Data-free calibration samples layer by layer from either",
     )  # fmt: skip
     max_shard_size: str = option(
         "2GB", metavar="SIZE",

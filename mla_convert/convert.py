@@ -97,6 +97,9 @@ def convert(
         report = conversion_report(source, gguf_file, source_config, settings, plan, records, refine_stats, calibration_info)
         report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
         report.update(streaming=settings.streaming, **meter.report())
+        # beside the measured peak: what it was estimated at for each layer source (`memory.estimate_peak`)
+        estimate = settings.estimated_peak
+        report.update(estimated_peak_bytes=estimate.record() if estimate is not None else None)
         (staging / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         reports.append(report)
 

@@ -241,7 +241,10 @@ def anchor_direction(moment: torch.Tensor) -> tuple[torch.Tensor, float]:
     projected_mean = float(direction @ mean)
     if projected_mean <= 0:
         return direction, float("inf")
-    return direction, float(direction @ covariance @ direction) ** 0.5 / projected_mean
+    # Var(u.x) as a difference of moments: on near-constant inputs float rounding can take it a little below 0 (a
+    # complex square root in Python); it is at least 0
+    variance = max(float(direction @ covariance @ direction), 0.0)
+    return direction, variance**0.5 / projected_mean
 
 
 def add_latent_anchor(model: MLAForCausalLM, moments: torch.Tensor, anchored_layers: list[int]) -> MLAForCausalLM:

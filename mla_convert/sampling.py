@@ -138,6 +138,19 @@ def _restarts_cache(config: PreTrainedConfig, length: int, cached: int) -> bool:
     return limit is not None and cached > 0 and length >= limit + 1 and cached <= limit
 
 
+# rows sampled at once, and the longest sampled row (calibration sequences are cut to it)
+SAMPLING_BATCH = 64
+SAMPLED_SEQ_LEN = 256
+
+
+def cache_bytes(config: PreTrainedConfig, num_tokens: int, seq_len: int, batch_size: int = SAMPLING_BATCH) -> int:
+    """The float32 KV cache that sampling `num_tokens` in rows of `seq_len` holds at its largest (one batch)."""
+    rows = min(batch_size, math.ceil(num_tokens / seq_len))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return rows * seq_len * config.num_hidden_layers * kv_heads * head_dim * 2 * 4
+
+
 @torch.no_grad()
 def sample_layer_by_layer(
     stream: Stream,
@@ -145,7 +158,7 @@ def sample_layer_by_layer(
     num_tokens: int,
     seq_len: int,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = SAMPLING_BATCH,
     progress: bool = True,
 ) -> torch.LongTensor:
     """`sample_from_model`'s rows (the same seed and batch size give the same tokens), from the source's layers read

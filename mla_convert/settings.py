@@ -18,13 +18,14 @@ from .conversion_options import (
 )  # fmt: skip
 from .decompose import DecomposeOptions
 from .errors import MLAConvertError
+from .memory import GiB, PeakEstimate, SourceSizes, estimate_peak
 from .plan import RankPlan
+from .sampling import SAMPLED_SEQ_LEN, cache_bytes
 from .refine import RefineOptions
-from .sources import _safetensors_shapes
 
 
-# The in-memory layer source holds the source in float32 beside the calibration activations: auto reads the source
-# layer by layer from its shards when that would take more than this share of the memory available now.
+# auto holds the source in memory only when the conversion's peak estimated that way (`memory.estimate_peak`) is under
+# this share of the memory available now, and reads it layer by layer from its shards otherwise.
 AUTO_MEMORY_SHARE = 0.6
 
 
@@ -55,6 +56,8 @@ class Settings:
     streaming: bool
     streaming_reason: str
     max_shard_bytes: int
+    # the conversion's peak memory estimated for each layer source (None: a GGUF file, hub id or .bin checkpoint)
+    estimated_peak: PeakEstimate | None = None
 
     @property
     def searches_key_scale(self) -> bool:
@@ -90,7 +93,8 @@ class Settings:
 
     def record(self) -> dict:
         """What `conversion.json` records of the resolved settings."""
-        record = {key: value for key, value in asdict(self).items() if key != "options"}
+        # the estimates are recorded beside the measured peak (`conversion.json`'s `estimated_peak_bytes`)
+        record = {key: value for key, value in asdict(self).items() if key not in ("options", "estimated_peak")}
         record["key_scale_grid"] = list(self.key_scale_grid)
         return record
 
@@ -125,7 +129,8 @@ def resolve(
     else:
         calibration = "sampled" if options.calibration is None else "text"
     kept_tokens = options.refine_tokens if calibration != "none" and (steps > 0 or search) else 0
-    streaming, reason = choose_layer_source(source, gguf_file, options)
+    estimate = estimated_peak(source, gguf_file, options, source_config, calibration, kept_tokens)
+    streaming, reason = choose_layer_source(source, gguf_file, options, estimate)
     return Settings(
         options=options,
         target=options.target,
@@ -143,44 +148,60 @@ def resolve(
         streaming=streaming,
         streaming_reason=reason,
         max_shard_bytes=parse_size(options.max_shard_size),
+        estimated_peak=estimate,
     )
 
 
 # ------------------------------------------------------------------------------------------ the layer source
 
 
-def choose_layer_source(source: str, gguf_file: str | None, options: ConversionOptions) -> tuple[bool, str]:
+def estimated_peak(
+    source: str, gguf_file: str | None, options: ConversionOptions, source_config: PreTrainedConfig, calibration: str,
+    kept_tokens: int,
+) -> PeakEstimate | None:
+    """The conversion's peak memory estimated for each layer source, from the safetensors headers (None for a GGUF
+    file, hub id or .bin checkpoint)."""
+    path = Path(os.fspath(source)).expanduser()
+    if gguf_file is not None or path.suffix.lower() == ".gguf" or not path.is_dir():
+        return None
+    sizes = SourceSizes.of(path)
+    if sizes is None:
+        return None
+    tokens = 0 if calibration == "none" else options.calibration_tokens
+    sampler_cache = 0
+    if calibration == "sampled":
+        seq_len = min(options.calibration_seq_len, SAMPLED_SEQ_LEN)
+        sampler_cache = cache_bytes(source_config, options.calibration_tokens, seq_len)
+    return estimate_peak(sizes, source_config.hidden_size, tokens, kept_tokens, options.target, sampler_cache)
+
+
+def choose_layer_source(
+    source: str, gguf_file: str | None, options: ConversionOptions, estimate: PeakEstimate | None
+) -> tuple[bool, str]:
     """Whether the layers are read from the safetensors shards one at a time (True) or from the source held in
     memory (False), and why; refuses, in one line, a `--streaming on` that cannot be honoured."""
     path = Path(os.fspath(source)).expanduser()
     if options.streaming == "on":
-        check_streamable(path, source, gguf_file)
+        check_streamable(path, source, gguf_file, estimate)
         return True, "--streaming on"
     if options.streaming == "off":
         return False, "--streaming off"
     if gguf_file is not None or path.suffix.lower() == ".gguf" or not path.is_dir():
         return False, "auto: a GGUF file or hub id is read into memory"
-    if _safetensors_shapes(path) is None:
+    if estimate is None:
         return False, "auto: the source has no safetensors shards to read layer by layer"
-    needed, available = in_memory_bytes(path), psutil.virtual_memory().available
-    held = f"{needed / 2**30:.1f} GiB in memory, and {available / 2**30:.1f} GiB are available"
-    if needed <= AUTO_MEMORY_SHARE * available:
+    available = psutil.virtual_memory().available
+    held = f"{estimate.describe()}; {available / GiB:.1f} GiB are available"
+    if estimate.in_memory < AUTO_MEMORY_SHARE * available:
         return False, f"auto: the source fits ({held})"
-    return True, f"auto: the source would not fit comfortably ({held})"
+    return True, f"auto: the source would not fit comfortably in memory ({held})"
 
 
-def in_memory_bytes(folder: Path) -> int:
-    """What the in-memory layer source holds beyond the streamed one: the source in float32 (sizes from the
-    safetensors headers)."""
-    shapes = _safetensors_shapes(folder) or {}
-    return 4 * sum(math.prod(shape) for shape in shapes.values())
-
-
-def check_streamable(path: Path, source: str, gguf_file: str | None) -> None:
+def check_streamable(path: Path, source: str, gguf_file: str | None, estimate: PeakEstimate | None) -> None:
     """Refuses, in one line, what reading the source layer by layer from its shards cannot do."""
     if gguf_file is not None or path.suffix.lower() == ".gguf":
         raise MLAConvertError("streaming conversion reads safetensors shards, not GGUF: convert with --streaming off")
     if not path.is_dir():
         raise MLAConvertError(f"streaming conversion reads a local model folder, and {source} is none: download it first")
-    if _safetensors_shapes(path) is None:
+    if estimate is None:
         raise MLAConvertError(f"streaming conversion reads safetensors weights, and {source} has none: use --streaming off")

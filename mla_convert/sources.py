@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -180,8 +181,16 @@ def _load_config(source: str, gguf_file: str | None, allowed: tuple[str, ...]) -
     return config
 
 
-def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor name -> shape from the headers of a folder's safetensors files (nothing is loaded); None without any."""
+# bytes per element of the safetensors dtypes
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+def _safetensors_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], int]] | None:
+    """Tensor name -> (shape, stored bytes) from the headers of a folder's safetensors files (nothing is loaded);
+    None without any."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -192,7 +201,7 @@ def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         return None
-    shapes = {}
+    tensors = {}
     for name in files:
         path = folder / name
         if not path.is_file():
@@ -200,10 +209,18 @@ def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    part = f.get_slice(key)
+                    shape = tuple(part.get_shape())
+                    tensors[key] = (shape, math.prod(shape) * SAFETENSORS_ITEMSIZE.get(part.get_dtype(), 4))
         except (SafetensorError, OSError, ValueError) as e:
             raise MLAConvertError(f"the weights file {path} is corrupt or truncated: {e}") from e
-    return shapes
+    return tensors
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from the headers of a folder's safetensors files (nothing is loaded); None without any."""
+    tensors = _safetensors_tensors(folder)
+    return None if tensors is None else {name: shape for name, (shape, _) in tensors.items()}
 
 
 def check_weights_match_config(folder: Path, config: PreTrainedConfig) -> None:

@@ -10,12 +10,15 @@ time; and SmolLM2's streamed conversion against the whole-model one.
                                                                                held-out evaluations)
     python scripts/bench_scale.py --shapes 1b --target deepseek --kv-lora-rank 512 --qk-rope-head-dim 64
                                                                               (the serving engines' DeepSeek shape)
+    python scripts/bench_scale.py --shapes 8b --layers 4 2 --target deepseek --kv-lora-rank 512 --qk-rope-head-dim 64 \
+        --export                                                              (and each DeepSeek-V3 export's memory)
 
 Sources are built by the script under --work (default runs/bench_scale, which git ignores), shard by shard: one
 safetensors file per decoder layer, one for the embeddings, one for the final norm (and the LM head when it is not
 tied), written with `save_file` and listed in `model.safetensors.index.json`, so building never holds more than one
 layer. Weights are N(0, 0.02) (norms 1), fixed by seed per tensor, so a source with fewer layers (`--layers 16`) is
-the first layers of the full one: its shards are hard links to the full source's when that exists (no extra disk).
+the first layers of the full one: its shards are hard links to those of a source of that shape with more layers when
+one exists (no extra disk).
 The tokenizer is byte-level (256 bytes, <s>, </s>), its vocabulary padded with unused tokens to the model's size, so
 calibration text tokenizes offline. `--keep` keeps the sources for the next run (rebuilt only when missing);
 without it they are deleted at the end. Outputs are deleted after their size is measured unless `--keep-outputs`.
@@ -29,6 +32,13 @@ children's OMP threads) is much faster: multi-threaded LAPACK slows down many ti
 children included, is sampled every 0.2 s (psutil); beside it the conversion report's `process_peak_rss_bytes` (the
 kernel's high-water mark of the child) and `peak_rss_bytes` (sampled by the conversion at every stage). GB here is
 10^9 bytes.
+
+`--streaming off|auto` converts the synthetic sources with that option instead (off holds the source in float32:
+twice its bf16 size). `--export` (with `--target deepseek`) also runs `mla-convert export OUT EXP --format
+deepseek-v3 --transformers-only` on each conversion in a child process and reports its peak RSS (sampled) and
+seconds. Every row has the peak that `mla_convert.memory.estimate_peak` gives for it (for the layer source the
+conversion used) and its error against the measured peak, recomputed from the row's sizes whenever the table is
+printed; the targets say whether every row is within 15%.
 
 `--smollm2 FOLDER` (a float source folder, e.g. from scripts/fetch_smollm2.py) converts it with `--streaming on`
 and `--streaming off` at the same options (saved in float32) and reports the held-out perplexity of both on the
@@ -86,6 +96,8 @@ RSS_TARGET_GB = 6.0  # the scale target: the 8B-shaped source converts with peak
 # peak RSS of rows of one shape with different layer counts: "not growing with layers" when within this share
 FLAT_TOLERANCE = 0.10
 SAMPLE_SECONDS = 0.2
+# mla_convert.memory's estimate of a row's peak RSS: within this share of the measured peak
+ESTIMATE_TOLERANCE = 0.15
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,6 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--qk-rope-head-dim 64)")
     parser.add_argument("--kv-lora-rank", type=int, default=None, help="convert's --kv-lora-rank (replaces --kv-budget)")
     parser.add_argument("--qk-rope-head-dim", type=int, default=None, help="convert's --qk-rope-head-dim")
+    parser.add_argument("--streaming", default="on", choices=("on", "off", "auto"),
+                        help="convert's --streaming for the synthetic sources (SmolLM2 runs on and off)")
+    parser.add_argument("--export", action="store_true",
+                        help="also export each conversion with `mla-convert export --format deepseek-v3` (--target "
+                        "deepseek; --transformers-only: the synthetic sources' Llama-3 RoPE scaling is one the "
+                        "engines cannot read) and report its peak RSS and seconds")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="saved dtype of the synthetic conversions (SmolLM2's are saved in float32)")
     parser.add_argument("--max-shard-size", default="2GB")
@@ -123,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--layers takes 'full' or positive numbers, got {value!r}")
     if not args.shapes and args.smollm2 is None:
         parser.error("nothing to do: give --shapes and/or --smollm2")
+    if args.export and args.target != "deepseek":
+        parser.error("--export writes a DeepSeek-V3 checkpoint: it needs --target deepseek")
     return args
 
 
@@ -199,8 +219,12 @@ def build_source(work: Path, shape: str, layers: int, seed: int) -> tuple[Path, 
         return folder, 0.0
     started = time.perf_counter()
     config = {**SHAPES[shape], "num_hidden_layers": layers}
-    full = source_folder(work, shape, SHAPES[shape]["num_hidden_layers"])
-    donor = full if full != folder and (full / "model.safetensors.index.json").is_file() else None
+    # a complete source of this shape with more layers holds the same shards (same names and seed): link them
+    donors = sorted((p for p in work.glob(f"source-{shape}-L*") if (p / "model.safetensors.index.json").is_file()
+                     and p.name.removeprefix(f"source-{shape}-L").isdigit()
+                     and int(p.name.removeprefix(f"source-{shape}-L")) > layers),
+                    key=lambda p: int(p.name.removeprefix(f"source-{shape}-L")))
+    donor = donors[-1] if donors else None
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -286,15 +310,8 @@ def cache_label(args) -> str:
     return f"{args.kv_budget:g}"
 
 
-def run_conversion(args, source: Path, output: Path, streaming: str, dtype: str, log: Path) -> dict:
-    """One `mla-convert convert` in a child process; its report plus the sampled peak RSS and wall time."""
-    command = [
-        sys.executable, "-m", "mla_convert", "convert", str(source), str(output),
-        "--streaming", streaming, "--target", args.target, *cache_arguments(args),
-        "--calibration", args.calibration, "--calibration-tokens", str(args.calibration_tokens),
-        "--refine-tokens", str(args.calibration_tokens), "--refine-steps", str(args.refine_steps),
-        "--dtype", dtype, "--max-shard-size", args.max_shard_size, "--overwrite",
-    ]
+def run_child(command: list[str], args, log: Path) -> dict:
+    """One command in a child process, its RSS sampled (children included); the peak, samples and wall time."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_MININTERVAL="5")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -309,16 +326,76 @@ def run_conversion(args, source: Path, output: Path, streaming: str, dtype: str,
     seconds = time.perf_counter() - started
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"conversion failed (exit {code}); the end of {log}:\n{tail}")
-    report = json.loads((output / "conversion.json").read_text())
+        raise RuntimeError(f"{command[3]} failed (exit {code}); the end of {log}:\n{tail}")
+    return {"wall_seconds": round(seconds, 1), "sampled_peak_rss_bytes": sampled["peak"], "rss_samples": sampled["samples"]}
+
+
+def run_export(args, converted: Path, output: Path, log: Path) -> dict:
+    """`mla-convert export --format deepseek-v3` of a conversion in a child process: its peak RSS and seconds."""
+    command = [sys.executable, "-m", "mla_convert", "export", str(converted), str(output), "--format", "deepseek-v3",
+               "--transformers-only", "--overwrite"]
+    run = run_child(command, args, log)
     return {
-        "report": report,
-        "wall_seconds": round(seconds, 1),
+        "export_peak_rss_gb": round(run["sampled_peak_rss_bytes"] / GB, 3),
+        "export_seconds": run["wall_seconds"],
+        "export_gb": round(folder_bytes(output) / GB, 3),
+    }
+
+
+def run_conversion(args, source: Path, output: Path, streaming: str, dtype: str, log: Path) -> dict:
+    """One `mla-convert convert` in a child process; its report plus the sampled peak RSS and wall time."""
+    command = [
+        sys.executable, "-m", "mla_convert", "convert", str(source), str(output),
+        "--streaming", streaming, "--target", args.target, *cache_arguments(args),
+        "--calibration", args.calibration, "--calibration-tokens", str(args.calibration_tokens),
+        "--refine-tokens", str(args.calibration_tokens), "--refine-steps", str(args.refine_steps),
+        "--dtype", dtype, "--max-shard-size", args.max_shard_size, "--overwrite",
+    ]
+    run = run_child(command, args, log)
+    return {
+        "report": json.loads((output / "conversion.json").read_text()),
         # the machine's load when the conversion ended (1, 5, 15 minutes): times on a busy machine say little
         "load_average": [round(value, 2) for value in os.getloadavg()],
-        "sampled_peak_rss_bytes": sampled["peak"],
-        "rss_samples": sampled["samples"],
+        **run,
     }
+
+
+def synthetic_sizes(shape: str, layers: int) -> dict:
+    """What `mla_convert.memory.SourceSizes` reads from a synthetic source's headers, from its shape (bf16)."""
+    config = SHAPES[shape]
+    layer = sum(math.prod(size) for size in layer_tensors(config, 0, 0).values())
+    embed = config["vocab_size"] * config["hidden_size"]
+    params = embed * (1 if config["tie_word_embeddings"] else 2) + layers * layer + config["hidden_size"]
+    return {"stored_bytes": 2 * params, "parameters": params, "largest_layer_params": layer,
+            "largest_embedding_bytes": 2 * embed}
+
+
+def estimate_fields(args, source: Path, report: dict) -> dict:
+    """What the peak memory estimate of a row is computed from (`row_estimate`), and what the conversion estimated."""
+    from mla_convert.memory import SourceSizes
+
+    return {
+        "sizes": vars(SourceSizes.of(source)),
+        "requested_calibration_tokens": args.calibration_tokens,
+        "kept_tokens": report["settings"]["kept_tokens"],
+        "estimated_peak_bytes": report.get("estimated_peak_bytes"),
+    }
+
+
+def row_estimate(row: dict) -> float | None:
+    """The peak RSS (GB) `mla_convert.memory.estimate_peak` gives now for the row's conversion, for the layer source
+    it used (synthetic sources: sizes from the shape, which rows of earlier runs lack; None when unknown)."""
+    from mla_convert.memory import SourceSizes, estimate_peak
+
+    sizes = row.get("sizes")
+    if row["kind"] == "synthetic" and row["shape"] in SHAPES:
+        sizes = synthetic_sizes(row["shape"], row["layers"])
+    if sizes is None:
+        return None
+    tokens = row.get("requested_calibration_tokens", row["calibration_tokens"])
+    estimate = estimate_peak(SourceSizes(**sizes), row["hidden"], tokens, row.get("kept_tokens", tokens),
+                             row.get("target", "mla"))
+    return (estimate.streamed if row.get("streaming", True) else estimate.in_memory) / GB
 
 
 def memory_fields(run: dict) -> dict:
@@ -356,13 +433,15 @@ def seconds_per_layer(report: dict, layers: int) -> float:
 def synthetic_row(args, work: Path, shape: str, layers: int) -> dict:
     print(f"{shape}-shaped source, {layers} layers", flush=True)
     source, build_seconds = build_source(work, shape, layers, args.seed)
-    output = work / f"mla-{shape}-L{layers}"
-    run = run_conversion(args, source, output, "on", args.dtype, work / f"convert-{shape}-L{layers}.log")
+    name = f"{shape}-L{layers}-{args.target}-{args.streaming}"
+    output = work / f"mla-{name}"
+    run = run_conversion(args, source, output, args.streaming, args.dtype, work / f"convert-{name}.log")
     config = SHAPES[shape]
     row = {
         "kind": "synthetic",
         "shape": shape,
         "layers": layers,
+        "streaming_option": args.streaming,
         "hidden": config["hidden_size"],
         "intermediate": config["intermediate_size"],
         "vocab": config["vocab_size"],
@@ -374,16 +453,23 @@ def synthetic_row(args, work: Path, shape: str, layers: int) -> dict:
         "dtype": args.dtype,
         "threads": args.threads,
         **memory_fields(run),
+        **estimate_fields(args, source, run["report"]),
         "source_gb": round(folder_bytes(source) / GB, 3),
         "output_gb": round(folder_bytes(output) / GB, 3),
         "build_seconds": round(build_seconds, 1),
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     row["seconds_per_layer"] = seconds_per_layer(run["report"], layers)
+    if args.export:
+        exported = work / f"deepseek-v3-{name}"
+        row.update(run_export(args, output, exported, work / f"export-{name}.log"))
+        print(f"  export: peak RSS {row['export_peak_rss_gb']:.2f} GB, {row['export_seconds']:.0f} s", flush=True)
+        if not args.keep_outputs:
+            shutil.rmtree(exported)
     if not args.keep_outputs:
         shutil.rmtree(output)
-    print(f"  peak RSS {row['peak_rss_gb']:.2f} GB, {row['seconds']:.0f} s in all, {row['seconds_per_layer']:.1f} s per layer",
-          flush=True)
+    print(f"  peak RSS {row['peak_rss_gb']:.2f} GB (estimated {row_estimate(row):.2f} GB), {row['seconds']:.0f} s in "
+          f"all, {row['seconds_per_layer']:.1f} s per layer", flush=True)
     return row
 
 
@@ -451,7 +537,10 @@ def smollm2_rows(args, work: Path) -> list[dict]:
             "kv_budget": args.kv_budget,
             "dtype": "float32",
             "threads": args.threads,
+            "target": args.target,
+            "cache": cache_label(args),
             **memory_fields(run),
+            **estimate_fields(args, source, run["report"]),
             "source_gb": round(folder_bytes(source) / GB, 3),
             "output_gb": round(folder_bytes(output) / GB, 3),
             "perplexity": results["perplexity"],
@@ -489,17 +578,21 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| shape | target | cache | streaming | layers | hidden | calibration tokens | peak RSS (GB) | seconds | s/layer "
-        "| source (GB) | output (GB) | held-out ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | target | cache | streaming | layers | hidden | calibration tokens | peak RSS (GB) | estimate (GB) "
+        "| error | seconds | s/layer | source (GB) | output (GB) | export peak RSS (GB) | held-out ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ppl = f"{row['perplexity']:.3f}" if "perplexity" in row else ""
+        estimate = row_estimate(row)
+        estimated = "" if estimate is None else f"{estimate:.2f} | {estimate / row['peak_rss_gb'] - 1:+.0%}"
+        estimated = estimated or " | "
+        export = f"{row['export_peak_rss_gb']:.2f}" if "export_peak_rss_gb" in row else ""
         lines.append(
             f"| {row['shape']} | {row.get('target', 'mla')} | {row.get('cache', row['kv_budget'])} | "
             f"{row.get('streaming_option', 'on')} | {row['layers']} | {row['hidden']} | "
-            f"{row['calibration_tokens']:,} | {row['peak_rss_gb']:.2f} | {row['seconds']:.0f} | "
-            f"{row['seconds_per_layer']:.1f} | {row['source_gb']:.2f} | {row['output_gb']:.2f} | {ppl} |"
+            f"{row['calibration_tokens']:,} | {row['peak_rss_gb']:.2f} | {estimated} | {row['seconds']:.0f} | "
+            f"{row['seconds_per_layer']:.1f} | {row['source_gb']:.2f} | {row['output_gb']:.2f} | {export} | {ppl} |"
         )
     return "\n".join(lines)
 
@@ -508,31 +601,45 @@ def targets(rows: list[dict]) -> list[str]:
     """The scale targets, as far as these rows show them."""
     lines = []
     synthetic = [r for r in rows if r["kind"] == "synthetic"]
-    full_8b = [r for r in synthetic if r["shape"] == "8b" and r["layers"] == SHAPES["8b"]["num_hidden_layers"]]
-    if full_8b:
-        peak = max(r["peak_rss_gb"] for r in full_8b)
-        verdict = "met" if peak <= RSS_TARGET_GB else "NOT met"
-        lines.append(f"- 8B-shaped source, peak RSS <= {RSS_TARGET_GB:g} GB: {verdict} ({peak:.2f} GB)")
-    else:
-        lines.append(f"- 8B-shaped source, peak RSS <= {RSS_TARGET_GB:g} GB: not measured (no full 8B row)")
+    # the scale targets are the streamed conversion's (rows with --streaming on, or auto that chose it)
+    streamed = [r for r in synthetic if r.get("streaming", True)]
+    eight = [r for r in streamed if r["shape"] == "8b"]
+    if not eight:
+        lines.append(f"- 8B-shaped source, peak RSS <= {RSS_TARGET_GB:g} GB: not measured (no 8B row)")
+    for target in sorted({r.get("target", "mla") for r in eight}):
+        mine = [r for r in eight if r.get("target", "mla") == target]
+        worst = max(mine, key=lambda r: r["peak_rss_gb"])
+        verdict = "met" if worst["peak_rss_gb"] <= RSS_TARGET_GB else "NOT met"
+        depths = ", ".join(str(n) for n in sorted({r["layers"] for r in mine}))
+        lines.append(f"- 8B-shaped source (--target {target}), peak RSS <= {RSS_TARGET_GB:g} GB: {verdict} "
+                     f"({worst['peak_rss_gb']:.2f} GB at most, rows of {depths} layers)")
     shown = False
-    for shape in sorted({r["shape"] for r in synthetic}):
-        for tokens in sorted({r["calibration_tokens"] for r in synthetic if r["shape"] == shape}):
-            mine = sorted((r for r in synthetic if r["shape"] == shape and r["calibration_tokens"] == tokens),
-                          key=lambda r: r["layers"])
-            if len({r["layers"] for r in mine}) < 2:
-                continue
-            shown = True
-            low, high = mine[0], mine[-1]
-            growth = high["peak_rss_gb"] / low["peak_rss_gb"] - 1
-            verdict = "flat" if growth <= FLAT_TOLERANCE else "GROWS"
-            lines.append(
-                f"- {shape}, peak RSS against layers ({tokens:,} calibration tokens): {verdict} "
-                f"({low['layers']} layers {low['peak_rss_gb']:.2f} GB, {high['layers']} layers "
-                f"{high['peak_rss_gb']:.2f} GB, {growth:+.1%}; flat means within {FLAT_TOLERANCE:.0%})"
-            )
+    groups = sorted({(r["shape"], r.get("target", "mla"), r["calibration_tokens"]) for r in streamed})
+    for shape, target, tokens in groups:
+        mine = sorted((r for r in streamed if (r["shape"], r.get("target", "mla"), r["calibration_tokens"])
+                       == (shape, target, tokens)), key=lambda r: r["layers"])
+        if len({r["layers"] for r in mine}) < 2:
+            continue
+        shown = True
+        low, high = mine[0], mine[-1]
+        growth = high["peak_rss_gb"] / low["peak_rss_gb"] - 1
+        verdict = "flat" if growth <= FLAT_TOLERANCE else "GROWS"
+        lines.append(
+            f"- {shape} (--target {target}), peak RSS against layers ({tokens:,} calibration tokens): {verdict} "
+            f"({low['layers']} layers {low['peak_rss_gb']:.2f} GB, {high['layers']} layers "
+            f"{high['peak_rss_gb']:.2f} GB, {growth:+.1%}; flat means within {FLAT_TOLERANCE:.0%})"
+        )
     if not shown:
         lines.append("- peak RSS against layers: not measured (no shape with two --layers rows)")
+    errors = [(row_estimate(r) / r["peak_rss_gb"] - 1, r) for r in rows if row_estimate(r) is not None]
+    if errors:
+        error, worst = max(errors, key=lambda pair: abs(pair[0]))
+        verdict = "met" if abs(error) <= ESTIMATE_TOLERANCE else "NOT met"
+        lines.append(
+            f"- peak RSS estimate (mla_convert.memory) within {ESTIMATE_TOLERANCE:.0%} of every measured peak: "
+            f"{verdict} ({len(errors)} rows; worst {error:+.1%}: {worst['shape']}, {worst['layers']} layers, "
+            f"--target {worst.get('target', 'mla')}, --streaming {worst.get('streaming_option', 'on')})"
+        )
     by_shape = {}
     for r in synthetic:
         if r["layers"] == SHAPES.get(r["shape"], {}).get("num_hidden_layers"):

@@ -299,6 +299,21 @@ def test_anchor_direction_finds_the_constant_component():
     assert spread == pytest.approx(0.01, rel=0.2)
 
 
+def test_anchor_direction_of_a_constant_input_is_finite():
+    """A component that is constant over the calibration tokens: its variance, a difference of moments, can round a
+    little below 0 (E[x^2] < E[x]^2), as on random 1B/8B-shaped sources; the spread along it is 0, not a complex
+    number or NaN."""
+    import math
+
+    from mla_convert.deepseek import anchor_direction
+
+    # E[[x; 1] [x; 1]^T] of x = (1, noise): E[x_0^2] rounded 1e-12 below E[x_0]^2 = 1
+    moment = torch.tensor([[1.0 - 1e-12, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    direction, spread = anchor_direction(moment)
+    assert float(direction.abs().argmax()) == 0
+    assert isinstance(spread, float) and math.isfinite(spread) and spread == 0.0
+
+
 def test_plain_config_loads_without_norm():
     """Existing folders (no `kv_latent_norm` in config.json) load as before: no norm, no new weight."""
     from mla_modeling import MLAConfig, MLAForCausalLM

@@ -248,17 +248,35 @@ def test_streaming_holds_one_source_layer_at_a_time_in_its_stored_dtype(tmp_path
     assert dtypes == {torch.bfloat16 if kind == "bfloat16" else torch.float32}
 
 
-def test_auto_streams_only_when_the_source_would_not_fit(tmp_path, sources, wikitext, monkeypatch):
+def test_auto_holds_the_source_in_memory_only_when_its_estimated_peak_fits(tmp_path, sources, wikitext, monkeypatch):
+    """auto decides on the conversion's peak estimated with the source in memory (`memory.estimate_peak`: the
+    interpreter, the activations and the source), not on the source's weights alone (a few kB here): a source whose
+    estimate is above 60% of the available memory is read from its shards, one whose estimate is under it is held
+    in memory; conversion.json records both estimates beside the measured peak, and the reason quotes them."""
+
     class Memory:
         available = 10 * 2**30
 
     monkeypatch.setattr(settings.psutil, "virtual_memory", lambda: Memory)
-    roomy = convert(str(sources["float32"]), tmp_path / "roomy", options(1.0, wikitext))
+    conversion = options(0.5, wikitext)
+    roomy = convert(str(sources["float32"]), tmp_path / "roomy", conversion)
+    estimate = roomy["estimated_peak_bytes"]
     assert roomy["streaming"] is False and roomy["settings"]["streaming_reason"].startswith("auto: the source fits")
-    Memory.available = settings.in_memory_bytes(sources["float32"])  # it would take all
-    tight = convert(str(sources["float32"]), tmp_path / "tight", options(1.0, wikitext))
+    assert set(estimate) == {"in_memory", "streamed"} and min(estimate.values()) > 0
+    assert f"{estimate['in_memory'] / 2**30:.1f} GiB" in roomy["settings"]["streaming_reason"]
+    assert roomy["process_peak_rss_bytes"] > 0  # the measured peak beside it
+
+    Memory.available = int(estimate["in_memory"] / settings.AUTO_MEMORY_SHARE * 0.99)  # just too little
+    tight = convert(str(sources["float32"]), tmp_path / "tight", conversion)
     assert tight["streaming"] is True and "would not fit" in tight["settings"]["streaming_reason"]
+    assert tight["estimated_peak_bytes"] == estimate
+    Memory.available = int(estimate["in_memory"] / settings.AUTO_MEMORY_SHARE * 1.01)  # just enough
+    enough = convert(str(sources["float32"]), tmp_path / "enough", conversion)
+    assert enough["streaming"] is False
+    for name in ("roomy", "tight", "enough"):
+        assert json.loads((tmp_path / name / "conversion.json").read_text())["estimated_peak_bytes"] == estimate
     # data-free calibration samples layer by layer from either source: auto decides on memory alone
+    Memory.available = int(estimate["in_memory"] / settings.AUTO_MEMORY_SHARE * 0.99)
     sampled = convert(str(sources["float32"]), tmp_path / "sampled", replace(options(0.5, wikitext), calibration=None))
     assert sampled["streaming"] is True and "would not fit" in sampled["settings"]["streaming_reason"]
     assert sampled["calibration"]["kind"] == "sampled"
