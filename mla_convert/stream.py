@@ -54,7 +54,8 @@ from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
 from .calibrate import moment_sum, normalised_moment_sums
 from .decompose import (
-    MLAAttentionWeights, NormalisedMoments, attention_weights, decompose_layer, single_thread, weight_only_moment,
+    MLAAttentionWeights, NormalisedMoments, PreparedLayer, attention_weights, prepare_layer, single_thread,
+    weight_only_moment,
 )  # fmt: skip
 from .deepseek import with_layer_latent_norm
 from .errors import MLAConvertError
@@ -355,21 +356,27 @@ class MLAStream:
         return layer
 
 
-def decompose_streamed(
-    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, layer_idx: int, key_scale: float,
-    normalised: NormalisedMoments | None = None,
-) -> MLAAttentionWeights:
+def prepare_streamed(
+    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, normalised: NormalisedMoments | None = None
+) -> PreparedLayer:
+    """`layer`'s decomposition up to the latent size and the K/V balance, computed once for all its candidates."""
     with single_thread():
-        return decompose_layer(
+        return prepare_layer(
             attention_weights(layer.self_attn, stream.skeleton.config, stream.shape),
             moment,
-            plan.kv_lora_ranks[layer_idx],
             plan.qk_rope_head_dim,
             inv_freq=stream.inv_freq,
             options=stream.settings.decompose(plan),
-            key_scale=key_scale,
             normalised=normalised,
         )
+
+
+def decompose_streamed(
+    stream: Stream, prepared: PreparedLayer, plan: RankPlan, layer_idx: int, key_scale: float
+) -> MLAAttentionWeights:
+    """The layer's MLA weights at its planned latent size and one K/V balance (`decompose.decompose_layer`)."""
+    with single_thread():
+        return prepared.weights(plan.kv_lora_ranks[layer_idx], key_scale)
 
 
 @dataclass
@@ -530,10 +537,11 @@ def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor 
             )
             hidden, moment, normalised = calibrated.output, calibrated.moment, calibrated.normalised
         moment = layer_moment(stream, moment)
-        key_scale = stream.settings.first_key_scale
-        weights = decompose_streamed(stream, layer, moment, plan, layer_idx, key_scale, normalised)
-        spectra.append(weights.spectrum)
-        del layer, weights
+        prepared = prepare_streamed(stream, layer, moment, plan, normalised)
+        with single_thread():
+            # the spectrum alone: the weights at this size are never used
+            spectra.append(prepared.spectrum(stream.settings.first_key_scale))
+        del layer, prepared
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
     return spectra
 
@@ -600,9 +608,11 @@ def convert_layers(
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
         # Each is scored as it will be used: with its anchor and latent norm in place (on the first sequences).
         weights = best_error = target = None
+        with meter.stage("decompose"):
+            prepared = prepare_streamed(stream, source_layer, moment, plan, normalised)
         for factor in settings.key_scale_grid:
             with meter.stage("decompose"):
-                candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor, normalised)
+                candidate = decompose_streamed(stream, prepared, plan, layer_idx, factor)
             if not settings.searches_key_scale:
                 weights = candidate
                 break
@@ -614,7 +624,7 @@ def convert_layers(
             if weights is None or error < best_error:  # ties: the first
                 weights, best_error = candidate, error
             del candidate, scored
-        del target
+        del target, prepared
         weights = with_norm(weights)
         mla = mla or MLAStream.start(stream, plan, weights, source_layer)
         mla_layer = mla.layer(layer_idx, source_state, weights, device)
