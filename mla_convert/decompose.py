@@ -618,6 +618,19 @@ class PreparedLayer:
         weights."""
         return self.latent.spectrum(self.options.key_scale if key_scale is None else key_scale)
 
+    def saved(self) -> dict:
+        """What `prepare_layer(..., saved=...)` needs to rebuild this layer's preparation without the input moment:
+        the RoPE placement and the joint latent's moment, metrics and last eigendecomposition (matrices of the
+        latent's width, not the weights')."""
+        latent = self.latent
+        return {
+            "placement": self.placement,
+            "latent": dict(
+                moment=latent.moment, key_metric=latent.key_metric, value_metric=latent.value_metric,
+                k_energy=latent.k_energy, v_energy=latent.v_energy, num_k=latent.num_k, last_eigen=latent.last_eigen,
+            ),
+        }  # fmt: skip
+
     def weights(self, kv_lora_rank: int, key_scale: float | None = None) -> MLAAttentionWeights:
         source, placement = self.source, self.placement
         heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
@@ -675,34 +688,41 @@ def prepare_layer(
     inv_freq: torch.Tensor | None = None,
     options: DecomposeOptions | None = None,
     normalised: NormalisedMoments | None = None,
+    saved: dict | None = None,
 ) -> PreparedLayer:
-    """`decompose_layer` up to the latent size and the K/V balance: everything that does not depend on them."""
+    """`decompose_layer` up to the latent size and the K/V balance: everything that does not depend on them.
+
+    `saved` (`PreparedLayer.saved` of an earlier preparation of the same layer on the same moment) skips every
+    product with the input moment (`input_moment` is then not read): the result is the same, bit for bit."""
     options = options or DecomposeOptions()
     weighted = options.init == "pca"
     heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
     linear = norm_folded(source) if source.qk_norm else source
     k_aug = augment(linear.k_weight, linear.k_bias)
-    if normalised is not None and weighted:
-        key_moment = normalised.key
+    if saved is not None:
+        placement = saved["placement"]
     else:
-        key_moment = k_aug @ input_moment @ k_aug.T
-    if weighted:
-        query_moment = normalised.query if normalised is not None else query_moments(linear, input_moment)
-    else:
-        # Weight-only: every query direction counts alike.
-        query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
-    placement = rope_placement(
-        key_moment,
-        query_moment,
-        kv_heads,
-        head_dim,
-        qk_rope_head_dim,
-        inv_freq=inv_freq,
-        strategy=options.rope_strategy,
-        context=options.rope_context,
-        frequencies=options.rope_frequencies,
-        head_local=source.qk_norm,
-    )
+        if normalised is not None and weighted:
+            key_moment = normalised.key
+        else:
+            key_moment = k_aug @ input_moment @ k_aug.T
+        if weighted:
+            query_moment = normalised.query if normalised is not None else query_moments(linear, input_moment)
+        else:
+            # Weight-only: every query direction counts alike.
+            query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
+        placement = rope_placement(
+            key_moment,
+            query_moment,
+            kv_heads,
+            head_dim,
+            qk_rope_head_dim,
+            inv_freq=inv_freq,
+            strategy=options.rope_strategy,
+            context=options.rope_context,
+            frequencies=options.rope_frequencies,
+            head_local=source.qk_norm,
+        )
     q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(linear, placement)
     if options.nope_shrink and inv_freq is not None and qk_nope_head_dim == head_dim and not source.qk_norm:
         # per dim of a head (rotate-half layout: dims i and i + head_dim / 2 share frequency i): [head_dim]
@@ -717,13 +737,16 @@ def prepare_layer(
         qk_nope_head_dim = head_dim
 
     v_aug = augment(source.v_weight, source.v_bias)
-    key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
-    if weighted and normalised is not None:
-        # Per kv head, the mean squared key scale: the first-order weight of an error in the pre-norm key as the
-        # normalised key carries it (exact per token would need E[s_g s_g' x x^T] for every pair of kv heads).
-        head_weights = normalised.key_scale_sq.clamp_min(0).sqrt().repeat_interleave(head_dim)
-        key_metric = head_weights[:, None] * key_metric
-    latent = PreparedLatent.of(k_nope, v_aug, input_moment, key_metric, value_metric)
+    if saved is not None:
+        latent = PreparedLatent(w_z=torch.cat((k_nope, v_aug), dim=0), **saved["latent"])
+    else:
+        key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
+        if weighted and normalised is not None:
+            # Per kv head, the mean squared key scale: the first-order weight of an error in the pre-norm key as the
+            # normalised key carries it (exact per token would need E[s_g s_g' x x^T] for every pair of kv heads).
+            head_weights = normalised.key_scale_sq.clamp_min(0).sqrt().repeat_interleave(head_dim)
+            key_metric = head_weights[:, None] * key_metric
+        latent = PreparedLatent.of(k_nope, v_aug, input_moment, key_metric, value_metric)
     return PreparedLayer(
         source=source,
         options=options,
