@@ -410,7 +410,7 @@ class PreparedLatent:
     k_energy: float
     v_energy: float
     num_k: int
-    # the last balance's (key_scale_factor, (key_scale, transform, eigenvalues ascending, eigenvectors)): one is
+    # the last balance's (key_scale_factor, (key_scale, eigenvalues ascending, eigenvectors)): one is
     # held at a time, as candidates are tried one after the other
     last_eigen: tuple | None = None
 
@@ -440,18 +440,25 @@ class PreparedLatent:
         v_energy = float((value_metric @ moment[num_k:, num_k:] @ value_metric.T).trace())
         return cls(w_z, moment, key_metric, value_metric, k_energy, v_energy, num_k)
 
+    def transform(self, key_scale: float) -> torch.Tensor:
+        """`[nk + nv, nk + nv]`: weighted z = transform @ z, the key block scaled by `key_scale`."""
+        return torch.block_diag(key_scale * self.key_metric, self.value_metric)
+
     def eigen(self, key_scale_factor: float) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weighted moment's eigendecomposition at one K/V balance (computed once per balance)."""
+        """The weighted moment's eigendecomposition at one K/V balance (computed once per balance): `key_scale`,
+        the transform, the eigenvalues (ascending) and the eigenvectors."""
         if self.last_eigen is None or self.last_eigen[0] != key_scale_factor:
             self.last_eigen = None  # frees the previous balance's before this one's is computed
             k_energy, v_energy = self.k_energy, self.v_energy
             key_scale = key_scale_factor * ((v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0)
-            # transform: weighted z = transform @ z
-            transform = torch.block_diag(key_scale * self.key_metric, self.value_metric)
+            transform = self.transform(key_scale)
             weighted = transform @ self.moment @ transform.T
             eigenvalues, eigenvectors = torch.linalg.eigh(weighted)
-            self.last_eigen = (key_scale_factor, (key_scale, transform, eigenvalues, eigenvectors))
-        return self.last_eigen[1]
+            self.last_eigen = (key_scale_factor, (key_scale, eigenvalues, eigenvectors))
+            return key_scale, transform, eigenvalues, eigenvectors
+        # the transform is rebuilt rather than held (the same numbers: a block-diagonal copy)
+        key_scale, eigenvalues, eigenvectors = self.last_eigen[1]
+        return key_scale, self.transform(key_scale), eigenvalues, eigenvectors
 
     def spectrum(self, key_scale_factor: float = 1.0) -> torch.Tensor:
         """The weighted spectrum `[nk + nv]` (descending) at one K/V balance: what each latent dimension keeps."""
