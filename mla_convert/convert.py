@@ -9,6 +9,7 @@ imported from here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,12 +22,14 @@ from .calibrate import calibration_sequences
 from .conversion_options import ConversionOptions, check_options
 from .deepseek import check_deepseek_source
 from .families import check_source_family
-from .folders import prepare_output, save_atomically
+from .folders import prepare_output, save_atomically, scratch_folder
 from .plan import SourceShape, allocate_ranks, estimated_size, plan_ranks
 from .report import conversion_report
 from .settings import Settings, resolve
 from .sources import _load_tokenizer, check_device, load_source, load_source_config, side_files_bytes
-from .stream import LazySource, Meter, ModelSource, ShardWriter, Stream, collect_spectra, convert_layers, write_model_files
+from .stream import (
+    LayerCache, LazySource, Meter, ModelSource, ShardWriter, Stream, collect_spectra, convert_layers, write_model_files,
+)  # fmt: skip
 from .verify import check_verification, verification_ids
 
 
@@ -64,7 +67,8 @@ def convert(
         inputs={"source": source, "calibration data": options.calibration},
         overwrite=overwrite,
         force=force,
-        required_bytes=estimated_size(source_config, plan, options.dtype) + side_files_bytes(source, gguf_file),
+        required_bytes=estimated_size(source_config, plan, options.dtype) + side_files_bytes(source, gguf_file)
+        + scratch_bytes(source_config, settings),
     )
     with meter.stage("load"):
         reader, tokenizer = open_layer_source(source, gguf_file, settings)
@@ -76,36 +80,48 @@ def convert(
 
     with meter.stage("calibration text"):
         sequences, calibration_info = calibration_text(stream, tokenizer, settings)
-    if settings.spectrum_allocation:
-        with meter.stage("spectrum pass"):
-            spectra = collect_spectra(stream, plan, sequences)
-            uniform = plan.kv_lora_ranks[0]
-            ranks = allocate_ranks(spectra, sum(plan.kv_lora_ranks), max(1, uniform // 4))
-            plan = replace(plan, kv_lora_ranks=ranks)
-    check_ids = verification_ids(source_config.vocab_size, sequences, options.seed)
-    dtype = getattr(torch, options.dtype)
+    # Scratch space beside the output for what the spectrum pass computes of each layer that the main pass would
+    # compute again (`stream.LayerCache`), removed at the end
+    with contextlib.ExitStack() as scratch:
+        cache = None
+        if settings.spectrum_allocation:
+            cache = LayerCache(scratch.enter_context(scratch_folder(output)))
+            with meter.stage("spectrum pass"):
+                spectra = collect_spectra(stream, plan, sequences, cache)
+                uniform = plan.kv_lora_ranks[0]
+                ranks = allocate_ranks(spectra, sum(plan.kv_lora_ranks), max(1, uniform // 4))
+                plan = replace(plan, kv_lora_ranks=ranks)
+        check_ids = verification_ids(source_config.vocab_size, sequences, options.seed)
+        dtype = getattr(torch, options.dtype)
 
-    def write(staging: Path) -> None:
-        writer = ShardWriter(staging, settings.max_shard_bytes, dtype)
-        records, refine_stats, verification, working = convert_layers(stream, plan, sequences, check_ids, writer)
-        check_verification(verification, plan)
-        with meter.stage("write"):
-            writer.finish()
-            write_model_files(staging, stream, working, plan, records, options.dtype)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        report = conversion_report(source, gguf_file, source_config, settings, plan, records, refine_stats, calibration_info)
-        report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
-        report.update(streaming=settings.streaming, **meter.report())
-        # beside the measured peak: what it was estimated at for each layer source (`memory.estimate_peak`)
-        estimate = settings.estimated_peak
-        report.update(estimated_peak_bytes=estimate.record() if estimate is not None else None)
-        (staging / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        reports.append(report)
+        def write(staging: Path) -> None:
+            writer = ShardWriter(staging, settings.max_shard_bytes, dtype)
+            records, refine_stats, verification, working = convert_layers(stream, plan, sequences, check_ids, writer, cache)
+            check_verification(verification, plan)
+            with meter.stage("write"):
+                writer.finish()
+                write_model_files(staging, stream, working, plan, records, options.dtype)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(staging)
+            report = conversion_report(source, gguf_file, source_config, settings, plan, records, refine_stats, calibration_info)
+            report.update(verification=verification, seconds=round(time.perf_counter() - started, 1))
+            report.update(streaming=settings.streaming, **meter.report())
+            # beside the measured peak: what it was estimated at for each layer source (`memory.estimate_peak`)
+            estimate = settings.estimated_peak
+            report.update(estimated_peak_bytes=estimate.record() if estimate is not None else None)
+            (staging / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+            reports.append(report)
 
-    reports: list[dict] = []
-    save_atomically(output, write)
+        reports: list[dict] = []
+        save_atomically(output, write)
     return reports[0]
+
+
+def scratch_bytes(source_config, settings: Settings) -> int:
+    """Disk the spectrum pass's layer files take beside the output (`stream.LayerCache`), 0 without that pass."""
+    if not settings.spectrum_allocation:
+        return 0
+    return LayerCache.disk_bytes(source_config, settings.options.calibration_tokens, settings.kept_tokens)
 
 
 def source_stream(

@@ -396,6 +396,101 @@ def block_diagonal_metric(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*[symmetric_sqrt(block) for block in blocks])
 
 
+@dataclass
+class PreparedLatent:
+    """What `joint_latent` computes before the latent size and the K/V balance enter: the augmented `z = [k_nope ;
+    v]` weights `w_z` `[nk + nv, hidden + 1]`, their moment (with its ridge) `[nk + nv, nk + nv]`, the metrics and
+    the blocks' weighted energies. Every candidate balance and size of a layer reuses it (`solve`), and one
+    eigendecomposition per balance (`eigen`) serves every size."""
+
+    w_z: torch.Tensor
+    moment: torch.Tensor
+    key_metric: torch.Tensor
+    value_metric: torch.Tensor
+    k_energy: float
+    v_energy: float
+    num_k: int
+    # the last balance's (key_scale_factor, (key_scale, eigenvalues ascending, eigenvectors)): one is
+    # held at a time, as candidates are tried one after the other
+    last_eigen: tuple | None = None
+
+    @classmethod
+    def of(
+        cls,
+        k_nope: torch.Tensor,
+        v: torch.Tensor,
+        input_moment: torch.Tensor,
+        key_metric: torch.Tensor | None = None,
+        value_metric: torch.Tensor | None = None,
+    ) -> "PreparedLatent":
+        num_k, num_v = k_nope.shape[0], v.shape[0]
+        dtype = v.dtype
+        w_z = torch.cat((k_nope, v), dim=0)
+        moment = w_z @ input_moment @ w_z.T
+        # A ridge along the weights' own row space keeps every direction the layer can produce: without it, a
+        # direction the calibration text never excited could lose to a zero one, and the full-rank case would not
+        # be exact.
+        weight_gram = w_z[:, :-1] @ w_z[:, :-1].T
+        ridge = 1e-7 * float(moment.trace()) / max(float(weight_gram.trace()), 1e-30)
+        moment = moment + ridge * weight_gram
+
+        key_metric = torch.eye(num_k, dtype=dtype) if key_metric is None else key_metric
+        value_metric = torch.eye(num_v, dtype=dtype) if value_metric is None else value_metric
+        k_energy = float((key_metric @ moment[:num_k, :num_k] @ key_metric.T).trace())
+        v_energy = float((value_metric @ moment[num_k:, num_k:] @ value_metric.T).trace())
+        return cls(w_z, moment, key_metric, value_metric, k_energy, v_energy, num_k)
+
+    def transform(self, key_scale: float) -> torch.Tensor:
+        """`[nk + nv, nk + nv]`: weighted z = transform @ z, the key block scaled by `key_scale`."""
+        return torch.block_diag(key_scale * self.key_metric, self.value_metric)
+
+    def eigen(self, key_scale_factor: float) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weighted moment's eigendecomposition at one K/V balance (computed once per balance): `key_scale`,
+        the transform, the eigenvalues (ascending) and the eigenvectors."""
+        if self.last_eigen is None or self.last_eigen[0] != key_scale_factor:
+            self.last_eigen = None  # frees the previous balance's before this one's is computed
+            k_energy, v_energy = self.k_energy, self.v_energy
+            key_scale = key_scale_factor * ((v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0)
+            transform = self.transform(key_scale)
+            weighted = transform @ self.moment @ transform.T
+            eigenvalues, eigenvectors = torch.linalg.eigh(weighted)
+            self.last_eigen = (key_scale_factor, (key_scale, eigenvalues, eigenvectors))
+            return key_scale, transform, eigenvalues, eigenvectors
+        # the transform is rebuilt rather than held (the same numbers: a block-diagonal copy)
+        key_scale, eigenvalues, eigenvectors = self.last_eigen[1]
+        return key_scale, self.transform(key_scale), eigenvalues, eigenvectors
+
+    def spectrum(self, key_scale_factor: float = 1.0) -> torch.Tensor:
+        """The weighted spectrum `[nk + nv]` (descending) at one K/V balance: what each latent dimension keeps."""
+        return self.eigen(key_scale_factor)[2].flip(-1).clamp_min(0.0)
+
+    def solve(
+        self, kv_lora_rank: int, key_scale_factor: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """`joint_latent`'s result at one latent size and K/V balance."""
+        key_scale, transform, eigenvalues, eigenvectors = self.eigen(key_scale_factor)
+        num_k, moment = self.num_k, self.moment
+        # basis: [nk + nv, rank], the top principal directions of the weighted z
+        basis = eigenvectors.flip(-1)[:, :kv_lora_rank]
+        # projection: [rank, nk + nv], z -> latent
+        projection = basis.T @ transform
+        down = projection @ self.w_z
+        up = torch.linalg.solve(transform, basis)
+
+        # Residual moment of z after reconstruction through the latent: R C R^T with R = I - up @ projection; only
+        # the traces of its two diagonal blocks are needed: per row i, (R C)_i . R_i
+        residual = torch.eye(moment.shape[0], dtype=moment.dtype) - up @ projection
+        residual_energy = ((residual @ moment) * residual).sum(-1)
+        raw_k, raw_v = float(moment[:num_k, :num_k].trace()), float(moment[num_k:, num_k:].trace())
+        stats = {
+            "key_scale_factor": key_scale_factor,
+            "key_scale": key_scale,
+            "k_nope_rel_error": float(residual_energy[:num_k].sum()) / raw_k if raw_k > 0 else 0.0,
+            "v_rel_error": float(residual_energy[num_k:].sum()) / raw_v if raw_v > 0 else 0.0,
+        }
+        return down, up[:num_k], up[num_k:], eigenvalues.flip(-1).clamp_min(0.0), stats
+
+
 def joint_latent(
     k_nope: torch.Tensor,
     v: torch.Tensor,
@@ -415,42 +510,8 @@ def joint_latent(
     Returns augmented `down` `[rank, hidden + 1]`, `up_k` `[nk, rank]`, `up_v` `[nv, rank]`, the weighted
     spectrum `[nk + nv]` (descending) and error stats.
     """
-    num_k, num_v = k_nope.shape[0], v.shape[0]
-    dtype = v.dtype
-    w_z = torch.cat((k_nope, v), dim=0)
-    moment = w_z @ input_moment @ w_z.T
-    # A ridge along the weights' own row space keeps every direction the layer can produce: without it, a direction
-    # the calibration text never excited could lose to a zero one, and the full-rank case would not be exact.
-    weight_gram = w_z[:, :-1] @ w_z[:, :-1].T
-    ridge = 1e-7 * float(moment.trace()) / max(float(weight_gram.trace()), 1e-30)
-    moment = moment + ridge * weight_gram
-
-    key_metric = torch.eye(num_k, dtype=dtype) if key_metric is None else key_metric
-    value_metric = torch.eye(num_v, dtype=dtype) if value_metric is None else value_metric
-    k_energy = float((key_metric @ moment[:num_k, :num_k] @ key_metric.T).trace())
-    v_energy = float((value_metric @ moment[num_k:, num_k:] @ value_metric.T).trace())
-    key_scale = key_scale_factor * ((v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0)
-    # transform: weighted z = transform @ z
-    transform = torch.block_diag(key_scale * key_metric, value_metric)
-
-    weighted = transform @ moment @ transform.T
-    eigenvalues, eigenvectors = torch.linalg.eigh(weighted)
-    # basis: [nk + nv, rank], the top principal directions of the weighted z
-    basis = eigenvectors.flip(-1)[:, :kv_lora_rank]
-    down = basis.T @ transform @ w_z
-    up = torch.linalg.solve(transform, basis)
-
-    # Residual moment of z after reconstruction through the latent: R C R^T with R = I - up @ basis^T @ transform
-    residual = torch.eye(num_k + num_v, dtype=dtype) - up @ basis.T @ transform
-    residual_moment = residual @ moment @ residual.T
-    raw_k, raw_v = float(moment[:num_k, :num_k].trace()), float(moment[num_k:, num_k:].trace())
-    stats = {
-        "key_scale_factor": key_scale_factor,
-        "key_scale": key_scale,
-        "k_nope_rel_error": float(residual_moment[:num_k, :num_k].trace()) / raw_k if raw_k > 0 else 0.0,
-        "v_rel_error": float(residual_moment[num_k:, num_k:].trace()) / raw_v if raw_v > 0 else 0.0,
-    }
-    return down, up[:num_k], up[num_k:], eigenvalues.flip(-1).clamp_min(0.0), stats
+    prepared = PreparedLatent.of(k_nope, v, input_moment, key_metric, value_metric)
+    return prepared.solve(kv_lora_rank, key_scale_factor)
 
 
 def query_moments(source: SourceAttention, input_moment: torch.Tensor) -> torch.Tensor:
@@ -538,33 +599,137 @@ def decompose_layer(
     moments (`normalised`, from calibration), its components are head-local, and the joint latent reconstructs each
     head's norm-weighted pre-norm key `g ⊙ k`, its errors weighted by `E[s_g^2]`: in the normalised key that the
     scores read, an error `dk` is `s_g dk`."""
+    prepared = prepare_layer(source, input_moment, qk_rope_head_dim, inv_freq, options, normalised)
+    return prepared.weights(kv_lora_rank, key_scale)
+
+
+@dataclass
+class PreparedLayer:
+    """One layer's decomposition up to the latent size and the K/V balance (`prepare_layer`): the RoPE placement,
+    the query rows and the shared RoPE key, and the joint latent's factorizations. `weights` finishes it for one
+    size and balance; every candidate of a layer (the key-scale search, the spectrum and the main pass's size)
+    reuses what is here instead of recomputing it."""
+
+    source: SourceAttention
+    options: DecomposeOptions
+    placement: RopePlacement
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    k_pe: torch.Tensor
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    latent: PreparedLatent
+
+    def spectrum(self, key_scale: float | None = None) -> torch.Tensor:
+        """The weighted `[k_nope ; v]` spectrum at one K/V balance (`MLAAttentionWeights.spectrum`), without the
+        weights."""
+        return self.latent.spectrum(self.options.key_scale if key_scale is None else key_scale)
+
+    def saved(self) -> dict:
+        """What `prepare_layer(..., saved=...)` needs to rebuild this layer's preparation without the input moment:
+        the RoPE placement and the joint latent's moment, metrics and last eigendecomposition (matrices of the
+        latent's width, not the weights')."""
+        latent = self.latent
+        return {
+            "placement": self.placement,
+            "latent": dict(
+                moment=latent.moment, key_metric=latent.key_metric, value_metric=latent.value_metric,
+                k_energy=latent.k_energy, v_energy=latent.v_energy, num_k=latent.num_k, last_eigen=latent.last_eigen,
+            ),
+        }  # fmt: skip
+
+    def weights(self, kv_lora_rank: int, key_scale: float | None = None) -> MLAAttentionWeights:
+        source, placement = self.source, self.placement
+        heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
+        group_size = heads // kv_heads
+        qk_nope_head_dim, qk_rope_head_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
+        key_scale = self.options.key_scale if key_scale is None else key_scale
+        down, up_k, up_v, spectrum, stats = self.latent.solve(kv_lora_rank, key_scale)
+
+        # q_proj rows per head: [q_nope (dn) ; q_pe (D)]
+        width = source.hidden_size + 1
+        q_nope = self.q_nope.view(heads, qk_nope_head_dim, width)
+        q_pe = self.q_pe.view(heads, qk_rope_head_dim, width)
+        q_weight = torch.cat((q_nope, q_pe), dim=1).reshape(heads * (qk_nope_head_dim + qk_rope_head_dim), width)
+        # kv_b_proj rows per head: [W_uk of its group (dn) ; W_uv of its group (head_dim)]
+        groups = torch.arange(heads) // group_size
+        up_k = up_k.view(kv_heads, qk_nope_head_dim, kv_lora_rank)[groups]
+        up_v = up_v.view(kv_heads, head_dim, kv_lora_rank)[groups]
+        kv_b_weight = torch.cat((up_k, up_v), dim=1).reshape(heads * (qk_nope_head_dim + head_dim), kv_lora_rank)
+
+        has_q_bias = source.q_bias is not None
+        has_kv_bias = source.k_bias is not None or source.v_bias is not None
+        q_weight, q_bias = split_augmented(q_weight, has_q_bias)
+        qk_norm_fields = {}
+        if source.qk_norm:
+            # Head-local components: component j of a frequency is kv head j's slice there.
+            qk_norm_fields = dict(
+                q_norm_weight=source.q_norm_weight,
+                k_weight=source.k_weight,
+                k_bias=source.k_bias,
+                rope_key_heads=[component % kv_heads for component, _, _ in placement.kept],
+            )
+        kv_a_weight, kv_a_bias = split_augmented(torch.cat((down, self.k_pe), dim=0), has_kv_bias)
+        stats["rope_energy_kept"] = placement.rope_energy_kept
+        stats["rope_score_error_kept"] = placement.score_error_kept
+        return MLAAttentionWeights(
+            q_weight=q_weight,
+            q_bias=q_bias,
+            kv_a_weight=kv_a_weight,
+            kv_a_bias=kv_a_bias,
+            kv_b_weight=kv_b_weight,
+            o_weight=source.o_weight,
+            o_bias=source.o_bias,
+            qk_nope_head_dim=qk_nope_head_dim,
+            rope_frequency_indices=placement.frequency_indices,
+            spectrum=spectrum,
+            stats=stats,
+            **qk_norm_fields,
+        )
+
+
+def prepare_layer(
+    source: SourceAttention,
+    input_moment: torch.Tensor,
+    qk_rope_head_dim: int,
+    inv_freq: torch.Tensor | None = None,
+    options: DecomposeOptions | None = None,
+    normalised: NormalisedMoments | None = None,
+    saved: dict | None = None,
+) -> PreparedLayer:
+    """`decompose_layer` up to the latent size and the K/V balance: everything that does not depend on them.
+
+    `saved` (`PreparedLayer.saved` of an earlier preparation of the same layer on the same moment) skips every
+    product with the input moment (`input_moment` is then not read): the result is the same, bit for bit."""
     options = options or DecomposeOptions()
     weighted = options.init == "pca"
     heads, kv_heads, head_dim = source.num_heads, source.num_kv_heads, source.head_dim
-    group_size = heads // kv_heads
     linear = norm_folded(source) if source.qk_norm else source
     k_aug = augment(linear.k_weight, linear.k_bias)
-    if normalised is not None and weighted:
-        key_moment = normalised.key
+    if saved is not None:
+        placement = saved["placement"]
     else:
-        key_moment = k_aug @ input_moment @ k_aug.T
-    if weighted:
-        query_moment = normalised.query if normalised is not None else query_moments(linear, input_moment)
-    else:
-        # Weight-only: every query direction counts alike.
-        query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
-    placement = rope_placement(
-        key_moment,
-        query_moment,
-        kv_heads,
-        head_dim,
-        qk_rope_head_dim,
-        inv_freq=inv_freq,
-        strategy=options.rope_strategy,
-        context=options.rope_context,
-        frequencies=options.rope_frequencies,
-        head_local=source.qk_norm,
-    )
+        if normalised is not None and weighted:
+            key_moment = normalised.key
+        else:
+            key_moment = k_aug @ input_moment @ k_aug.T
+        if weighted:
+            query_moment = normalised.query if normalised is not None else query_moments(linear, input_moment)
+        else:
+            # Weight-only: every query direction counts alike.
+            query_moment = torch.eye(head_dim, dtype=key_moment.dtype).expand(heads, -1, -1)
+        placement = rope_placement(
+            key_moment,
+            query_moment,
+            kv_heads,
+            head_dim,
+            qk_rope_head_dim,
+            inv_freq=inv_freq,
+            strategy=options.rope_strategy,
+            context=options.rope_context,
+            frequencies=options.rope_frequencies,
+            head_local=source.qk_norm,
+        )
     q_nope, q_pe, k_pe, k_nope, qk_nope_head_dim = split_rope(linear, placement)
     if options.nope_shrink and inv_freq is not None and qk_nope_head_dim == head_dim and not source.qk_norm:
         # per dim of a head (rotate-half layout: dims i and i + head_dim / 2 share frequency i): [head_dim]
@@ -579,56 +744,26 @@ def decompose_layer(
         qk_nope_head_dim = head_dim
 
     v_aug = augment(source.v_weight, source.v_bias)
-    key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
-    if weighted and normalised is not None:
-        # Per kv head, the mean squared key scale: the first-order weight of an error in the pre-norm key as the
-        # normalised key carries it (exact per token would need E[s_g s_g' x x^T] for every pair of kv heads).
-        head_weights = normalised.key_scale_sq.clamp_min(0).sqrt().repeat_interleave(head_dim)
-        key_metric = head_weights[:, None] * key_metric
-    key_scale = options.key_scale if key_scale is None else key_scale
-    down, up_k, up_v, spectrum, stats = joint_latent(
-        k_nope, v_aug, input_moment, kv_lora_rank, key_metric, value_metric, key_scale_factor=key_scale
-    )
-
-    # q_proj rows per head: [q_nope (dn) ; q_pe (D)]
-    width = source.hidden_size + 1
-    q_nope = q_nope.view(heads, qk_nope_head_dim, width)
-    q_pe = q_pe.view(heads, qk_rope_head_dim, width)
-    q_weight = torch.cat((q_nope, q_pe), dim=1).reshape(heads * (qk_nope_head_dim + qk_rope_head_dim), width)
-    # kv_b_proj rows per head: [W_uk of its group (dn) ; W_uv of its group (head_dim)]
-    groups = torch.arange(heads) // group_size
-    up_k = up_k.view(kv_heads, qk_nope_head_dim, kv_lora_rank)[groups]
-    up_v = up_v.view(kv_heads, head_dim, kv_lora_rank)[groups]
-    kv_b_weight = torch.cat((up_k, up_v), dim=1).reshape(heads * (qk_nope_head_dim + head_dim), kv_lora_rank)
-
-    has_q_bias = source.q_bias is not None
-    has_kv_bias = source.k_bias is not None or source.v_bias is not None
-    q_weight, q_bias = split_augmented(q_weight, has_q_bias)
-    qk_norm_fields = {}
-    if source.qk_norm:
-        # Head-local components: component j of a frequency is kv head j's slice there.
-        qk_norm_fields = dict(
-            q_norm_weight=source.q_norm_weight,
-            k_weight=source.k_weight,
-            k_bias=source.k_bias,
-            rope_key_heads=[component % kv_heads for component, _, _ in placement.kept],
-        )
-    kv_a_weight, kv_a_bias = split_augmented(torch.cat((down, k_pe), dim=0), has_kv_bias)
-    stats["rope_energy_kept"] = placement.rope_energy_kept
-    stats["rope_score_error_kept"] = placement.score_error_kept
-    return MLAAttentionWeights(
-        q_weight=q_weight,
-        q_bias=q_bias,
-        kv_a_weight=kv_a_weight,
-        kv_a_bias=kv_a_bias,
-        kv_b_weight=kv_b_weight,
-        o_weight=source.o_weight,
-        o_bias=source.o_bias,
+    if saved is not None:
+        latent = PreparedLatent(w_z=torch.cat((k_nope, v_aug), dim=0), **saved["latent"])
+    else:
+        key_metric, value_metric = output_metrics(source, query_moment, qk_nope_head_dim) if weighted else (None, None)
+        if weighted and normalised is not None:
+            # Per kv head, the mean squared key scale: the first-order weight of an error in the pre-norm key as the
+            # normalised key carries it (exact per token would need E[s_g s_g' x x^T] for every pair of kv heads).
+            head_weights = normalised.key_scale_sq.clamp_min(0).sqrt().repeat_interleave(head_dim)
+            key_metric = head_weights[:, None] * key_metric
+        latent = PreparedLatent.of(k_nope, v_aug, input_moment, key_metric, value_metric)
+    return PreparedLayer(
+        source=source,
+        options=options,
+        placement=placement,
+        q_nope=q_nope,
+        q_pe=q_pe,
+        k_pe=k_pe,
         qk_nope_head_dim=qk_nope_head_dim,
-        rope_frequency_indices=placement.frequency_indices,
-        spectrum=spectrum,
-        stats=stats,
-        **qk_norm_fields,
+        qk_rope_head_dim=qk_rope_head_dim,
+        latent=latent,
     )
 
 

@@ -25,7 +25,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MLAConvertError
@@ -283,6 +284,19 @@ def _follow_umask(folder: Path) -> None:
         if path.is_symlink():
             continue
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def scratch_folder(output: Path) -> Iterator[Path]:
+    """A folder beside `output` for a conversion's intermediate files, removed when the block ends; named and marked
+    as a staging folder, so that one a killed run leaves is removed by the next run to `output`."""
+    output = Path(output)
+    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}{PARTIAL_INFIX}", dir=output.parent))
+    try:
+        _mark_staging(folder, output)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_atomically(output: Path, write: Callable[[Path], None]) -> None:

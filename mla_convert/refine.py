@@ -186,7 +186,8 @@ def refine_layer(
     requires_grad = {parameter: parameter.requires_grad for parameter in parameters}
     for parameter in parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(parameters, lr=options.lr)
+    # foreach: one kernel per step for all the parameters, the same numbers as the per-tensor loop
+    optimizer = torch.optim.Adam(parameters, lr=options.lr, foreach=True)
     # Cosine decay to zero: the last steps polish instead of jittering around the optimum.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(options.steps, 1)))

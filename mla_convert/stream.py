@@ -55,7 +55,8 @@ from mla_modeling.modeling_mla import MLADecoderLayer, MLARotaryEmbedding
 from .assemble import attention_entries, mla_config, rope_tables as mla_rope_tables
 from .calibrate import moment_sum, normalised_moment_sums
 from .decompose import (
-    MLAAttentionWeights, NormalisedMoments, attention_weights, decompose_layer, single_thread, weight_only_moment,
+    MLAAttentionWeights, NormalisedMoments, PreparedLayer, attention_weights, prepare_layer, single_thread,
+    weight_only_moment,
 )  # fmt: skip
 from .deepseek import with_layer_latent_norm
 from .errors import MLAConvertError
@@ -469,21 +470,30 @@ class MLAStream:
         return layer
 
 
-def decompose_streamed(
-    stream: Stream, layer: nn.Module, moment: torch.Tensor, plan: RankPlan, layer_idx: int, key_scale: float,
-    normalised: NormalisedMoments | None = None,
-) -> MLAAttentionWeights:
+def prepare_streamed(
+    stream: Stream, layer: nn.Module, moment: torch.Tensor | None, plan: RankPlan,
+    normalised: NormalisedMoments | None = None, saved: dict | None = None,
+) -> PreparedLayer:
+    """`layer`'s decomposition up to the latent size and the K/V balance, computed once for all its candidates
+    (`saved`: the spectrum pass's, which needs no moment)."""
     with single_thread():
-        return decompose_layer(
+        return prepare_layer(
             attention_weights(layer.self_attn, stream.skeleton.config, stream.shape),
             moment,
-            plan.kv_lora_ranks[layer_idx],
             plan.qk_rope_head_dim,
             inv_freq=stream.inv_freq,
             options=stream.settings.decompose(plan),
-            key_scale=key_scale,
             normalised=normalised,
+            saved=saved,
         )
+
+
+def decompose_streamed(
+    stream: Stream, prepared: PreparedLayer, plan: RankPlan, layer_idx: int, key_scale: float
+) -> MLAAttentionWeights:
+    """The layer's MLA weights at its planned latent size and one K/V balance (`decompose.decompose_layer`)."""
+    with single_thread():
+        return prepared.weights(plan.kv_lora_ranks[layer_idx], key_scale)
 
 
 @dataclass
@@ -606,6 +616,46 @@ def write_model_files(folder: Path, stream: Stream, working: MLAConfig, plan: Ra
 # ------------------------------------------------------------------------------------------------- the passes
 
 
+class LayerCache:
+    """What the spectrum pass computes of every layer that the main pass would compute again, one file per layer
+    in a scratch folder on disk (nothing of it stays in memory): the calibration pass through the source layer (its
+    output, the kept attention inputs, QK-norm's normalised moments) and the layer's decomposition up to the latent
+    size (`PreparedLayer.saved`: the RoPE placement, the joint latent's moment, metrics and eigendecomposition).
+    The main pass reads them back instead of running the layer and the products with the input moment again; the
+    numbers are the same, so are the weights. About `tokens x hidden x 4` bytes plus four matrices of the width of
+    `[k_nope ; v]` (8 bytes per entry) per layer."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @staticmethod
+    def disk_bytes(config: PreTrainedConfig, calibration_tokens: int, kept_tokens: int) -> int:
+        """What the files of every layer take at most (the spectrum pass writes them all before the main pass
+        reads and removes them), for the free-space check."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        width = 2 * kv_heads * head_dim
+        per_layer = calibration_tokens * config.hidden_size * 4 + kept_tokens * config.hidden_size * 2 + 4 * width**2 * 8
+        return config.num_hidden_layers * per_layer
+
+    def path(self, layer_idx: int) -> Path:
+        return self.folder / f"layer-{layer_idx:05d}.pt"
+
+    def save(self, layer_idx: int, calibrated: LayerPass, prepared: PreparedLayer) -> None:
+        state = {"output": calibrated.output, "kept": calibrated.kept, "normalised": calibrated.normalised}
+        torch.save({"calibrated": state, "prepared": prepared.saved()}, self.path(layer_idx))
+
+    def load(self, layer_idx: int) -> tuple[LayerPass, dict] | None:
+        """The layer's calibration pass (without the moment, which the saved preparation replaces) and saved
+        preparation; None when the spectrum pass did not keep it. The file is removed once read."""
+        path = self.path(layer_idx)
+        if not path.is_file():
+            return None
+        state = torch.load(path, weights_only=False)
+        path.unlink()
+        return LayerPass(**state["calibrated"]), state["prepared"]
+
+
 @dataclass
 class LayerRecord:
     """What the report and the config keep of a converted layer once its weights are written and freed."""
@@ -624,39 +674,49 @@ def layer_moment(stream: Stream, moment: torch.Tensor | None) -> torch.Tensor:
     return moment
 
 
-def collect_spectra(stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None) -> list[torch.Tensor]:
+def collect_spectra(
+    stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None, cache: LayerCache | None = None
+) -> list[torch.Tensor]:
     """First pass for `--rank-allocation spectrum`: every layer's spectrum at the uniform rank, in the balanced
-    metric, layer by layer (reads and runs each source layer once)."""
+    metric, layer by layer (reads and runs each source layer once). With `cache`, what the main pass can reuse of
+    each layer is written there."""
     hidden = None
+    keep = 0
     if sequences is not None:
         hidden = stream.embed(sequences, stream.reader.read("model.embed_tokens.weight"))
+        keep = stream.settings.kept_sequences(sequences.shape[1])
     spectra = []
     bar = tqdm(range(stream.shape.num_layers), desc="spectra (pass 1)", unit="layer", disable=not stream.progress)
     for layer_idx in bar:
         layer = stream.source_layer(layer_idx)
-        moment = normalised = None
+        moment = normalised = calibrated = None
         if hidden is not None:
             last = layer_idx == stream.shape.num_layers - 1
             config, window = stream.skeleton.config, stream.windows[layer_idx]
             calibrated = run_layer(
-                layer, hidden, config, stream.rotary, stream.device, window, moment=True, forward=not last,
-                normalised=stream.normalises,
+                layer, hidden, config, stream.rotary, stream.device, window, moment=True, keep=keep,
+                forward=not last, normalised=stream.normalises,
             )
             hidden, moment, normalised = calibrated.output, calibrated.moment, calibrated.normalised
         moment = layer_moment(stream, moment)
-        key_scale = stream.settings.first_key_scale
-        weights = decompose_streamed(stream, layer, moment, plan, layer_idx, key_scale, normalised)
-        spectra.append(weights.spectrum)
-        del layer, weights
+        prepared = prepare_streamed(stream, layer, moment, plan, normalised)
+        with single_thread():
+            # the spectrum alone: the weights at this size are never used
+            spectra.append(prepared.spectrum(stream.settings.first_key_scale))
+        if cache is not None and calibrated is not None:
+            cache.save(layer_idx, calibrated, prepared)
+        del layer, prepared, calibrated, moment
         bar.set_postfix(rss=f"{rss() / 2**30:.2f}GiB")
     return spectra
 
 
 def convert_layers(
-    stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None, check_ids: torch.LongTensor, writer: ShardWriter
+    stream: Stream, plan: RankPlan, sequences: torch.LongTensor | None, check_ids: torch.LongTensor, writer: ShardWriter,
+    cache: LayerCache | None = None,
 ) -> tuple[list[LayerRecord], list[dict], dict, MLAConfig]:
-    """The main pass: every layer converted, written and freed in turn. Returns the layers' records, their
-    refinement stats, the check against the source and the MLA config the layers were built with."""
+    """The main pass: every layer converted, written and freed in turn (`cache`: what the spectrum pass kept of
+    each layer, read instead of computed again). Returns the layers' records, their refinement stats, the check
+    against the source and the MLA config the layers were built with."""
     settings, meter, device = stream.settings, stream.meter, stream.device
     config = stream.skeleton.config
     deepseek = settings.target == "deepseek"
@@ -684,14 +744,18 @@ def convert_layers(
             source_layer = stream.source_layer(layer_idx)
             # float32 views of the source layer's tensors: the MLA layer shares its norms and MLP with it
             source_state = source_layer.state_dict()
-        moment = kept = normalised = layer_input = source_hidden = None
+        moment = kept = normalised = layer_input = source_hidden = saved = None
         if hidden is not None:
             with meter.stage("calibrate"):
                 last = layer_idx == stream.shape.num_layers - 1
-                calibrated = run_layer(
-                    source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep,
-                    forward=not last, normalised=stream.normalises,
-                )
+                cached = cache.load(layer_idx) if cache is not None else None
+                if cached is not None:
+                    calibrated, saved = cached
+                else:
+                    calibrated = run_layer(
+                        source_layer, hidden, config, stream.rotary, device, window, moment=True, keep=keep,
+                        forward=not last, normalised=stream.normalises,
+                    )
                 # DeepSeek's latent norm is measured on this layer's inputs: they are kept until it is
                 layer_input = hidden if deepseek else None
                 # the residual target: the source's hidden states entering this layer on the kept sequences
@@ -699,7 +763,8 @@ def convert_layers(
                     source_hidden = hidden[:keep].clone()
                 hidden, moment, kept, normalised = calibrated.output, calibrated.moment, calibrated.kept, calibrated.normalised
                 del calibrated
-        moment = layer_moment(stream, moment)
+        if saved is None:
+            moment = layer_moment(stream, moment)
 
         def with_norm(weights: MLAAttentionWeights, sequences: int | None = None) -> MLAAttentionWeights:
             """`weights` under DeepSeek's latent norm, measured on the first `sequences` (None: all)."""
@@ -714,9 +779,12 @@ def convert_layers(
         # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
         # Each is scored as it will be used: with its anchor and latent norm in place (on the first sequences).
         weights = best_error = target = None
+        with meter.stage("decompose"):
+            prepared = prepare_streamed(stream, source_layer, moment, plan, normalised, saved)
+            del saved
         for factor in settings.key_scale_grid:
             with meter.stage("decompose"):
-                candidate = decompose_streamed(stream, source_layer, moment, plan, layer_idx, factor, normalised)
+                candidate = decompose_streamed(stream, prepared, plan, layer_idx, factor)
             if not settings.searches_key_scale:
                 weights = candidate
                 break
@@ -728,7 +796,7 @@ def convert_layers(
             if weights is None or error < best_error:  # ties: the first
                 weights, best_error = candidate, error
             del candidate, scored
-        del target
+        del target, prepared
         weights = with_norm(weights)
         mla = mla or MLAStream.start(stream, plan, weights, source_layer)
         mla_layer = mla.layer(layer_idx, source_state, weights, device)

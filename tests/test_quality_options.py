@@ -368,8 +368,8 @@ def test_sequential_refinement_corrects_what_an_earlier_layer_got_wrong(tmp_path
 
     decompose = stream.decompose_streamed
 
-    def worse_first_layer(stream_, layer, moment, plan, layer_idx, *args, **kwargs):
-        weights = decompose(stream_, layer, moment, plan, layer_idx, *args, **kwargs)
+    def worse_first_layer(stream_, prepared, plan, layer_idx, *args, **kwargs):
+        weights = decompose(stream_, prepared, plan, layer_idx, *args, **kwargs)
         if layer_idx == 0:
             o_weight = weights.o_weight
             noise = torch.randn(o_weight.shape, generator=torch.Generator().manual_seed(1), dtype=o_weight.dtype)

@@ -423,6 +423,21 @@ def test_a_killed_streaming_conversion_leaves_no_output_and_the_next_run_cleans_
     assert "converted layer by layer (streaming); peak memory" in result.stdout
 
 
+def test_the_spectrum_passs_layer_files_are_removed_and_a_killed_runs_by_the_next_run(tmp_path, sources, wikitext):
+    """The spectrum pass keeps each layer's calibration pass and decomposition on disk for the main pass, beside the
+    output: gone after the conversion, and after a kill in the main pass gone with the next run."""
+    argv = ["convert", str(sources["sharded"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on",
+            "--calibration", str(wikitext), "--calibration-tokens", "1024", "--refine-steps", "2",
+            "--max-shard-size", "30KB"]  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", KILLED, *argv], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # the files of the layers not yet converted are still there, in a folder the next run knows as its own
+    assert list(tmp_path.glob(".out.partial-*/layer-*.pt"))
+    result = run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(tmp_path) == [] and sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
 def test_streaming_refuses_what_it_cannot_do_in_one_line(tmp_path, sources, wikitext):
     result = run_cli("convert", str(sources["float32"]), str(tmp_path / "out"), "--kv-budget", "0.5", "--streaming", "on",
                      "--calibration", str(wikitext), "--max-shard-size", "lots")  # fmt: skip
