@@ -51,6 +51,11 @@ def _grid_text() -> str:
     return ", ".join(factors[:-1]) + " and " + factors[-1]
 
 
+# Data-free calibration: rows of at most this many sampled tokens, sampled this many rows at a time (sampling.py)
+SAMPLED_SEQ_LEN = 256
+SAMPLING_BATCH = 64
+
+
 @dataclass(frozen=True)
 class ConversionOptions:
     """What to convert to. Give `kv_budget`, or `kv_lora_rank` (with optional `qk_rope_head_dim`); an explicit
@@ -182,7 +187,9 @@ def check_options(options: ConversionOptions) -> None:
     and ranks depend on the source: `plan_ranks` checks them)."""
     check_fields(options)
     # one calibration sequence: of calibration_seq_len tokens of text, or of at most 256 sampled ones (calibrate.py)
-    sequence = options.calibration_seq_len if options.calibration is not None else min(options.calibration_seq_len, 256)
+    sequence = options.calibration_seq_len
+    if options.calibration is None:
+        sequence = min(sequence, SAMPLED_SEQ_LEN)
     if options.calibration_tokens < sequence:
         raise MLAConvertError(
             f"--calibration-tokens must be at least {sequence} (one calibration sequence of {sequence} tokens), got "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import calibration_sequences
+from .calibration_text import calibration_sequences
 from .conversion_options import ConversionOptions, check_options
 from .deepseek import check_deepseek_source
 from .families import check_source_family

@@ -23,10 +23,14 @@ activation terms, from an earlier fit, are the least measured. Terms for what ea
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedConfig
+
+from .conversion_options import SAMPLING_BATCH
 from .sources import _safetensors_tensors
 
 
@@ -110,3 +114,12 @@ def estimate_peak(
     streamed = common + LAYER_COPIES * 4 * sizes.largest_layer_params + EMBEDDING_SHARE * sizes.largest_embedding_bytes
     in_memory = common + IN_MEMORY_SHARE * sizes.stored_bytes
     return PeakEstimate(in_memory=round(in_memory), streamed=round(streamed))
+
+
+def sampler_cache_bytes(config: PreTrainedConfig, num_tokens: int, seq_len: int, batch_size: int = SAMPLING_BATCH) -> int:
+    """The float32 KV cache that data-free calibration holds at its largest (one batch of rows) while it samples
+    `num_tokens` in rows of `seq_len` (`sampling.sample_layer_by_layer`)."""
+    rows = min(batch_size, math.ceil(num_tokens / seq_len))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return rows * seq_len * config.num_hidden_layers * kv_heads * head_dim * 2 * 4

@@ -18,6 +18,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedConfig, PreTr
 from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .conversion_options import SAMPLING_BATCH
 from .errors import MLAConvertError
 
 if TYPE_CHECKING:
@@ -136,19 +137,6 @@ def _restarts_cache(config: PreTrainedConfig, length: int, cached: int) -> bool:
     rotates every position with its long factors; `Phi3ForCausalLM.prepare_inputs_for_generation`)."""
     limit = getattr(config, "original_max_position_embeddings", None) if config.model_type == "phi3" else None
     return limit is not None and cached > 0 and length >= limit + 1 and cached <= limit
-
-
-# rows sampled at once, and the longest sampled row (calibration sequences are cut to it)
-SAMPLING_BATCH = 64
-SAMPLED_SEQ_LEN = 256
-
-
-def cache_bytes(config: PreTrainedConfig, num_tokens: int, seq_len: int, batch_size: int = SAMPLING_BATCH) -> int:
-    """The float32 KV cache that sampling `num_tokens` in rows of `seq_len` holds at its largest (one batch)."""
-    rows = min(batch_size, math.ceil(num_tokens / seq_len))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return rows * seq_len * config.num_hidden_layers * kv_heads * head_dim * 2 * 4
 
 
 @torch.no_grad()

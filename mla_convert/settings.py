@@ -14,13 +14,12 @@ import psutil
 from transformers import PreTrainedConfig
 
 from .conversion_options import (
-    DEEPSEEK_REFINE_LR, DEEPSEEK_REFINE_STEPS, KEY_SCALE_GRID, ConversionOptions, parse_size,
+    DEEPSEEK_REFINE_LR, DEEPSEEK_REFINE_STEPS, KEY_SCALE_GRID, SAMPLED_SEQ_LEN, ConversionOptions, parse_size,
 )  # fmt: skip
 from .decompose import DecomposeOptions
 from .errors import MLAConvertError
-from .memory import GiB, PeakEstimate, SourceSizes, estimate_peak
+from .memory import GiB, PeakEstimate, SourceSizes, estimate_peak, sampler_cache_bytes
 from .plan import RankPlan
-from .sampling import SAMPLED_SEQ_LEN, cache_bytes
 from .refine import RefineOptions
 
 
@@ -171,7 +170,7 @@ def estimated_peak(
     sampler_cache = 0
     if calibration == "sampled":
         seq_len = min(options.calibration_seq_len, SAMPLED_SEQ_LEN)
-        sampler_cache = cache_bytes(source_config, options.calibration_tokens, seq_len)
+        sampler_cache = sampler_cache_bytes(source_config, options.calibration_tokens, seq_len)
     return estimate_peak(sizes, source_config.hidden_size, tokens, kept_tokens, options.target, sampler_cache)
 
 

@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mla_convert  # noqa: F401
-from mla_convert.calibrate import calibration_sequences
+from mla_convert.calibration_text import calibration_sequences
 from mla_convert.conversion_options import ConversionOptions
 from mla_convert.convert import convert
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences

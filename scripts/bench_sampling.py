@@ -34,7 +34,7 @@ import psutil
 
 
 SAMPLERS = ("generate", "layer by layer, in memory", "layer by layer, from the shards")
-SEQ_LEN = 256  # calibrate.calibration_sequences: sampled rows are min(calibration_seq_len, 256) tokens
+SEQ_LEN = 256  # calibration_text.calibration_sequences: sampled rows are min(calibration_seq_len, 256) tokens
 CONVERSION_TOKENS = 32768  # ConversionOptions.calibration_tokens
 
 # name -> the shape that sets the cost (as published; bf16 on disk)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mla_convert  # noqa: F401  (registers the MLA model with the Auto classes)
-from mla_convert.calibrate import calibration_sequences, collect_input_moments
+from mla_convert.calibrate import collect_input_moments
+from mla_convert.calibration_text import calibration_sequences
 from mla_convert.conversion_options import DEEPSEEK_REFINE_STEPS, KEY_SCALE_GRID
 from mla_convert.convert import ConversionOptions, convert
 from mla_convert.data import EVALUATION_PART, load_text

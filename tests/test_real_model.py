@@ -3,8 +3,11 @@
 Run alone with `python -m pytest -m real_model`.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import mla_convert  # noqa: F401
@@ -12,7 +15,7 @@ from mla_convert.convert import ConversionOptions, convert
 from mla_convert.data import EVALUATION_PART, load_text, tokenize_into_sequences
 from mla_convert.evaluate import evaluate
 
-from conftest import load_causal_lm, relative_error
+from conftest import load_causal_lm, relative_error, smollm2_gguf
 
 
 pytestmark = pytest.mark.real_model
@@ -72,3 +75,21 @@ def test_half_budget_smollm2_keeps_quality(tmp_path, smollm2_folder, source, tok
     assert results["top1_agreement"] > 0.7, results
     before = sum(layer["refine_error_before"] for layer in report["layers"])
     assert sum(layer["refine_error_after"] for layer in report["layers"]) < 0.9 * before
+
+
+@pytest.mark.parametrize("target, budget", [("mla", 1.0), ("deepseek", 0.5)])
+def test_the_gguf_file_and_its_float_folder_convert_to_the_same_weights(tmp_path, smollm2_folder, wikitext, target, budget):
+    """One pipeline whatever the layer source: the shipped GGUF file (held in memory) and the float folder dequantized
+    from it (read layer by layer from its shards) give the same weights, bit for bit."""
+    options = ConversionOptions(
+        kv_budget=budget, target=target, calibration=str(wikitext), calibration_tokens=1024, refine_tokens=1024,
+        refine_steps=2,
+    )  # fmt: skip
+    from_gguf = convert(str(smollm2_gguf()), tmp_path / "gguf", replace(options, streaming="auto"))
+    from_shards = convert(str(smollm2_folder), tmp_path / "shards", replace(options, streaming="on"))
+    assert from_gguf["streaming"] is False and from_shards["streaming"] is True
+    expected, actual = load_file(tmp_path / "gguf" / "model.safetensors"), load_file(tmp_path / "shards" / "model.safetensors")
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    assert from_gguf["verification"] == from_shards["verification"]
