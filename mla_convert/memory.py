@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers import PreTrainedConfig
 
 from .conversion_options import SAMPLING_BATCH
+from .plan import SourceShape
 from .sources import _safetensors_tensors
 
 
@@ -120,6 +121,5 @@ def sampler_cache_bytes(config: PreTrainedConfig, num_tokens: int, seq_len: int,
     """The float32 KV cache that data-free calibration holds at its largest (one batch of rows) while it samples
     `num_tokens` in rows of `seq_len` (`sampling.sample_layer_by_layer`)."""
     rows = min(batch_size, math.ceil(num_tokens / seq_len))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return rows * seq_len * config.num_hidden_layers * kv_heads * head_dim * 2 * 4
+    shape = SourceShape.from_config(config)
+    return rows * seq_len * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2 * 4

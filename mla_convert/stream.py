@@ -632,11 +632,10 @@ class LayerCache:
     def disk_bytes(config: PreTrainedConfig, calibration_tokens: int, kept_tokens: int) -> int:
         """What the files of every layer take at most (the spectrum pass writes them all before the main pass
         reads and removes them), for the free-space check."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        width = 2 * kv_heads * head_dim
-        per_layer = calibration_tokens * config.hidden_size * 4 + kept_tokens * config.hidden_size * 2 + 4 * width**2 * 8
-        return config.num_hidden_layers * per_layer
+        shape = SourceShape.from_config(config)
+        width = 2 * shape.num_kv_heads * shape.head_dim
+        per_layer = calibration_tokens * shape.hidden_size * 4 + kept_tokens * shape.hidden_size * 2 + 4 * width**2 * 8
+        return shape.num_layers * per_layer
 
     def path(self, layer_idx: int) -> Path:
         return self.folder / f"layer-{layer_idx:05d}.pt"
