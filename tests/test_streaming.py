@@ -457,6 +457,11 @@ def test_streaming_leaves_its_inputs_byte_for_byte(tmp_path, sources, wikitext):
     after_paths = sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]
     assert after_paths == inputs
     assert contents(after_paths) == before
+    # data-free: every layer is read again at every sampled token, through files kept open, and written nowhere
+    data_free = replace(options(0.5, wikitext, streaming="on", refine_steps=2), calibration=None, calibration_tokens=256)
+    convert(str(sources["sharded"]), tmp_path / "free", data_free)
+    assert contents(sorted(path for path in sources["sharded"].rglob("*") if path.is_file()) + [Path(wikitext)]) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["free", "out"]
 
 
 def test_the_per_layer_latent_norm_is_the_whole_models_where_both_see_the_same_activations(pico_folders):
