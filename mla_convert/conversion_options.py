@@ -121,8 +121,9 @@ class ConversionOptions:
     key_scale: str | float = option(
         "search", group="method", metavar="search|A", parse=parse_key_scale,
         help="weight of the keys against the values in the joint latent, as a multiple of the weight that balances "
-        f"their energies: 'search' tries {_grid_text()} per layer and keeps the one that reproduces the source "
-        "layer's attention output best on calibration data",
+        f"their energies: 'search' walks {_grid_text()} per layer from 1 while the error falls (three of the four in "
+        "the usual case) and keeps the one that reproduces the source layer's attention output best on calibration "
+        "data",
     )  # fmt: skip
     # None: the target's own (`refine_steps`)
     refine_steps: int | None = option(

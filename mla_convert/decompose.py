@@ -401,7 +401,11 @@ class PreparedLatent:
     """What `joint_latent` computes before the latent size and the K/V balance enter: the augmented `z = [k_nope ;
     v]` weights `w_z` `[nk + nv, hidden + 1]`, their moment (with its ridge) `[nk + nv, nk + nv]`, the metrics and
     the blocks' weighted energies. Every candidate balance and size of a layer reuses it (`solve`), and one
-    eigendecomposition per balance (`eigen`) serves every size."""
+    eigendecomposition per balance (`eigen`) serves every size.
+
+    The metrics are block-diagonal (keys, values), and the balance only scales the key block: the moment in the
+    metrics is formed once per layer (`weighted_moment`) and each balance rescales its blocks, and the metrics are
+    factorized once (`metric_factors`) for every balance's up-projection."""
 
     w_z: torch.Tensor
     moment: torch.Tensor
@@ -413,6 +417,9 @@ class PreparedLatent:
     # the last balance's (key_scale_factor, (key_scale, eigenvalues ascending, eigenvectors)): one is
     # held at a time, as candidates are tried one after the other
     last_eigen: tuple | None = None
+    # derived from the fields above on first use (not saved: `PreparedLayer.saved`)
+    _weighted: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _factors: tuple | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def of(
@@ -436,57 +443,96 @@ class PreparedLatent:
 
         key_metric = torch.eye(num_k, dtype=dtype) if key_metric is None else key_metric
         value_metric = torch.eye(num_v, dtype=dtype) if value_metric is None else value_metric
-        k_energy = float((key_metric @ moment[:num_k, :num_k] @ key_metric.T).trace())
-        v_energy = float((value_metric @ moment[num_k:, num_k:] @ value_metric.T).trace())
-        return cls(w_z, moment, key_metric, value_metric, k_energy, v_energy, num_k)
+        prepared = cls(w_z, moment, key_metric, value_metric, 0.0, 0.0, num_k)
+        weighted = prepared.weighted_moment()
+        prepared.k_energy = float(weighted[:num_k, :num_k].trace())
+        prepared.v_energy = float(weighted[num_k:, num_k:].trace())
+        return prepared
 
-    def transform(self, key_scale: float) -> torch.Tensor:
-        """`[nk + nv, nk + nv]`: weighted z = transform @ z, the key block scaled by `key_scale`."""
-        return torch.block_diag(key_scale * self.key_metric, self.value_metric)
+    def weighted_moment(self) -> torch.Tensor:
+        """`[nk + nv, nk + nv]`: the moment of the weighted z = diag(key_metric, value_metric) @ z, at balance 1."""
+        if self._weighted is None:
+            num_k, moment = self.num_k, self.moment
+            key_metric, value_metric = self.key_metric, self.value_metric
+            key_rows = key_metric @ moment[:num_k]  # [nk, nk + nv]
+            value_rows = value_metric @ moment[num_k:]  # [nv, nk + nv]
+            key_key = key_rows[:, :num_k] @ key_metric.T
+            key_value = key_rows[:, num_k:] @ value_metric.T
+            value_value = value_rows[:, num_k:] @ value_metric.T
+            self._weighted = torch.cat(
+                (torch.cat((key_key, key_value), dim=1), torch.cat((key_value.T, value_value), dim=1))
+            )
+        return self._weighted
 
-    def eigen(self, key_scale_factor: float) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def metric_factors(self) -> tuple:
+        """The LU factorizations of the key and value metrics (None for an empty key block)."""
+        if self._factors is None:
+            key = torch.linalg.lu_factor(self.key_metric) if self.num_k else None
+            self._factors = (key, torch.linalg.lu_factor(self.value_metric))
+        return self._factors
+
+    def untransform(self, basis: torch.Tensor, key_scale: float) -> torch.Tensor:
+        """`diag(key_scale x key_metric, value_metric)^-1 @ basis` `[nk + nv, rank]`: latent -> z."""
+        key_factors, value_factors = self.metric_factors()
+        num_k = self.num_k
+        up_v = torch.linalg.lu_solve(*value_factors, basis[num_k:])
+        if key_factors is None:
+            return up_v
+        return torch.cat((torch.linalg.lu_solve(*key_factors, basis[:num_k]) / key_scale, up_v))
+
+    def eigen(self, key_scale_factor: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The weighted moment's eigendecomposition at one K/V balance (computed once per balance): `key_scale`,
-        the transform, the eigenvalues (ascending) and the eigenvectors."""
+        the eigenvalues (ascending) and the eigenvectors."""
         if self.last_eigen is None or self.last_eigen[0] != key_scale_factor:
             self.last_eigen = None  # frees the previous balance's before this one's is computed
-            k_energy, v_energy = self.k_energy, self.v_energy
+            k_energy, v_energy, num_k = self.k_energy, self.v_energy, self.num_k
             key_scale = key_scale_factor * ((v_energy / k_energy) ** 0.5 if k_energy > 0 else 1.0)
-            transform = self.transform(key_scale)
-            weighted = transform @ self.moment @ transform.T
+            # diag(a K, V) C diag(a K, V)^T: the key block scaled by a^2, the cross blocks by a
+            weighted = self.weighted_moment().clone()
+            weighted[:num_k, :num_k] *= key_scale**2
+            weighted[:num_k, num_k:] *= key_scale
+            weighted[num_k:, :num_k] *= key_scale
             eigenvalues, eigenvectors = torch.linalg.eigh(weighted)
             self.last_eigen = (key_scale_factor, (key_scale, eigenvalues, eigenvectors))
-            return key_scale, transform, eigenvalues, eigenvectors
-        # the transform is rebuilt rather than held (the same numbers: a block-diagonal copy)
-        key_scale, eigenvalues, eigenvectors = self.last_eigen[1]
-        return key_scale, self.transform(key_scale), eigenvalues, eigenvectors
+        return self.last_eigen[1]
 
     def spectrum(self, key_scale_factor: float = 1.0) -> torch.Tensor:
         """The weighted spectrum `[nk + nv]` (descending) at one K/V balance: what each latent dimension keeps."""
-        return self.eigen(key_scale_factor)[2].flip(-1).clamp_min(0.0)
+        return self.eigen(key_scale_factor)[1].flip(-1).clamp_min(0.0)
 
     def solve(
         self, kv_lora_rank: int, key_scale_factor: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """`joint_latent`'s result at one latent size and K/V balance."""
-        key_scale, transform, eigenvalues, eigenvectors = self.eigen(key_scale_factor)
+        key_scale, eigenvalues, eigenvectors = self.eigen(key_scale_factor)
         num_k, moment = self.num_k, self.moment
         # basis: [nk + nv, rank], the top principal directions of the weighted z
         basis = eigenvectors.flip(-1)[:, :kv_lora_rank]
-        # projection: [rank, nk + nv], z -> latent
-        projection = basis.T @ transform
+        # projection: [rank, nk + nv], z -> latent: basis^T diag(a K, V)
+        projection = torch.cat(
+            (key_scale * (basis[:num_k].T @ self.key_metric), basis[num_k:].T @ self.value_metric), dim=1
+        )
         down = projection @ self.w_z
-        up = torch.linalg.solve(transform, basis)
+        # up: [nk + nv, rank], latent -> z
+        up = self.untransform(basis, key_scale)
 
-        # Residual moment of z after reconstruction through the latent: R C R^T with R = I - up @ projection; only
-        # the traces of its two diagonal blocks are needed: per row i, (R C)_i . R_i
-        residual = torch.eye(moment.shape[0], dtype=moment.dtype) - up @ projection
-        residual_energy = ((residual @ moment) * residual).sum(-1)
+        # Residual moment of z after reconstruction through the latent, R C R^T with R = I - up @ projection; only
+        # its diagonal is needed, and it takes products of the latent's width alone:
+        # diag(C) - 2 diag(up (P C)) + diag(up (P C P^T) up^T)
+        projected = projection @ moment  # [rank, nk + nv]
+        latent_moment = projected @ projection.T  # [rank, rank]
+        residual_energy = (
+            moment.diagonal() - 2 * (up * projected.T).sum(-1) + ((up @ latent_moment) * up).sum(-1)
+        )
         raw_k, raw_v = float(moment[:num_k, :num_k].trace()), float(moment[num_k:, num_k:].trace())
+        # clamped: what cancels to zero at full rank may round to a tiny negative
+        k_residual = max(float(residual_energy[:num_k].sum()), 0.0)
+        v_residual = max(float(residual_energy[num_k:].sum()), 0.0)
         stats = {
             "key_scale_factor": key_scale_factor,
             "key_scale": key_scale,
-            "k_nope_rel_error": float(residual_energy[:num_k].sum()) / raw_k if raw_k > 0 else 0.0,
-            "v_rel_error": float(residual_energy[num_k:].sum()) / raw_v if raw_v > 0 else 0.0,
+            "k_nope_rel_error": k_residual / raw_k if raw_k > 0 else 0.0,
+            "v_rel_error": v_residual / raw_v if raw_v > 0 else 0.0,
         }
         return down, up[:num_k], up[num_k:], eigenvalues.flip(-1).clamp_min(0.0), stats
 

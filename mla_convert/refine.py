@@ -130,12 +130,31 @@ def target_inputs(inputs: torch.Tensor, device: torch.device, window: int = 256,
     return windows(inputs, window)[:count].to(device, torch.float32)
 
 
+@contextmanager
+def expanded_form(attention: nn.Module):
+    """An `MLAAttention` (anything else passes through) computing in its expanded form: for a one-off score, the
+    absorbed form would first fold its weights in float64 (`MLAAttention._fold`), which costs more than the score
+    at the 8B shape and is dropped at the next training step or candidate."""
+    config = getattr(attention, "config", None)
+    previous = getattr(config, "attention_path", None)
+    if previous is None:
+        yield
+        return
+    config.attention_path = "expanded"
+    try:
+        yield
+    finally:
+        config.attention_path = previous
+
+
 @torch.no_grad()
 def attention_error(
     attention: nn.Module, inputs: torch.Tensor, target: torch.Tensor, rope, sliding_window: int | None = None
 ) -> float:
     """The relative error of one attention layer's output on `inputs` against the source's `target`."""
-    return float(relative_error(attention_outputs(attention, inputs, rope, len(inputs), sliding_window), target))
+    with expanded_form(attention):
+        output = attention_outputs(attention, inputs, rope, len(inputs), sliding_window)
+    return float(relative_error(output, target))
 
 
 def refine_layer(
@@ -177,7 +196,8 @@ def refine_layer(
         train_targets, eval_targets = train_targets + train_offset, eval_targets + eval_offset
 
     def held_out_error() -> float:
-        output = attention_outputs(attention, eval_inputs, rope, batch_size, sliding_window)
+        with expanded_form(attention):
+            output = attention_outputs(attention, eval_inputs, rope, batch_size, sliding_window)
         return float(relative_error(output, eval_targets))
 
     before = held_out_error()

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,6 +496,32 @@ def decompose_streamed(
         return prepared.weights(plan.kv_lora_ranks[layer_idx], key_scale)
 
 
+def search_key_scale(grid: tuple[float, ...], start: float, score: Callable[[float], float]) -> float:
+    """The balance of `grid` (ascending) with the least `score`, found by walking from `start`: down the grid while
+    the error falls, else up it while it falls; ties go to the smaller balance, as a full scan keeps the first.
+
+    The error is unimodal along the grid in nearly every layer (SmolLM2-135M, `--refine-steps 0`: the walk lands on
+    the grid's minimum in 89 of 90 layers over plain 0.25 and 0.5 and DeepSeek 0.5; the other picks x0.5 at 0.0868
+    against 0.0862 at x1), so it scores three of the four balances in the usual case instead of all four."""
+    errors = {start: score(start)}
+    index = grid.index(start)
+    best = start
+    for step in (-1, 1):
+        position = index + step
+        while 0 <= position < len(grid):
+            factor = grid[position]
+            errors[factor] = score(factor)
+            if errors[factor] < errors[best] or (step < 0 and errors[factor] == errors[best]):
+                best = factor
+                position += step
+            else:
+                break
+        if best != start:
+            # the error fell downwards: no need to look upwards
+            break
+    return best
+
+
 @dataclass
 class KeyScaleTarget:
     """`refine.AttentionTargets` for one layer: the first windows of its recorded inputs `[count, window, hidden]`
@@ -775,27 +801,38 @@ def convert_layers(
                     weights, moment, lambda: attention_inputs(source_layer, inputs, device), layer_idx
                 )
 
-        # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn: only the best is kept.
-        # Each is scored as it will be used: with its anchor and latent norm in place (on the first sequences).
-        weights = best_error = target = None
+        # One candidate per K/V balance (`--key-scale search`), decomposed and scored in turn along the grid from
+        # the balanced one (`search_key_scale`): only the best is kept. Each is scored as it will be used: with its
+        # anchor and latent norm in place (on the first sequences).
         with meter.stage("decompose"):
             prepared = prepare_streamed(stream, source_layer, moment, plan, normalised, saved)
             del saved
-        for factor in settings.key_scale_grid:
+        best: dict = {}
+        target = None
+
+        def score(factor: float) -> float:
+            nonlocal mla, target
             with meter.stage("decompose"):
                 candidate = decompose_streamed(stream, prepared, plan, layer_idx, factor)
-            if not settings.searches_key_scale:
-                weights = candidate
-                break
             scored = with_norm(candidate, KEY_SCALE_SEARCH_NORM_SEQUENCES)
             mla = mla or MLAStream.start(stream, plan, scored, source_layer)
             with meter.stage("key-scale search"):
                 target = target or KeyScaleTarget.of(stream, mla, source_layer, kept, window)
                 error = target.error(stream, mla, layer_idx, source_state, scored)
-            if weights is None or error < best_error:  # ties: the first
-                weights, best_error = candidate, error
-            del candidate, scored
-        del target, prepared
+            # the walk asks only for a balance better than the best so far, or smaller and as good
+            if not best or error < best["error"] or (error == best["error"] and factor < best["factor"]):
+                best.update(error=error, factor=factor, weights=candidate)
+            return error
+
+        if settings.searches_key_scale:
+            chosen = search_key_scale(settings.key_scale_grid, settings.first_key_scale, score)
+            if chosen != best["factor"]:
+                raise RuntimeError(f"layer {layer_idx}: the K/V balance search chose {chosen}, kept {best['factor']}")
+            weights = best.pop("weights")
+        else:
+            with meter.stage("decompose"):
+                weights = decompose_streamed(stream, prepared, plan, layer_idx, settings.key_scale_grid[0])
+        del target, prepared, best
         weights = with_norm(weights)
         mla = mla or MLAStream.start(stream, plan, weights, source_layer)
         mla_layer = mla.layer(layer_idx, source_state, weights, device)

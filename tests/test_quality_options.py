@@ -17,6 +17,7 @@ from mla_convert.decompose import (
     DecomposeOptions,
     SourceAttention,
     decompose_layer,
+    joint_latent,
     nope_shrink_factors,
     rope_placement,
     split_rope,
@@ -30,7 +31,8 @@ from mla_convert.refine import (
     position_embeddings,
     refine_layer,
 )
-from mla_convert.sources import load_source
+from mla_convert.sources import all_finite, load_source
+from mla_convert.stream import search_key_scale
 
 from conftest import byte_tokenizer, load_causal_lm as load
 
@@ -267,6 +269,78 @@ def test_key_scale_search_picks_per_layer_the_balance_closest_to_the_source(tmp_
         assert max(by_factor.values()) > 1.05 * min(by_factor.values()), by_factor
         assert chosen[layer_idx] == min(by_factor, key=by_factor.get), (layer_idx, by_factor, chosen)
         assert searched_errors[layer_idx] == pytest.approx(min(by_factor.values()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "errors, chosen, scored",
+    [
+        # x1 is the minimum: x0.5 and x2 are scored to know it, x4 is not
+        ({0.5: 3.0, 1.0: 1.0, 2.0: 2.0, 4.0: 5.0}, 1.0, 3),
+        # falling towards x0.5: the walk goes down and never looks up
+        ({0.5: 1.0, 1.0: 2.0, 2.0: 3.0, 4.0: 4.0}, 0.5, 2),
+        # falling towards x4: up to the end of the grid
+        ({0.5: 4.0, 1.0: 3.0, 2.0: 2.0, 4.0: 1.0}, 4.0, 4),
+        # the minimum at x2, past which the error rises again
+        ({0.5: 4.0, 1.0: 3.0, 2.0: 1.0, 4.0: 2.0}, 2.0, 4),
+        # ties go to the smaller balance, as a scan of the whole grid keeps the first
+        ({0.5: 1.0, 1.0: 1.0, 2.0: 1.0, 4.0: 1.0}, 0.5, 2),
+    ],
+)
+def test_key_scale_search_finds_the_grid_minimum_of_a_single_valley(errors, chosen, scored):
+    """The walk from the balanced x1 lands where a scan of every balance would, scoring only those it needs."""
+    calls = []
+
+    def score(factor):
+        calls.append(factor)
+        return errors[factor]
+
+    assert search_key_scale(KEY_SCALE_GRID, 1.0, score) == chosen
+    assert len(calls) == len(set(calls)) == scored
+    assert min(errors, key=lambda factor: (errors[factor], factor)) == chosen
+
+
+def test_joint_latent_reports_the_reconstruction_error_it_leaves():
+    """The K and V errors in the stats are what reconstructing z = [k_nope ; v] through the latent actually loses on
+    the calibration inputs, and they fall to zero at full rank."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, tokens = 20, 400
+    k_nope = torch.randn(16, hidden + 1, generator=generator, dtype=torch.float64)
+    v = torch.randn(24, hidden + 1, generator=generator, dtype=torch.float64)
+    # inputs: [tokens, hidden + 1], correlated, with the bias's 1 appended
+    x = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
+    x = x @ torch.randn(hidden, hidden, generator=generator, dtype=torch.float64)
+    x = torch.cat((x, torch.ones(tokens, 1, dtype=torch.float64)), dim=1)
+    input_moment = x.T @ x / tokens
+    key_metric = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))[0] * 2
+    z = x @ torch.cat((k_nope, v)).T  # [tokens, 40]
+    previous = None
+    for rank in (3, 10, hidden + 1):
+        for key_scale in (0.5, 1.0, 4.0):
+            down, up_k, up_v, _, stats = joint_latent(k_nope, v, input_moment, rank, key_metric, None, key_scale)
+            latent = x @ down.T  # [tokens, rank]
+            k_error = (latent @ up_k.T - z[:, :16]).pow(2).sum() / z[:, :16].pow(2).sum()
+            v_error = (latent @ up_v.T - z[:, 16:]).pow(2).sum() / z[:, 16:].pow(2).sum()
+            # the ridge (1e-7 of the moment's trace) is all that separates the stats from the direct errors
+            assert stats["k_nope_rel_error"] == pytest.approx(float(k_error), rel=1e-4, abs=1e-9)
+            assert stats["v_rel_error"] == pytest.approx(float(v_error), rel=1e-4, abs=1e-9)
+        total = stats["k_nope_rel_error"] + stats["v_rel_error"]
+        if previous is not None:
+            assert total < previous
+        previous = total
+    # every direction x can reach is kept: nothing is lost
+    assert total < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_single_nan_or_inf_anywhere_makes_a_tensor_not_finite(dtype):
+    """The source check refuses a weight with one bad value, wherever it lies and whichever slice holds it."""
+    tensor = torch.randn(3000, dtype=torch.float32).to(dtype)
+    assert all_finite(tensor, chunk=1024) and all_finite(tensor[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for position in (0, 1500, 2999):
+            poisoned = tensor.clone()
+            poisoned[position] = bad
+            assert not all_finite(poisoned, chunk=1024), (bad, position)
 
 
 def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext):
