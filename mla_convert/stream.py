@@ -501,8 +501,8 @@ def search_key_scale(grid: tuple[float, ...], start: float, score: Callable[[flo
     the error falls, else up it while it falls; ties go to the smaller balance, as a full scan keeps the first.
 
     The error is unimodal along the grid in nearly every layer (SmolLM2-135M, `--refine-steps 0`: the walk lands on
-    the grid's minimum in 89 of 90 layers over plain 0.25 and 0.5 and DeepSeek 0.5; the other picks x0.5 at 0.0868
-    against 0.0862 at x1), so it scores three of the four balances in the usual case instead of all four."""
+    the grid's minimum in 89 of 90 layers over plain 0.25 and 0.5 and DeepSeek 0.5; in the other it keeps an error
+    of 0.0868 where the grid's least is 0.0862), so it scores three of the four balances in the usual case."""
     errors = {start: score(start)}
     index = grid.index(start)
     best = start
