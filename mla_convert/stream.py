@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import torch
@@ -496,30 +497,33 @@ def decompose_streamed(
         return prepared.weights(plan.kv_lora_ranks[layer_idx], key_scale)
 
 
-def search_key_scale(grid: tuple[float, ...], start: float, score: Callable[[float], float]) -> float:
-    """The balance of `grid` (ascending) with the least `score`, found by walking from `start`: down the grid while
-    the error falls, else up it while it falls; ties go to the smaller balance, as a full scan keeps the first.
+def search_key_scale(
+    grid: tuple[float, ...], start: float, score: Callable[[float], tuple[float, Any]]
+) -> tuple[float, Any]:
+    """The balance of `grid` (ascending) with the least error, and what `score` returned beside that error (the
+    candidate; only the best so far is held). `score(factor)` -> (error, candidate). Found by walking from `start`:
+    down the grid while the error falls, else up it while it falls; ties go to the smaller balance, as a full scan
+    keeps the first.
 
     The error is unimodal along the grid in nearly every layer (SmolLM2-135M, `--refine-steps 0`: the walk lands on
     the grid's minimum in 89 of 90 layers over plain 0.25 and 0.5 and DeepSeek 0.5; in the other it keeps an error
     of 0.0868 where the grid's least is 0.0862), so it scores three of the four balances in the usual case."""
-    errors = {start: score(start)}
     index = grid.index(start)
-    best = start
+    best_error, best = score(start)
+    chosen = start
     for step in (-1, 1):
         position = index + step
         while 0 <= position < len(grid):
-            factor = grid[position]
-            errors[factor] = score(factor)
-            if errors[factor] < errors[best] or (step < 0 and errors[factor] == errors[best]):
-                best = factor
+            error, candidate = score(grid[position])
+            if error < best_error or (step < 0 and error == best_error):
+                best_error, best, chosen = error, candidate, grid[position]
                 position += step
             else:
                 break
-        if best != start:
+        if chosen != start:
             # the error fell downwards: no need to look upwards
             break
-    return best
+    return chosen, best
 
 
 @dataclass
@@ -807,10 +811,9 @@ def convert_layers(
         with meter.stage("decompose"):
             prepared = prepare_streamed(stream, source_layer, moment, plan, normalised, saved)
             del saved
-        best: dict = {}
         target = None
 
-        def score(factor: float) -> float:
+        def score(factor: float) -> tuple[float, MLAAttentionWeights]:
             nonlocal mla, target
             with meter.stage("decompose"):
                 candidate = decompose_streamed(stream, prepared, plan, layer_idx, factor)
@@ -818,21 +821,14 @@ def convert_layers(
             mla = mla or MLAStream.start(stream, plan, scored, source_layer)
             with meter.stage("key-scale search"):
                 target = target or KeyScaleTarget.of(stream, mla, source_layer, kept, window)
-                error = target.error(stream, mla, layer_idx, source_state, scored)
-            # the walk asks only for a balance better than the best so far, or smaller and as good
-            if not best or error < best["error"] or (error == best["error"] and factor < best["factor"]):
-                best.update(error=error, factor=factor, weights=candidate)
-            return error
+                return target.error(stream, mla, layer_idx, source_state, scored), candidate
 
         if settings.searches_key_scale:
-            chosen = search_key_scale(settings.key_scale_grid, settings.first_key_scale, score)
-            if chosen != best["factor"]:
-                raise RuntimeError(f"layer {layer_idx}: the K/V balance search chose {chosen}, kept {best['factor']}")
-            weights = best.pop("weights")
+            _, weights = search_key_scale(settings.key_scale_grid, settings.first_key_scale, score)
         else:
             with meter.stage("decompose"):
                 weights = decompose_streamed(stream, prepared, plan, layer_idx, settings.key_scale_grid[0])
-        del target, prepared, best
+        del target, prepared
         weights = with_norm(weights)
         mla = mla or MLAStream.start(stream, plan, weights, source_layer)
         mla_layer = mla.layer(layer_idx, source_state, weights, device)

@@ -15,6 +15,7 @@ from mla_convert.errors import MLAConvertError
 from mla_convert.sources import (
     SMOLLM2_PACKAGE,
     SUPPORTED_MODEL_TYPES,
+    all_finite,
     export_float_checkpoint,
     load_source,
     load_source_config,
@@ -176,3 +177,15 @@ def test_load_model_accepts_what_load_source_does(tiny_folder):
     edit_config(tiny_folder, model_type="gpt2")
     with pytest.raises(MLAConvertError, match="supported model types: " + ", ".join((*SUPPORTED_MODEL_TYPES, "mla"))):
         load_model(str(tiny_folder))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_single_nan_or_inf_anywhere_makes_a_tensor_not_finite(dtype):
+    """The source check refuses a weight with one bad value, wherever it lies and whichever slice holds it."""
+    tensor = torch.randn(3000, dtype=torch.float32).to(dtype)
+    assert all_finite(tensor, chunk=1024) and all_finite(tensor[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for position in (0, 1500, 2999):
+            poisoned = tensor.clone()
+            poisoned[position] = bad
+            assert not all_finite(poisoned, chunk=1024), (bad, position)
