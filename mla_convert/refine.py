@@ -206,8 +206,10 @@ def refine_layer(
     requires_grad = {parameter: parameter.requires_grad for parameter in parameters}
     for parameter in parameters:
         parameter.requires_grad_(True)
-    # foreach: one kernel per step for all the parameters, the same numbers as the per-tensor loop
-    optimizer = torch.optim.Adam(parameters, lr=options.lr, foreach=True)
+    # fused: one pass over each parameter per step and no temporaries (the foreach form allocates the second
+    # moments' square roots, 4 bytes per parameter, every step: 8% of refinement at the 8B shape on a CPU); the
+    # same update, rounded differently in the last bits
+    optimizer = torch.optim.Adam(parameters, lr=options.lr, fused=True)
     # Cosine decay to zero: the last steps polish instead of jittering around the optimum.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(options.steps, 1)))

@@ -536,6 +536,10 @@ class KeyScaleTarget:
     rope: tuple[torch.Tensor, torch.Tensor]
     # the layer's sliding window: local layers are scored as they attend
     window: int | None
+    # the query projection's weight, bias and output on `inputs`, from the first candidate scored: the K/V balance
+    # changes the latent's projections only, so the next candidates reuse the product (where their weights are
+    # equal: checked, not assumed), the largest of the score at the 8B shape
+    query: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
 
     @classmethod
     def of(
@@ -550,8 +554,36 @@ class KeyScaleTarget:
     def error(self, stream: Stream, mla: MLAStream, layer_idx: int, source_state: dict, candidate) -> float:
         """The relative attention-output error of `candidate`, as `convert.choose_key_scales` scores it."""
         layer = mla.layer(layer_idx, source_state, candidate, stream.device)
-        with eager_on_cpu([mla.config], stream.device):
+        with eager_on_cpu([mla.config], stream.device), self.reused_query(layer.self_attn):
             return attention_error(layer.self_attn, self.inputs, self.target, self.rope, self.window)
+
+    @contextmanager
+    def reused_query(self, attention: nn.Module):
+        """`attention.q_proj` answering `inputs` with the product kept from an earlier candidate of equal weights."""
+        projection = attention.q_proj
+        weight, bias = projection.weight, projection.bias
+        kept = self.query
+        if kept is None or not (torch.equal(kept[0], weight) and (bias is None or torch.equal(kept[1], bias))):
+            with torch.no_grad():
+                # [count, window, heads * qk_head_dim]
+                self.query = kept = (weight, bias, projection(self.inputs))
+        attention.q_proj = KnownOutput(projection, self.inputs, kept[2])
+        try:
+            yield
+        finally:
+            attention.q_proj = projection
+
+
+class KnownOutput(nn.Module):
+    """`projection`, except on the tensor `inputs` itself (the same memory and shape), whose output is known."""
+
+    def __init__(self, projection: nn.Module, inputs: torch.Tensor, output: torch.Tensor):
+        super().__init__()
+        self.projection, self.inputs, self.output = projection, inputs, output
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        same = hidden_states.shape == self.inputs.shape and hidden_states.data_ptr() == self.inputs.data_ptr()
+        return self.output if same and hidden_states.stride() == self.inputs.stride() else self.projection(hidden_states)
 
 
 # ------------------------------------------------------------------------------------------------ the output

@@ -5,7 +5,10 @@ CPU seconds do not (run it with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1).
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/stage_seconds.py SOURCE OUTPUT [convert options ...]
 
 runs `mla-convert convert SOURCE OUTPUT --overwrite [options]` in this process and prints one JSON object: the
-report's `seconds_per_stage` ("wall"), the CPU seconds of the same stages ("cpu") and the totals. The figures of
+report's `seconds_per_stage` ("wall"), the CPU seconds of the same stages ("cpu", with the final check apart from
+"verify"), the totals, and the CPU seconds per layer: the stages that run once per conversion (`ONCE`) left out,
+the rest over the layers (on 2 layers the last layer's forward, which a conversion skips, is half of them: a
+deeper source costs a little more per layer). The figures of
 docs/streaming.md ("Time per layer") come from a 2-layer Llama-3.1-8B-shaped source that scripts/bench_scale.py
 builds (`build_source(Path("runs/bench_scale"), "8b", 2, 0)`), with its conversion options.
 """
@@ -17,6 +20,10 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+
+
+# the stages that run once per conversion, whatever its depth
+ONCE = ("load", "calibration text", "embeddings", "final check")
 
 
 def main(argv: list[str]) -> int:
@@ -36,6 +43,19 @@ def main(argv: list[str]) -> int:
             cpu[name] += time.process_time() - started
 
     stream.Meter.stage = timed_stage
+    # The final check (the final norm, the LM head and the logits' comparison) runs once per conversion inside the
+    # last "verify": timed apart, it leaves that stage's per-layer part
+    final_check = stream.final_check
+
+    def timed_final_check(*args, **kwargs):
+        started = time.process_time()
+        try:
+            return final_check(*args, **kwargs)
+        finally:
+            cpu["final check"] += time.process_time() - started
+            cpu["verify"] -= time.process_time() - started
+
+    stream.final_check = timed_final_check
     source, output, *options = argv
     wall, started = time.perf_counter(), time.process_time()
     code = cli(["convert", source, output, "--overwrite", *options])
@@ -43,9 +63,13 @@ def main(argv: list[str]) -> int:
         return code
     with open(f"{output}/conversion.json") as file:
         report = json.load(file)
+    layers = len(report["layers"])
+    per_layer = sum(value for name, value in cpu.items() if name not in ONCE) / layers
     print(json.dumps({
         "wall_seconds": round(time.perf_counter() - wall, 1),
         "cpu_seconds": round(time.process_time() - started, 1),
+        "layers": layers,
+        "cpu_seconds_per_layer": round(per_layer, 1),
         "wall": report["seconds_per_stage"],
         "cpu": {name: round(value, 2) for name, value in cpu.items()},
     }, indent=1))  # fmt: skip

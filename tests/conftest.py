@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-import torch
+
+
+# Under pytest-xdist (`-n 2`: the README's fast suite) the workers share the cores: each gets its part of them, as
+# torch's default of every core per process would oversubscribe them several-fold. The CLI subprocesses that tests
+# start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+
+import torch  # noqa: E402  (after the thread count: OpenMP reads it when torch loads)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,

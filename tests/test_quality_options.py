@@ -32,7 +32,7 @@ from mla_convert.refine import (
     refine_layer,
 )
 from mla_convert.sources import load_source
-from mla_convert.stream import search_key_scale
+from mla_convert.stream import KnownOutput, search_key_scale
 
 from conftest import byte_tokenizer, load_causal_lm as load
 
@@ -298,6 +298,19 @@ def test_key_scale_search_finds_the_grid_minimum_of_a_single_valley(errors, chos
     assert factor == chosen and candidate == f"candidate at x{chosen}"
     assert len(calls) == len(set(calls)) == scored
     assert min(errors, key=lambda factor: (errors[factor], factor)) == chosen
+
+
+def test_a_kept_query_product_answers_only_the_tensor_it_was_computed_on():
+    """The key-scale search reuses the query projection's product across candidates (`KeyScaleTarget`): only for
+    the scored windows themselves; any other tensor, a copy or a slice included, goes through the projection."""
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.nn.Linear(8, 12)
+    inputs = torch.randn(3, 5, 8, generator=generator)
+    known = KnownOutput(projection, inputs, torch.zeros(3, 5, 12))
+    assert torch.equal(known(inputs.split(len(inputs))[0]), torch.zeros(3, 5, 12))
+    with torch.no_grad():
+        for other in (inputs.clone(), inputs[:2], inputs.transpose(0, 1), torch.randn(3, 5, 8, generator=generator)):
+            assert torch.equal(known(other), projection(other))
 
 
 def test_joint_latent_reports_the_reconstruction_error_it_leaves():
