@@ -582,8 +582,11 @@ class KnownOutput(nn.Module):
         self.projection, self.inputs, self.output = projection, inputs, output
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        same = hidden_states.shape == self.inputs.shape and hidden_states.data_ptr() == self.inputs.data_ptr()
-        return self.output if same and hidden_states.stride() == self.inputs.stride() else self.projection(hidden_states)
+        inputs = self.inputs
+        same = (hidden_states.data_ptr(), hidden_states.shape, hidden_states.stride()) == (
+            inputs.data_ptr(), inputs.shape, inputs.stride()
+        )
+        return self.output if same else self.projection(hidden_states)
 
 
 # ------------------------------------------------------------------------------------------------ the output

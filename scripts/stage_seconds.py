@@ -52,8 +52,9 @@ def main(argv: list[str]) -> int:
         try:
             return final_check(*args, **kwargs)
         finally:
-            cpu["final check"] += time.process_time() - started
-            cpu["verify"] -= time.process_time() - started
+            seconds = time.process_time() - started
+            cpu["final check"] += seconds
+            cpu["verify"] -= seconds
 
     stream.final_check = timed_final_check
     source, output, *options = argv
