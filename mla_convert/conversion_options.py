@@ -23,8 +23,8 @@ DEEPSEEK_ROPE_STRATEGIES = ("rorope", "partial")
 # Refinement's learning rate under DeepSeek's latent norm: at the plain target's 3e-4 it made 17 of SmolLM2-135M's 30
 # layers worse on held-out windows at budget 0.5; 1e-4 and 3e-5 improve every layer tried (docs/deepseek.md).
 DEEPSEEK_REFINE_LR = 5e-5
-# Refinement's steps per layer under that smaller rate: 100 (the plain target's) leave SmolLM2-135M at 0.5 at 1.182x
-# the source's perplexity, 300 at 1.115x (docs/deepseek.md).
+# Refinement's steps per layer under that smaller rate: 100 leave SmolLM2-135M at 0.5 at 1.182x the source's
+# perplexity, 300 at 1.115x (docs/deepseek.md). The plain target's default is the same 300, measured on its own.
 DEEPSEEK_REFINE_STEPS = 300
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 # Multipliers of the K/V energy balance tried per layer by `key_scale="search"`
@@ -33,6 +33,9 @@ STREAMING_MODES = ("auto", "on", "off")
 NOPE_SHRINK_MODES = ("off", "on")
 # Whose hidden states a layer is refined on (`stream.convert_layers`): the source's, or the converted model's own
 REFINE_INPUTS = ("source", "converted", "residual")
+# The arithmetic of refinement's training steps (`settings.refine_precision` resolves auto)
+REFINE_PRECISIONS = ("auto", "bfloat16", "float32")
+SOLVE_OUTPUT_MODES = ("on", "off")
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -130,8 +133,8 @@ class ConversionOptions:
         None, group="method", metavar="N", at_least=0, zero_means="off",
         help="after the closed-form start, Adam steps per layer fitting each layer's attention output to the "
         "source layer's on calibration activations (one layer at a time, no full-model backward); 0 turns it off. "
-        f"Default {RefineOptions.steps}, with --target deepseek {DEEPSEEK_REFINE_STEPS} (its smaller --refine-lr "
-        "needs more steps)",
+        f"Default {RefineOptions.steps}, with --target deepseek {DEEPSEEK_REFINE_STEPS} (SmolLM2 at 0.25: 1.72x the "
+        "source's perplexity after 100 steps, 1.59x after 300)",
     )  # fmt: skip
     # None: the target's own (`refine_lr`)
     refine_lr: float | None = option(
@@ -150,6 +153,20 @@ class ConversionOptions:
         "residual stream back to the source's after the layer (the source's output plus what the earlier layers "
         "left wrong), so each layer also undoes what it can of the earlier layers' error. converted and residual "
         "cost one more pass of the refinement tokens through each converted layer",
+    )  # fmt: skip
+    refine_precision: str = option(
+        "auto", group="method", choices=REFINE_PRECISIONS,
+        help="arithmetic of refinement's training steps. bfloat16: their matrix products in bfloat16 (autocast), "
+        "while the weights, Adam's moments and the held-out scores that decide whether a layer keeps its "
+        "refinement stay float32; float32: all in float32. auto: bfloat16 where the device multiplies it fast "
+        "(CUDA GPUs with bfloat16, CPUs with AVX512-BF16 or AMX: 3-4x float32's speed), float32 elsewhere",
+    )  # fmt: skip
+    solve_output: str = option(
+        "on", group="method", choices=SOLVE_OUTPUT_MODES,
+        help="on: after refinement's steps, each layer's o_proj is solved by least squares on the refinement "
+        "windows, the rest of the layer fixed (its output is linear in o_proj, so this is the optimum the steps "
+        "only approach), and kept where held-out windows agree. SmolLM2 at 0.25: 1.586x -> 1.527x the source's "
+        "perplexity on held-out WikiText, 3.224x -> 3.099x on Shakespeare. Nothing without refinement",
     )  # fmt: skip
     # calibration tokens whose attention inputs are kept (in bfloat16) for refinement and the key-scale search
     refine_tokens: int = option(

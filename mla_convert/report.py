@@ -56,6 +56,8 @@ def conversion_report(
         },
         "refine_steps": settings.refine_steps,
         "refine_lr": settings.refine_lr,
+        "refine_precision": settings.refine_precision,
+        "solve_output": settings.solve_output,
         "layers": [
             dict(layer=i, kv_lora_rank=plan.kv_lora_ranks[i], **layer.stats, **refine_stats[i])
             for i, layer in enumerate(layers)

@@ -410,12 +410,17 @@ def test_dtype_casts(half_folder, dtype):
         assert logits.dtype == dtype
         assert relative_error(logits.float(), expected) < 0.05
         # Greedy decoding over the cache in this dtype picks, at every step, the argmax of a full forward (no cache)
-        # over what precedes it
+        # over what precedes it: up to the dtype's rounding, since the two paths round differently and a near-tie
+        # may go either way in half precision
         generated = model.generate(input_ids[:, :6], max_new_tokens=4, do_sample=False, eos_token_id=None)
         with torch.no_grad():
-            full = model(generated[:, :-1], use_cache=False).logits
+            # full: [batch, 9, vocab] float32
+            full = model(generated[:, :-1], use_cache=False).logits.float()
         assert torch.equal(generated[:, :6], input_ids[:, :6])
-        assert torch.equal(generated[:, 6:], full[:, 5:].argmax(-1))
+        # picked, best: [batch, 4]
+        picked = full[:, 5:].gather(-1, generated[:, 6:, None]).squeeze(-1)
+        best = full[:, 5:].max(-1).values
+        assert (best - picked <= 8 * torch.finfo(dtype).eps * best.abs().clamp_min(1)).all(), (best, picked)
 
 
 # ---------------------------------------------------------------------------------------------------- save and load

@@ -153,7 +153,11 @@ def test_a_streamed_deepseek_conversion_exports_and_loads_as_deepseek_v3(tmp_pat
 
     argv = ["convert", str(sources["sharded"]), str(tmp_path / "mla"), "--target", "deepseek", "--kv-budget", "0.5",
             "--streaming", "on", "--calibration", str(wikitext), "--calibration-tokens", "1024",
-            "--refine-tokens", "1024", "--refine-steps", "5"]  # fmt: skip
+            "--refine-tokens", "1024", "--refine-steps", "5",
+            # This pico model's latent norm (weight about 84) amplifies float32 rounding about 300x: on the weights
+            # that bfloat16 steps reach, the export and the converted folder differ by 1.12e-4 against a tolerance
+            # of 1e-4, on float32's by less. What is tested is the export's fidelity, on the float32 steps' weights.
+            "--refine-precision", "float32"]  # fmt: skip
     result = run_cli(*argv)
     assert result.returncode == 0, result.stderr
     assert "converted layer by layer (streaming)" in result.stdout
