@@ -349,16 +349,22 @@ def test_joint_latent_reports_the_reconstruction_error_it_leaves():
     assert total < 1e-9
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext, precision):
-    # The exact conversion, disturbed by noise in every MLA projection, is a layer whose best fit is known (error 0):
-    # refinement must take most of the way back to it. Closed-form starts on random pico weights leave too little
-    # to gain for a margin that holds on every CPU; tests/test_real_model.py holds refined SmolLM2 to its targets.
+def exact_conversion(tmp_path, pico_folders, wikitext):
+    """llama-gqa and its full-budget (exact) conversion, both computing eager attention."""
     output = tmp_path / "exact"
     convert(str(pico_folders["llama-gqa"]), output, options(wikitext, kv_budget=1.0))
     source, model = load(pico_folders["llama-gqa"]), load(output)
     source.set_attn_implementation("eager")
     model.set_attn_implementation("eager")
+    return source, model
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext, precision):
+    # The exact conversion, disturbed by noise in every MLA projection, is a layer whose best fit is known (error 0):
+    # refinement must take most of the way back to it. Closed-form starts on random pico weights leave too little
+    # to gain for a margin that holds on every CPU; tests/test_real_model.py holds refined SmolLM2 to its targets.
+    source, model = exact_conversion(tmp_path, pico_folders, wikitext)
     generator = torch.Generator().manual_seed(0)
     # inputs: [windows, window, hidden], unit-scale like the post-norm hidden states the layer sees
     inputs = torch.randn(40, 32, source.config.hidden_size, generator=generator)
@@ -379,11 +385,7 @@ def test_refinement_recovers_a_disturbed_layer(tmp_path, pico_folders, wikitext,
 def test_the_output_projection_is_solved_to_its_least_squares_optimum(tmp_path, pico_folders, wikitext, bias):
     """With the rest of the layer fixed, the solve puts o_proj where the training loss has no slope left, and no
     other o_proj near it does better; a disturbed layer gets most of its error back from o_proj alone."""
-    output = tmp_path / "exact"
-    convert(str(pico_folders["llama-gqa"]), output, options(wikitext, kv_budget=1.0))
-    source, model = load(pico_folders["llama-gqa"]), load(output)
-    source.set_attn_implementation("eager")
-    model.set_attn_implementation("eager")
+    source, model = exact_conversion(tmp_path, pico_folders, wikitext)
     generator = torch.Generator().manual_seed(0)
     # inputs: [windows, window, hidden]
     inputs = torch.randn(24, 32, source.config.hidden_size, generator=generator)
