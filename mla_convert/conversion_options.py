@@ -165,8 +165,9 @@ class ConversionOptions:
         "on", group="method", choices=SOLVE_OUTPUT_MODES,
         help="on: after refinement's steps, each layer's o_proj is solved by least squares on the refinement "
         "windows, the rest of the layer fixed (its output is linear in o_proj, so this is the optimum the steps "
-        "only approach), and kept where held-out windows agree. SmolLM2 at 0.25: 1.586x -> 1.527x the source's "
-        "perplexity on held-out WikiText, 3.224x -> 3.099x on Shakespeare. Nothing without refinement",
+        "only approach), and kept where held-out windows agree. SmolLM2 at 0.25: 1.586x -> 1.529x the source's "
+        "perplexity on held-out WikiText, 3.224x -> 3.115x on Shakespeare. Nothing without refinement, nor where "
+        "the refinement windows hold fewer than 4 tokens per o_proj input (heads x v_head_dim)",
     )  # fmt: skip
     # calibration tokens whose attention inputs are kept (in bfloat16) for refinement and the key-scale search
     refine_tokens: int = option(
