@@ -27,8 +27,8 @@ from mla_convert.plan import SourceShape, allocate_ranks
 from mla_convert.refine import (
     AttentionTargets,
     RefineOptions,
+    _attend,
     attention_outputs,
-    causal_mask,
     position_embeddings,
     refine_layer,
     relative_error,
@@ -399,7 +399,7 @@ def test_the_output_projection_is_solved_to_its_least_squares_optimum(tmp_path, 
             attention.o_proj.weight.shape, generator=generator))
 
     def loss() -> torch.Tensor:
-        return relative_error(attention_outputs_with_grad(attention, inputs, rope), targets)
+        return relative_error(_attend(attention, inputs, rope), targets)
 
     before = float(loss())
     solve_output_projection(attention, inputs, targets, rope, batch_size=8)
@@ -414,11 +414,6 @@ def test_the_output_projection_is_solved_to_its_least_squares_optimum(tmp_path, 
             attention.o_proj.weight.add_(nudge)
             assert float(loss()) > float(solved)
             attention.o_proj.weight.sub_(nudge)
-
-
-def attention_outputs_with_grad(attention, inputs, rope) -> torch.Tensor:
-    mask = causal_mask(inputs)
-    return attention(hidden_states=inputs, position_embeddings=rope, attention_mask=mask)[0]
 
 
 def test_refine_precision_is_resolved_for_the_device_and_recorded(tmp_path, pico_folders, wikitext, closed_form):
